@@ -1,0 +1,65 @@
+"""Inference state per layer: a KV cache for attention, conv + SSM state for Mamba.
+
+A cache is created empty and filled by the first forward (prefill); each later
+forward appends. Widths follow whatever sub-network ran the prefill, so a cache
+made at one budget must be used at that budget.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionState:
+    """Keys and values of the tokens seen so far, in buffers that grow by doubling."""
+
+    k: torch.Tensor  # (B, kv_heads, capacity, head_dim)
+    v: torch.Tensor
+    length: int = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = k.shape[2]
+        need = self.length + n
+        if need > self.k.shape[2]:
+            cap = max(need, 2 * self.k.shape[2])
+            grow = (self.k.shape[0], self.k.shape[1], cap - self.k.shape[2], self.k.shape[3])
+            self.k = torch.cat([self.k, self.k.new_zeros(grow)], dim=2)
+            self.v = torch.cat([self.v, self.v.new_zeros(grow)], dim=2)
+        self.k[:, :, self.length : need] = k
+        self.v[:, :, self.length : need] = v
+        self.length = need
+        return self.k[:, :, :need], self.v[:, :, :need]
+
+
+@dataclass
+class MambaState:
+    """The last K-1 inputs of the causal conv (x, B, C channels) and the SSM state."""
+
+    conv: torch.Tensor  # (B, conv channels, K-1)
+    ssm: torch.Tensor  # (B, heads, head_dim, d_state), fp32
+
+
+class InferenceCache:
+    """Per-layer decode state plus the padding mask of every token seen so far."""
+
+    def __init__(self, n_layers: int, capacity: int = 0) -> None:
+        self.layers: list[AttentionState | MambaState | None] = [None] * n_layers
+        self.capacity = capacity  # initial KV buffer length (prompt + new tokens, if known)
+        self.offset = 0  # tokens already in the cache
+        self.key_mask: torch.Tensor | None = None  # (B, offset) bool, True = real token
+
+    def __len__(self) -> int:
+        return self.offset
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only batch rows ``index`` (e.g. to drop finished sequences)."""
+        for st in self.layers:
+            if isinstance(st, AttentionState):
+                st.k, st.v = st.k[index], st.v[index]
+            elif isinstance(st, MambaState):
+                st.conv, st.ssm = st.conv[index], st.ssm[index]
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[index]

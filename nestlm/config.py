@@ -1,0 +1,205 @@
+"""Model configuration: a global hidden size plus one LayerSpec per layer.
+
+The per-layer list is the truth. A Nemotron-H pattern string such as ``"M-M*-"`` is
+only sugar, parsed by :meth:`ModelConfig.from_pattern` into LayerSpecs; widths may
+differ from layer to layer (that is what a heterogeneous elastic slice produces).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+KINDS = ("mamba", "attention", "mlp")
+PATTERN_CHARS = {"M": "mamba", "*": "attention", "-": "mlp"}
+KIND_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()}
+MLP_ACTS = ("relu2", "swiglu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+def _check_keys(cls: type, data: dict[str, Any], where: str) -> None:
+    valid = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown key {unknown[0]!r} in {where}; valid keys: {', '.join(valid)}")
+
+
+@dataclass
+class LayerSpec:
+    """One layer of the stack: a pre-norm block with exactly one mixer.
+
+    kind="mamba":     heads, head_dim, groups, d_state   (Mamba2 SSD mixer)
+    kind="attention": heads, kv_heads, head_dim          (GQA attention)
+    kind="mlp":       ffn                                (MLP width)
+    Fields that do not belong to the kind stay None.
+    """
+
+    kind: str
+    heads: int | None = None
+    head_dim: int | None = None
+    groups: int | None = None
+    d_state: int | None = None
+    kv_heads: int | None = None
+    ffn: int | None = None
+
+    FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "mamba": ("heads", "head_dim", "groups", "d_state"),
+        "attention": ("heads", "kv_heads", "head_dim"),
+        "mlp": ("ffn",),
+    }
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ConfigError(f"layer kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        needed = self.FIELDS[self.kind]
+        for name in ("heads", "head_dim", "groups", "d_state", "kv_heads", "ffn"):
+            value = getattr(self, name)
+            if name in needed:
+                if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError(f"{self.kind} layer needs a positive int {name!r}, got {value!r}")
+            elif value is not None:
+                raise ConfigError(f"{self.kind} layer takes no {name!r} (it takes {', '.join(needed)})")
+        if self.kind == "mamba" and self.heads % self.groups:
+            raise ConfigError(f"mamba heads ({self.heads}) must be a multiple of groups ({self.groups})")
+        if self.kind == "attention" and self.heads % self.kv_heads:
+            raise ConfigError(f"attention heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def char(self) -> str:
+        return KIND_TO_CHAR[self.kind]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
+        _check_keys(cls, data, "layer spec")
+        return cls(**data)
+
+
+@dataclass
+class ModelConfig:
+    """Configuration of a hybrid Mamba-Attention-MLP language model (Nemotron-H family)."""
+
+    vocab_size: int
+    hidden_size: int
+    layers: list[LayerSpec]
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    mlp_act: str = "relu2"  # "relu2" (squared ReLU, Nemotron-H) or "swiglu"
+    mlp_bias: bool = False
+    attention_bias: bool = False
+    rope_theta: float | None = None  # None: no positional embedding (Nemotron-H)
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 128
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False  # bias of in_proj and out_proj
+    mamba_dt_min: float = 1e-3  # dt is clamped to [mamba_dt_min, inf) after softplus
+    mamba_dt_init_max: float = 0.1  # init range of dt (only used at random init)
+    residual_in_fp32: bool = False
+    init_std: float = 0.02
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    # The untouched Hugging Face config.json this model came from (if any), so that
+    # export writes back every value it does not own, bit for bit.
+    hf_config: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.layers = [ls if isinstance(ls, LayerSpec) else LayerSpec.from_dict(ls) for ls in self.layers]
+        for name in ("vocab_size", "hidden_size", "mamba_conv_kernel", "mamba_chunk_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if not self.layers:
+            raise ConfigError("a model needs at least one layer")
+        if self.mlp_act not in MLP_ACTS:
+            raise ConfigError(f"mlp_act {self.mlp_act!r} is not one of {', '.join(MLP_ACTS)}")
+        for ls in self.layers:
+            if ls.kind == "attention" and self.rope_theta is not None and ls.head_dim % 2:
+                raise ConfigError("RoPE needs an even attention head_dim")
+
+    # ------------------------------------------------------------------ sugar
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def pattern(self) -> str:
+        return "".join(ls.char for ls in self.layers)
+
+    @classmethod
+    def from_pattern(
+        cls,
+        pattern: str,
+        *,
+        vocab_size: int,
+        hidden_size: int,
+        mamba_heads: int = 8,
+        mamba_head_dim: int = 64,
+        mamba_groups: int = 1,
+        d_state: int = 128,
+        attn_heads: int = 8,
+        kv_heads: int = 8,
+        attn_head_dim: int = 64,
+        ffn: int = 1024,
+        **kwargs: Any,
+    ) -> ModelConfig:
+        """Build a homogeneous config from a pattern string such as ``"M-M*-"``."""
+        layers = []
+        for i, ch in enumerate(pattern):
+            kind = PATTERN_CHARS.get(ch)
+            if kind is None:
+                raise ConfigError(
+                    f"pattern character {ch!r} at position {i} is not one of "
+                    f"{', '.join(repr(c) for c in PATTERN_CHARS)} (M=Mamba2, *=attention, -=MLP)"
+                )
+            if kind == "mamba":
+                layers.append(
+                    LayerSpec("mamba", heads=mamba_heads, head_dim=mamba_head_dim, groups=mamba_groups, d_state=d_state)
+                )
+            elif kind == "attention":
+                layers.append(LayerSpec("attention", heads=attn_heads, kv_heads=kv_heads, head_dim=attn_head_dim))
+            else:
+                layers.append(LayerSpec("mlp", ffn=ffn))
+        return cls(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, **kwargs)
+
+    # ------------------------------------------------------------- round trip
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "layers":
+                v = [ls.to_dict() for ls in v]
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        _check_keys(cls, data, "model config")
+        data = dict(data)
+        if "layers" not in data:
+            raise ConfigError("model config has no 'layers'")
+        data["layers"] = [LayerSpec.from_dict(ls) if isinstance(ls, dict) else ls for ls in data["layers"]]
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        return cls.from_dict(json.loads(text, parse_constant=_parse_constant))
+
+
+def _json_default(o: Any) -> Any:
+    raise TypeError(f"cannot serialise {type(o).__name__} in a model config")
+
+
+def _parse_constant(name: str) -> float:
+    return {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}[name]

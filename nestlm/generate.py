@@ -1,0 +1,94 @@
+"""Prefill + decode with the per-layer inference cache: greedy, temperature, top-k, top-p.
+
+Batches of prompts of different lengths come left-padded with an ``attention_mask``
+(1 = token, 0 = padding), as transformers takes them; padding never reaches the
+attention keys or the Mamba state, so each row generates what it would alone.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .cache import InferenceCache
+
+if TYPE_CHECKING:
+    from .model import HybridLM
+
+
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose the next token of each row from logits (B, vocab)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -torch.inf)
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
+        logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(
+    model: HybridLM,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    budget: str | None = None,
+    arch: Any = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Return (B, L + new) token ids: the prompt followed by what was generated.
+
+    Rows that emit an EOS token are padded with ``pad_token_id`` afterwards, and
+    generation stops once every row has finished (as transformers does).
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    spec = model.resolve_arch(arch, budget)
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos_ids = torch.tensor(
+        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device
+    )
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+
+    Bsz, L = input_ids.shape
+    cache = InferenceCache(cfg.n_layers, capacity=L + max_new_tokens)
+    out = model(input_ids, arch=spec, cache=cache, attention_mask=attention_mask, num_logits=1)
+    tokens = [input_ids]
+    unfinished = torch.ones(Bsz, dtype=torch.bool, device=input_ids.device)
+    for step in range(max_new_tokens):
+        nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, gen)
+        nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+        tokens.append(nxt[:, None])
+        if len(eos_ids):
+            unfinished &= ~torch.isin(nxt, eos_ids)
+        if not bool(unfinished.any()) or step == max_new_tokens - 1:
+            break
+        out = model(nxt[:, None], arch=spec, cache=cache, num_logits=1)
+    return torch.cat(tokens, dim=1)
