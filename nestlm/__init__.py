@@ -2,6 +2,8 @@
 
 from .checkpoint import load, save_pretrained
 from .config import LayerSpec, ModelConfig
+from .elastic.arch import ArchSpec, parse_target
+from .elastic.importance import Importance, estimate_importance, reorder
 from .errors import CheckpointError, NestlmError
 from .interop import export_hf
 from .model import HybridLM, ModelOutput
@@ -9,6 +11,11 @@ from .model import HybridLM, ModelOutput
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArchSpec",
+    "Importance",
+    "estimate_importance",
+    "parse_target",
+    "reorder",
     "CheckpointError",
     "HybridLM",
     "LayerSpec",

@@ -157,6 +157,8 @@ def save_pretrained(
             tmp / "config.json",
             {"model_type": "nestlm", "format_version": FORMAT_VERSION, "config": model.config.to_dict()},
         )
+        if getattr(model, "importance", None) is not None:
+            write_json(tmp / "importance.json", model.importance.to_dict())
         if model.elastic:
             write_json(tmp / "elastic.json", {name: _budget_to_json(b) for name, b in model.elastic.items()})
         for name, data in (extra or {}).items():
@@ -192,6 +194,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         check_state_dict(model, tensors, lambda k: where[k])
         model.load_state_dict(tensors, assign=True)
         model.elastic = _read_elastic(path, cfg)
+        if (path / "importance.json").is_file():
+            from .elastic.importance import Importance
+
+            model.importance = Importance.load(path / "importance.json")
     else:
         raise CheckpointError(
             f"{path / 'config.json'} has model_type {model_type!r}; nestlm reads 'nestlm' and 'nemotron_h' (NemotronH) models"

@@ -13,13 +13,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .errors import NestlmError
+
 KINDS = ("mamba", "attention", "mlp")
 PATTERN_CHARS = {"M": "mamba", "*": "attention", "-": "mlp"}
 KIND_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()}
 MLP_ACTS = ("relu2", "swiglu")
 
 
-class ConfigError(ValueError):
+class ConfigError(NestlmError, ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 

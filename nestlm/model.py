@@ -19,7 +19,9 @@ fewer query heads per KV group) are not prefixes; they gather the rows they need
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +35,9 @@ from .ssd import causal_conv1d, ssd_scan, ssd_step
 
 if TYPE_CHECKING:
     from .elastic.arch import ArchSpec
+
+
+Probe = Callable[[str, torch.Tensor], None]
 
 
 @dataclass
@@ -126,6 +131,7 @@ class Mamba2Mixer(nn.Module):
         state: MambaState | None = None,
         pad_mask: torch.Tensor | None = None,
         decode: bool = False,
+        probe: Probe | None = None,
     ) -> tuple[torch.Tensor, MambaState | None]:
         Bsz, L, D = u.shape  # (B, L, hidden)
         H = self.H if active is None else active.heads
@@ -149,6 +155,8 @@ class Mamba2Mixer(nn.Module):
             z, x, bc, dt = proj(seg[0], ch), proj(seg[1], ch), proj(seg[2], self.d_bc), proj(seg[3], H)
         if pad_mask is not None:  # padding must not enter the conv window or the state
             x, bc = x * pad_mask[..., None], bc * pad_mask[..., None]
+        if probe is not None:
+            probe("mamba_x", x)  # (B, L, H*P): the x part of in_proj's output
 
         # causal conv over [x, B, C]; x channels and B/C channels are separate slices of one conv
         cw = self.conv1d.weight[:, 0]  # (d_inner + d_bc, K)
@@ -235,6 +243,7 @@ class Attention(nn.Module):
         positions: torch.Tensor | None = None,
         make_state: bool = False,
         capacity: int = 0,
+        probe: Probe | None = None,
     ) -> tuple[torch.Tensor, AttentionState | None]:
         Bsz, L, D = u.shape
         nq = self.nq if active is None else active.heads
@@ -267,6 +276,8 @@ class Attention(nn.Module):
         is_causal = attn_mask is None and L > 1 and k.shape[2] == L
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(Bsz, L, nq * hd)  # (B, L, nq*hd)
+        if probe is not None:
+            probe("attn_out", y)  # the input of o_proj: every head's output
         ow = _take(_take(self.o_proj.weight, 0, D), 1, qsel)
         return F.linear(y, ow, None if self.o_proj.bias is None else self.o_proj.bias[:D]), state
 
@@ -282,7 +293,7 @@ class MLP(nn.Module):
             self.gate_proj = nn.Linear(cfg.hidden_size, spec.ffn, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(spec.ffn, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, u: torch.Tensor, active: LayerSpec | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, active: LayerSpec | None = None, probe: Probe | None = None) -> torch.Tensor:
         D = u.shape[-1]
         f = self.up_proj.out_features if active is None else active.ffn
 
@@ -291,6 +302,8 @@ class MLP(nn.Module):
 
         h = lin(self.up_proj)
         h = F.silu(lin(self.gate_proj)) * h if self.act == "swiglu" else torch.relu(h).square()
+        if probe is not None:
+            probe("mlp_act", h)  # (B, L, ffn): neuron activations
         db = None if self.down_proj.bias is None else self.down_proj.bias[:D]
         return F.linear(h, self.down_proj.weight[:D, :f], db)
 
@@ -323,6 +336,7 @@ class HybridLM(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.elastic: dict[str, Any] = {}  # budget name -> {"arch": ArchSpec, ...} (elastic checkpoints)
         self.source_dir: str | None = None  # where it was loaded from (tokenizer files live there)
+        self.importance: Any = None  # elastic.importance.Importance once ranked (importance.json)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -399,12 +413,16 @@ class HybridLM(nn.Module):
         budget: str | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
+        probe: Callable[[int, str, torch.Tensor], None] | None = None,
     ) -> ModelOutput:
         """Logits for ``input_ids`` (B, L).
 
         cache: an InferenceCache to read and extend (prefill when empty, then decode).
         attention_mask: (B, L) or (B, cached + L), 1 for real tokens, 0 for left padding.
         num_logits: compute logits only for the last ``num_logits`` positions.
+        probe: called as probe(layer, name, tensor) with the activations importance
+            estimation scores (pre-norm outputs, Mamba x, attention head outputs, MLP
+            activations); None on every other path.
         """
         spec = self.resolve_arch(arch, budget)
         cfg = self.config
@@ -459,8 +477,12 @@ class HybridLM(nn.Module):
                 continue  # a dropped layer is the identity
             x = block.norm(h.to(block.norm.weight.dtype), hidden)
             st = cache.layers[i] if cache is not None else None
+            rec = None
+            if probe is not None:
+                probe(i, "norm", x)
+                rec = functools.partial(probe, i)
             if block.kind == "mamba":
-                out, st = block.mixer(x, active, hidden, st, pad_mask, decode=cache is not None)
+                out, st = block.mixer(x, active, hidden, st, pad_mask, decode=cache is not None, probe=rec)
             elif block.kind == "attention":
                 out, st = block.mixer(
                     x,
@@ -471,9 +493,10 @@ class HybridLM(nn.Module):
                     positions,
                     make_state=cache is not None,
                     capacity=cache.capacity if cache is not None else 0,
+                    probe=rec,
                 )
             else:
-                out = block.mixer(x, active)
+                out = block.mixer(x, active, probe=rec)
             if cache is not None and block.kind != "mlp":
                 cache.layers[i] = st
             h = h + out.to(h.dtype)

@@ -1,0 +1,120 @@
+"""Slicing rules: ArchSpec -> a standalone, physically smaller HybridLM.
+
+Each parameter of a kept layer is the parent's parameter indexed, dimension by
+dimension, by the channels the sub-network keeps. These rules mirror the views that
+``HybridLM.forward(arch=...)`` takes; the tests hold the two equal (logits within
+1e-5) and hold the sliced parameter count equal to ``ArchSpec.num_parameters``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import LayerSpec
+from .arch import ArchSpec
+
+if TYPE_CHECKING:
+    from ..model import HybridLM
+
+Sel = torch.Tensor  # 1-D index of kept channels along one dimension
+
+
+def _prefix(n: int) -> Sel:
+    return torch.arange(n)
+
+
+def head_channels(n_heads: int, full_dim: int, dim: int) -> Sel:
+    """Channels of the first ``n_heads`` heads of width ``full_dim``, keeping ``dim`` of each."""
+    return (torch.arange(n_heads)[:, None] * full_dim + torch.arange(dim)[None]).reshape(-1)
+
+
+def query_heads(parent: LayerSpec, active: LayerSpec) -> Sel:
+    """Parent query heads kept, in the slice's rank-major order (slice head r*kv' + g = parent r*kv + g)."""
+    r = torch.arange(active.heads // active.kv_heads)[:, None]
+    g = torch.arange(active.kv_heads)[None]
+    return (r * parent.kv_heads + g).reshape(-1)
+
+
+def layer_rules(parent: LayerSpec, active: LayerSpec, hidden: int) -> dict[str, tuple[Sel | None, ...]]:
+    """For each parameter of the block (relative name): the kept index per dimension (None = all)."""
+    D = _prefix(hidden)
+    rules: dict[str, tuple[Sel | None, ...]] = {"norm.weight": (D,)}
+    if parent.kind == "mamba":
+        HP, bc = parent.heads * parent.head_dim, 2 * parent.groups * parent.d_state
+        ch = head_channels(active.heads, parent.head_dim, active.head_dim)
+        bcr = torch.arange(bc)
+        # in_proj order: [z, x, B, C, dt]
+        rows = torch.cat([ch, HP + ch, 2 * HP + bcr, 2 * HP + bc + _prefix(active.heads)])
+        rules |= {
+            "mixer.in_proj.weight": (rows, D),
+            "mixer.in_proj.bias": (rows,),
+            "mixer.conv1d.weight": (torch.cat([ch, HP + bcr]), None, None),
+            "mixer.conv1d.bias": (torch.cat([ch, HP + bcr]),),
+            "mixer.dt_bias": (_prefix(active.heads),),
+            "mixer.A_log": (_prefix(active.heads),),
+            "mixer.D": (_prefix(active.heads),),
+            "mixer.norm.weight": (ch,),
+            "mixer.out_proj.weight": (D, ch),
+            "mixer.out_proj.bias": (D,),
+        }
+    elif parent.kind == "attention":
+        q = head_channels(parent.heads, parent.head_dim, parent.head_dim).view(parent.heads, -1)
+        q = q[query_heads(parent, active)].reshape(-1)
+        kv = _prefix(active.kv_heads * parent.head_dim)
+        rules |= {
+            "mixer.q_proj.weight": (q, D),
+            "mixer.q_proj.bias": (q,),
+            "mixer.k_proj.weight": (kv, D),
+            "mixer.k_proj.bias": (kv,),
+            "mixer.v_proj.weight": (kv, D),
+            "mixer.v_proj.bias": (kv,),
+            "mixer.o_proj.weight": (D, q),
+            "mixer.o_proj.bias": (D,),
+        }
+    else:
+        F = _prefix(active.ffn)
+        for name in ("up_proj", "gate_proj"):
+            rules |= {f"mixer.{name}.weight": (F, D), f"mixer.{name}.bias": (F,)}
+        rules |= {"mixer.down_proj.weight": (D, F), "mixer.down_proj.bias": (D,)}
+    return rules
+
+
+def _index(t: torch.Tensor, sels: tuple[Sel | None, ...]) -> torch.Tensor:
+    for dim, sel in enumerate(sels):
+        if sel is not None and not (len(sel) == t.shape[dim] and bool((sel == torch.arange(t.shape[dim])).all())):
+            t = t.index_select(dim, sel.to(t.device))
+    return t.clone()
+
+
+@torch.no_grad()
+def slice_model(model: HybridLM, spec: ArchSpec) -> HybridLM:
+    """A standalone HybridLM holding exactly the weights that ``spec`` keeps."""
+    from ..model import HybridLM
+
+    cfg = model.config
+    spec.validate(cfg)
+    small_cfg = spec.to_config(cfg)
+    with torch.device("meta"):
+        small = HybridLM(small_cfg)
+    parent_sd = model.state_dict()
+    D = _prefix(spec.hidden)
+    sd: dict[str, torch.Tensor] = {
+        "embeddings.weight": _index(parent_sd["embeddings.weight"], (None, D)),
+        "norm_f.weight": _index(parent_sd["norm_f.weight"], (D,)),
+    }
+    if "lm_head.weight" in parent_sd:
+        sd["lm_head.weight"] = _index(parent_sd["lm_head.weight"], (None, D))
+    j = 0
+    for i, (p, a) in enumerate(zip(cfg.layers, spec.layers, strict=True)):
+        if a is None:
+            continue
+        for name, sels in layer_rules(p, a, spec.hidden).items():
+            key = f"layers.{i}.{name}"
+            if key in parent_sd:
+                sd[f"layers.{j}.{name}"] = _index(parent_sd[key], sels)
+        j += 1
+    small.load_state_dict(sd, assign=True, strict=True)
+    small.source_dir = model.source_dir
+    return small.to(model.embeddings.weight.device)
