@@ -174,7 +174,10 @@ def _depth_order(model: HybridLM, data: list[torch.Tensor], progress: bool) -> t
                 if j in removed:
                     continue
                 spec = full.replace(drop_layers=removed + [j])
-                err = sum(float((model(b.to(device), arch=spec).logits - r).pow(2).sum()) for b, r in zip(data, ref))
+                err = sum(
+                    float((model(b.to(device), arch=spec).logits - r).pow(2).sum())
+                    for b, r in zip(data, ref, strict=True)
+                )
                 s = err / max(ref_sq, 1e-30)
                 if s < best_s:
                     best, best_s = j, s
