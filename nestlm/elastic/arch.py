@@ -204,28 +204,69 @@ class ArchSpec:
         return " ".join(parts)
 
 
+def block_parameters(
+    config: ModelConfig,
+    kind: str,
+    D: Any,
+    heads: Any = 0,
+    head_dim: Any = 0,
+    groups: Any = 0,
+    d_state: Any = 0,
+    kv_heads: Any = 0,
+    ffn: Any = 0,
+) -> Any:
+    """Parameters of one block (pre-norm included) as plain arithmetic, so that ints give the exact
+    count and tensors (expected widths under a router's probabilities) give a differentiable one."""
+    n = D  # pre-norm
+    if kind == "mamba":
+        HP, bc = heads * head_dim, 2 * groups * d_state
+        rows = 2 * HP + bc + heads
+        n = n + D * rows + (rows if config.mamba_proj_bias else 0)  # in_proj
+        n = n + (HP + bc) * config.mamba_conv_kernel + ((HP + bc) if config.mamba_conv_bias else 0)  # conv1d
+        n = n + 3 * heads + HP  # dt_bias, A_log, D, gated-norm weight
+        n = n + HP * D + (D if config.mamba_proj_bias else 0)  # out_proj
+    elif kind == "attention":
+        q, kv = heads * head_dim, kv_heads * head_dim
+        n = n + D * (q + 2 * kv) + q * D
+        if config.attention_bias:
+            n = n + q + 2 * kv + D
+    else:
+        mats = 3 if config.mlp_act == "swiglu" else 2
+        n = n + mats * D * ffn
+        if config.mlp_bias:
+            n = n + (mats - 1) * ffn + D
+    return n
+
+
+def block_cache_bytes(
+    config: ModelConfig,
+    kind: str,
+    batch: int,
+    context: int,
+    b: int,
+    heads: Any = 0,
+    head_dim: Any = 0,
+    groups: Any = 0,
+    d_state: Any = 0,
+    kv_heads: Any = 0,
+) -> Any:
+    """Inference-state bytes of one block: KV cache (attention), conv + fp32 SSM state (Mamba)."""
+    if kind == "attention":
+        return 2 * batch * context * kv_heads * head_dim * b
+    if kind == "mamba":
+        conv = batch * (heads * head_dim + 2 * groups * d_state) * (config.mamba_conv_kernel - 1) * b
+        return conv + batch * heads * head_dim * d_state * 4
+    return 0
+
+
+def _widths(ls: LayerSpec) -> dict[str, int]:
+    return {k: v for k, v in ls.to_dict().items() if k != "kind"}
+
+
 def layer_parameters(config: ModelConfig, ls: LayerSpec, hidden: int | None = None) -> int:
     """Parameters of one block (its pre-norm included) at hidden size ``hidden``."""
     D = config.hidden_size if hidden is None else hidden
-    n = D  # pre-norm
-    if ls.kind == "mamba":
-        HP, bc = ls.heads * ls.head_dim, 2 * ls.groups * ls.d_state
-        rows = 2 * HP + bc + ls.heads
-        n += D * rows + (rows if config.mamba_proj_bias else 0)  # in_proj
-        n += (HP + bc) * config.mamba_conv_kernel + ((HP + bc) if config.mamba_conv_bias else 0)  # conv1d
-        n += 3 * ls.heads + HP  # dt_bias, A_log, D, gated-norm weight
-        n += HP * D + (D if config.mamba_proj_bias else 0)  # out_proj
-    elif ls.kind == "attention":
-        q, kv = ls.heads * ls.head_dim, ls.kv_heads * ls.head_dim
-        n += D * (q + 2 * kv) + q * D
-        if config.attention_bias:
-            n += q + 2 * kv + D
-    else:
-        mats = 3 if config.mlp_act == "swiglu" else 2
-        n += mats * D * ls.ffn
-        if config.mlp_bias:
-            n += (mats - 1) * ls.ffn + D
-    return n
+    return block_parameters(config, ls.kind, D, **_widths(ls))
 
 
 def count_parameters(config: ModelConfig) -> int:
@@ -240,11 +281,8 @@ def memory_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, batch
     b = DTYPE_BYTES[dtype]
     total = count_parameters(config) * b
     for ls in config.layers:
-        if ls.kind == "attention":
-            total += 2 * batch * context * ls.kv_heads * ls.head_dim * b
-        elif ls.kind == "mamba":
-            total += batch * (ls.heads * ls.head_dim + 2 * ls.groups * ls.d_state) * (config.mamba_conv_kernel - 1) * b
-            total += batch * ls.heads * ls.head_dim * ls.d_state * 4
+        w = {k: v for k, v in _widths(ls).items() if k != "ffn"}
+        total += block_cache_bytes(config, ls.kind, batch, context, b, **w)
     return total
 
 
@@ -295,3 +333,81 @@ def parse_target(value: str | float | int) -> Target:
     if value <= 1:
         return Target("fraction", value)
     return Target("params", value)
+
+
+# --------------------------------------------------------------------------- one-shot search
+def _round_to(x: float, step: int, lo: int, hi: int) -> int:
+    return int(min(hi, max(lo, round(x / step) * step)))
+
+
+def closest_homogeneous(
+    config: ModelConfig,
+    target: Target,
+    tolerance: float = 0.02,
+    dtype: torch.dtype = torch.bfloat16,
+    batch: int = 1,
+    context: int = 4096,
+    min_width: float = 0.125,
+) -> ArchSpec:
+    """The homogeneous ArchSpec (same widths in every layer of a kind, no dropped layer) closest to
+    ``target``, shrinking hidden, Mamba heads and attention heads by one common factor and solving
+    the MLP width for the rest (Minitron-style width pruning). Within ``tolerance`` or ArchError.
+    No width goes below ``min_width`` of the parent's: past that a "sub-network" is noise.
+    """
+    full = ArchSpec.full(config)
+    mambas = [ls for ls in config.layers if ls.kind == "mamba"]
+    attns = [ls for ls in config.layers if ls.kind == "attention"]
+    mlps = [ls for ls in config.layers if ls.kind == "mlp"]
+    m0, a0, f0 = (mambas[0] if mambas else None), (attns[0] if attns else None), (mlps[0] if mlps else None)
+    if not full.is_homogeneous():
+        raise ArchError("one-shot pruning needs a parent with the same widths in every layer of a kind")
+    D = config.hidden_size
+    hstep = 8 if D >= 64 else 1
+    fstep = 8 if f0 is not None and f0.ffn >= 64 else 1
+
+    def cost(spec: ArchSpec) -> float:
+        c = spec.to_config(config)
+        return memory_bytes(c, dtype, batch, context) if target.kind == "memory" else count_parameters(c)
+
+    goal = target.value if target.kind == "memory" else target.params(config)
+    best: tuple[float, float, ArchSpec] | None = None
+    steps = 200
+    for k in range(steps, int(min_width * steps) - 1, -1):
+        s = k / steps
+        kw: dict[str, int] = {"hidden": _round_to(s * D, hstep, hstep, D)}
+        if m0 is not None:
+            kw["mamba_heads"] = _round_to(s * m0.heads, m0.groups, m0.groups, m0.heads)
+        if a0 is not None:
+            kw["attn_heads"] = _round_to(s * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads)
+        if f0 is not None:  # cost is linear in the MLP width: solve for it
+            f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
+            c_lo = cost(full.replace(**kw, mlp=f_lo))
+            c_hi = cost(full.replace(**kw, mlp=f0.ffn))
+            per = (c_hi - c_lo) / max(f0.ffn - f_lo, 1)
+            ffn = f0.ffn if per == 0 else _round_to(f_lo + (goal - c_lo) / per, fstep, f_lo, f0.ffn)
+            kw["mlp"] = ffn
+        spec = full.replace(**kw)
+        err = abs(cost(spec) - goal) / goal
+        balance = abs(kw["mlp"] / f0.ffn - s) if f0 is not None else 0.0
+        key = (0.0 if err <= tolerance else err, balance)
+        if best is None or key < best[:2]:
+            best = (key[0], key[1], spec)
+    assert best is not None
+    spec = best[2]
+    achieved = cost(spec)
+    if abs(achieved - goal) / goal > tolerance:
+        smallest = cost(
+            full.replace(
+                hidden=_round_to(min_width * D, hstep, hstep, D),
+                mamba_heads=_round_to(min_width * m0.heads, m0.groups, m0.groups, m0.heads) if m0 else None,
+                attn_heads=_round_to(min_width * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads) if a0 else None,
+                mlp=_round_to(min_width * f0.ffn, fstep, fstep, f0.ffn) if f0 else None,
+            )
+        )
+        unit = "bytes" if target.kind == "memory" else "parameters"
+        raise ArchError(
+            f"budget {target} ({goal:.4g} {unit}) cannot be reached within {tolerance:.0%}: the closest homogeneous "
+            f"sub-network has {achieved:.4g} (the smallest nests {smallest:.4g}, the parent {cost(full):.4g}); "
+            "give a budget in that range"
+        )
+    return spec
