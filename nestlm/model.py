@@ -37,7 +37,13 @@ if TYPE_CHECKING:
     from .elastic.arch import ArchSpec
 
 
-Probe = Callable[[str, torch.Tensor], None]
+# A probe sees named activations (importance scoring) and may return a replacement
+# (the soft channel masks of router training); None keeps the activation.
+Probe = Callable[[str, torch.Tensor], torch.Tensor | None]
+
+
+def _tapped(new: torch.Tensor | None, old: torch.Tensor) -> torch.Tensor:
+    return old if new is None else new
 
 
 @dataclass
@@ -156,7 +162,7 @@ class Mamba2Mixer(nn.Module):
         if pad_mask is not None:  # padding must not enter the conv window or the state
             x, bc = x * pad_mask[..., None], bc * pad_mask[..., None]
         if probe is not None:
-            probe("mamba_x", x)  # (B, L, H*P): the x part of in_proj's output
+            x = _tapped(probe("mamba_x", x), x)  # (B, L, H*P): the x part of in_proj's output
 
         # causal conv over [x, B, C]; x channels and B/C channels are separate slices of one conv
         cw = self.conv1d.weight[:, 0]  # (d_inner + d_bc, K)
@@ -277,7 +283,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(Bsz, L, nq * hd)  # (B, L, nq*hd)
         if probe is not None:
-            probe("attn_out", y)  # the input of o_proj: every head's output
+            y = _tapped(probe("attn_out", y), y)  # the input of o_proj: every head's output
         ow = _take(_take(self.o_proj.weight, 0, D), 1, qsel)
         return F.linear(y, ow, None if self.o_proj.bias is None else self.o_proj.bias[:D]), state
 
@@ -303,7 +309,7 @@ class MLP(nn.Module):
         h = lin(self.up_proj)
         h = F.silu(lin(self.gate_proj)) * h if self.act == "swiglu" else torch.relu(h).square()
         if probe is not None:
-            probe("mlp_act", h)  # (B, L, ffn): neuron activations
+            h = _tapped(probe("mlp_act", h), h)  # (B, L, ffn): neuron activations
         db = None if self.down_proj.bias is None else self.down_proj.bias[:D]
         return F.linear(h, self.down_proj.weight[:D, :f], db)
 
@@ -413,7 +419,8 @@ class HybridLM(nn.Module):
         budget: str | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
-        probe: Callable[[int, str, torch.Tensor], None] | None = None,
+        probe: Callable[[int, str, torch.Tensor], torch.Tensor | None] | None = None,
+        gates: dict[str, Any] | None = None,
     ) -> ModelOutput:
         """Logits for ``input_ids`` (B, L).
 
@@ -422,7 +429,11 @@ class HybridLM(nn.Module):
         num_logits: compute logits only for the last ``num_logits`` positions.
         probe: called as probe(layer, name, tensor) with the activations importance
             estimation scores (pre-norm outputs, Mamba x, attention head outputs, MLP
-            activations); None on every other path.
+            activations); it may return a replacement (soft masks). None on every other path.
+        gates: router training only: {"hidden": scalar, "layers": [scalar or None per layer]}
+            multiplying the embedding output and each block's output. In hard mode these are
+            straight-through factors equal to 1.0, so the forward is exactly the sliced one
+            while the task loss reaches the router.
         """
         spec = self.resolve_arch(arch, budget)
         cfg = self.config
@@ -471,6 +482,9 @@ class HybridLM(nn.Module):
         h = F.embedding(input_ids, self.embeddings.weight[:, :hidden])  # (B, L, hidden)
         if cfg.residual_in_fp32:
             h = h.float()
+        layer_gates = gates.get("layers") if gates else None
+        if gates and gates.get("hidden") is not None:
+            h = h * gates["hidden"]
         for i, block in enumerate(self.layers):
             active = actives[i]
             if spec is not None and active is None:
@@ -499,6 +513,8 @@ class HybridLM(nn.Module):
                 out = block.mixer(x, active, probe=rec)
             if cache is not None and block.kind != "mlp":
                 cache.layers[i] = st
+            if layer_gates is not None and layer_gates[i] is not None:
+                out = out * layer_gates[i]
             h = h + out.to(h.dtype)
         if cache is not None:
             cache.offset = offset + L

@@ -1,0 +1,329 @@
+"""Routers: one small MLP per elastic axis that picks each budget's widths.
+
+Router(axis): Linear(n_budgets -> d_router) -> LeakyReLU -> Linear(-> n_choices, or
+n_layers x n_choices when heterogeneous). Input: the one-hot of the budget. Output
+logits are scaled (logit scale rising 1 -> 10) and sampled with Gumbel-Softmax
+(temperature annealed 1.0 -> 0.05).
+
+hard mode: the argmax option runs *sliced* (a small budget costs less compute) and a
+    straight-through factor pi_max / pi_max.detach() (== 1.0) multiplies the block
+    outputs, so the task loss reaches the router without changing the forward.
+soft mode: the full width runs with the mask sum_i pi_i * mask_i on every axis.
+The budget loss is |P(E[choices]) / target - 1|, zero within a tolerance, with P a
+differentiable parameter count (or memory: weights + KV + SSM state).
+After training each budget's argmax choices are frozen into an ArchSpec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import ModelConfig
+from .arch import DTYPE_BYTES, ArchError, ArchSpec, Target, block_cache_bytes, block_parameters
+
+AXES = ("hidden", "mamba_heads", "attn_heads", "mlp", "depth")
+AXIS_KIND = {"mamba_heads": "mamba", "attn_heads": "attention", "mlp": "mlp"}
+
+
+def resolve_choices(
+    config: ModelConfig, axes: dict[str, list[float | int]], n_layers_droppable: int | None = None
+) -> dict[str, list[int]]:
+    """Absolute, validated, descending choice lists per axis from sizes or fractions (<= 1.0).
+
+    hidden: channels; mamba_heads: heads per layer (a multiple of the groups); attn_heads:
+    query heads (a multiple of the KV heads); mlp: neurons; depth: layers dropped (0 = none).
+    The full size is always a choice (the first).
+    """
+    unknown = [a for a in axes if a not in AXES]
+    if unknown:
+        raise ArchError(f"unknown elastic axis {unknown[0]!r}; valid axes: {', '.join(AXES)}")
+    kinds = {k: [ls for ls in config.layers if ls.kind == k] for k in ("mamba", "attention", "mlp")}
+    out: dict[str, list[int]] = {}
+    for axis, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ArchError(f"elastic axis {axis!r} needs a non-empty list of sizes or fractions, got {values!r}")
+        if axis == "depth":
+            vals = [int(v) for v in values]
+            bad = [v for v in vals if not 0 <= v < config.n_layers]
+            if bad:
+                raise ArchError(f"depth choice {bad[0]} must drop between 0 and {config.n_layers - 1} layers")
+            out[axis] = sorted(set(vals) | {0})
+            continue
+        if axis == "hidden":
+            full, mult, name = config.hidden_size, 1, "hidden"
+        else:
+            layers = kinds[AXIS_KIND[axis]]
+            if not layers:
+                raise ArchError(f"elastic axis {axis!r} has no {AXIS_KIND[axis]} layer to act on")
+            if len({(ls.heads, ls.groups, ls.kv_heads, ls.ffn) for ls in layers}) > 1:
+                raise ArchError(f"elastic axis {axis!r} needs the parent's {AXIS_KIND[axis]} layers to share widths")
+            ls = layers[0]
+            full, mult, name = {
+                "mamba_heads": (ls.heads, ls.groups, "Mamba groups"),
+                "attn_heads": (ls.heads, ls.kv_heads, "KV heads"),
+                "mlp": (ls.ffn, 1, "neurons"),
+            }[axis]
+        vals = []
+        for v in values:
+            n = round(v * full / mult) * mult if isinstance(v, float) and v <= 1.0 else int(v)
+            if n <= 0 or n > full:
+                raise ArchError(f"{axis} choice {v!r} gives {n}, outside 1..{full}")
+            if n % mult:
+                raise ArchError(
+                    f"{axis} choice {v!r} gives {n}, not a multiple of the {mult} {name} (every group keeps the "
+                    "same number of heads)"
+                )
+            vals.append(n)
+        out[axis] = sorted(set(vals) | {full}, reverse=True)
+    return out
+
+
+class Router(nn.Module):
+    """Linear(n_budgets -> d) -> LeakyReLU -> Linear(d -> rows * n_choices)."""
+
+    def __init__(self, n_budgets: int, n_choices: int, rows: int = 1, d_router: int = 256) -> None:
+        super().__init__()
+        self.rows, self.n_choices = rows, n_choices
+        self.net = nn.Sequential(nn.Linear(n_budgets, d_router), nn.LeakyReLU(), nn.Linear(d_router, rows * n_choices))
+
+    def forward(self, onehot: torch.Tensor) -> torch.Tensor:
+        return self.net(onehot).view(self.rows, self.n_choices)  # (rows, n_choices)
+
+
+@dataclass
+class RouterSample:
+    """Per axis: probabilities (rows, n_choices) and the chosen option per row."""
+
+    probs: dict[str, torch.Tensor]
+    choice: dict[str, torch.Tensor]
+
+
+def anneal(step: int, total: int, start: float, end: float, geometric: bool) -> float:
+    t = min(max(step / max(total, 1), 0.0), 1.0)
+    if geometric:
+        return start * (end / start) ** t
+    return start + (end - start) * t
+
+
+class ElasticRouters(nn.Module):
+    """The routers of every elastic axis, and the maps from their choices to ArchSpecs and costs."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        choices: dict[str, list[int]],
+        n_budgets: int,
+        layer_order: list[int] | None = None,
+        d_router: int = 256,
+        heterogeneous: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.choices = choices
+        self.n_budgets = n_budgets
+        self.heterogeneous = heterogeneous
+        if "depth" in choices and not layer_order:
+            raise ArchError("the depth axis needs a layer ranking (run `nestlm importance` first)")
+        self.layer_order = list(layer_order or [])
+        self.layers_of = {
+            axis: [i for i, ls in enumerate(config.layers) if ls.kind == kind] for axis, kind in AXIS_KIND.items()
+        }
+        self.routers = nn.ModuleDict()
+        for axis, vals in choices.items():
+            rows = len(self.layers_of[axis]) if heterogeneous and axis in AXIS_KIND else 1
+            self.routers[axis] = Router(n_budgets, len(vals), rows, d_router)
+        for axis in choices:  # values as buffers so they move with .to(device)
+            self.register_buffer(f"values_{axis}", torch.tensor(choices[axis], dtype=torch.float32), persistent=False)
+
+    def values(self, axis: str) -> torch.Tensor:
+        return getattr(self, f"values_{axis}")
+
+    def logits(self, budget: int) -> dict[str, torch.Tensor]:
+        onehot = (
+            F.one_hot(torch.tensor(budget), self.n_budgets).float().to(self.values(next(iter(self.choices))).device)
+        )
+        return {axis: r(onehot) for axis, r in self.routers.items()}
+
+    def sample(
+        self, budget: int, tau: float, scale: float, generator: torch.Generator | None = None, noise: bool = True
+    ) -> RouterSample:
+        """Gumbel-Softmax sample of every axis for budget index ``budget``."""
+        probs, choice = {}, {}
+        for axis, lg in self.logits(budget).items():
+            z = lg * scale
+            if noise:
+                u = torch.rand(z.shape, generator=generator).clamp_(1e-10, 1 - 1e-10).to(z.device)
+                z = z - torch.log(-torch.log(u))
+            p = F.softmax(z / tau, dim=-1)
+            probs[axis], choice[axis] = p, p.argmax(dim=-1)
+        return RouterSample(probs, choice)
+
+    # ----------------------------------------------------------------- choices -> model
+    def dropped(self, n_drop: int) -> list[int]:
+        return self.layer_order[:n_drop]
+
+    def arch(self, choice: dict[str, torch.Tensor]) -> ArchSpec:
+        """The ArchSpec of discrete choices (hard mode and freezing)."""
+        spec = ArchSpec.full(self.config)
+        hidden = int(self.choices["hidden"][int(choice["hidden"][0])]) if "hidden" in choice else spec.hidden
+        layers = list(spec.layers)
+        for axis, idxs in self.layers_of.items():
+            if axis not in choice:
+                continue
+            for r, i in enumerate(idxs):
+                c = int(choice[axis][r if self.heterogeneous else 0])
+                v = int(self.choices[axis][c])
+                ls = layers[i]
+                if axis == "mlp":
+                    layers[i] = type(ls)(**{**ls.to_dict(), "ffn": v})
+                else:
+                    layers[i] = type(ls)(**{**ls.to_dict(), "heads": v})
+        if "depth" in choice:
+            for i in self.dropped(int(self.choices["depth"][int(choice["depth"][0])])):
+                layers[i] = None
+        return ArchSpec(hidden, layers).validate(self.config)
+
+    def hard_gates(self, sample: RouterSample) -> dict[str, Any]:
+        """Straight-through factors (== 1.0) carrying each chosen option's probability."""
+
+        def st(p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            v = p.gather(-1, c[..., None]).squeeze(-1)
+            return v / v.detach()
+
+        gates: list[torch.Tensor | None] = [None] * self.config.n_layers
+        depth = st(sample.probs["depth"], sample.choice["depth"])[0] if "depth" in sample.probs else None
+        for axis, idxs in self.layers_of.items():
+            g = st(sample.probs[axis], sample.choice[axis]) if axis in sample.probs else None
+            for r, i in enumerate(idxs):
+                f = None if g is None else g[r if self.heterogeneous else 0]
+                if depth is not None:
+                    f = depth if f is None else f * depth
+                gates[i] = f
+        hidden = st(sample.probs["hidden"], sample.choice["hidden"])[0] if "hidden" in sample.probs else None
+        return {"hidden": hidden, "layers": gates}
+
+    def soft_probe(self, sample: RouterSample) -> Any:
+        """A probe applying sum_i pi_i * mask_i to each layer's elastic channels (soft mode)."""
+        cfg = self.config
+        masks: dict[tuple[int, str], torch.Tensor] = {}
+        for axis, idxs in self.layers_of.items():
+            if axis not in sample.probs:
+                continue
+            vals = self.values(axis)
+            for r, i in enumerate(idxs):
+                ls = cfg.layers[i]
+                p = sample.probs[axis][r if self.heterogeneous else 0]
+                if axis == "mlp":
+                    units, name, width = ls.ffn, "mlp_act", 1
+                elif axis == "mamba_heads":
+                    units, name, width = ls.heads, "mamba_x", ls.head_dim
+                else:
+                    units, name, width = ls.heads, "attn_out", ls.head_dim
+                keep = (torch.arange(units, device=vals.device)[None] < vals[:, None]).float()  # (n_choices, units)
+                m = (p[:, None] * keep).sum(0)  # (units,)
+                masks[(i, name)] = m.repeat_interleave(width) if width > 1 else m
+        hid = None
+        if "hidden" in sample.probs:
+            vals = self.values("hidden")
+            keep = (torch.arange(cfg.hidden_size, device=vals.device)[None] < vals[:, None]).float()
+            hid = (sample.probs["hidden"][0][:, None] * keep).sum(0)
+
+        def probe(layer: int, name: str, t: torch.Tensor) -> torch.Tensor | None:
+            if name == "norm":
+                return None if hid is None else t * hid.to(t.dtype)
+            m = masks.get((layer, name))
+            return None if m is None else t * m.to(t.dtype)
+
+        return probe
+
+    def soft_gates(self, sample: RouterSample) -> dict[str, Any]:
+        """Depth in soft mode: each layer's output scaled by its probability of being kept."""
+        if "depth" not in sample.probs:
+            return {"hidden": None, "layers": [None] * self.config.n_layers}
+        keep = self.keep_probs(sample)
+        return {"hidden": None, "layers": [keep[i] for i in range(self.config.n_layers)]}
+
+    # ------------------------------------------------------------------------- costs
+    def keep_probs(self, sample: RouterSample) -> torch.Tensor:
+        """Probability that each layer is kept under the depth distribution (ones without depth)."""
+        n = self.config.n_layers
+        dev = self.values(next(iter(self.choices))).device
+        if "depth" not in sample.probs:
+            return torch.ones(n, device=dev)
+        p = sample.probs["depth"][0]
+        kept = torch.ones(len(self.choices["depth"]), n, device=dev)
+        for c, n_drop in enumerate(self.choices["depth"]):
+            kept[c, self.dropped(n_drop)] = 0.0
+        return (p[:, None] * kept).sum(0)
+
+    def expected_cost(
+        self,
+        sample: RouterSample,
+        target: Target,
+        dtype: torch.dtype = torch.bfloat16,
+        batch: int = 1,
+        context: int = 4096,
+    ) -> torch.Tensor:
+        """Differentiable P(E[choices]): parameters, or bytes for a memory target."""
+        cfg = self.config
+        b = DTYPE_BYTES[dtype]
+
+        def expect(axis: str, row: int, default: float) -> Any:
+            if axis not in sample.probs:
+                return default
+            p = sample.probs[axis][row if self.heterogeneous and axis in AXIS_KIND else 0]
+            return (p * self.values(axis)).sum()
+
+        D = expect("hidden", 0, float(cfg.hidden_size))
+        keep = self.keep_probs(sample)
+        total = cfg.vocab_size * D * (1 if cfg.tie_embeddings else 2) + D
+        cache = 0.0
+        rows = {i: r for idxs in self.layers_of.values() for r, i in enumerate(idxs)}
+        for i, ls in enumerate(cfg.layers):
+            w = {k: v for k, v in ls.to_dict().items() if k != "kind"}
+            if ls.kind == "mamba":
+                w["heads"] = expect("mamba_heads", rows[i], float(ls.heads))
+            elif ls.kind == "attention":
+                w["heads"] = expect("attn_heads", rows[i], float(ls.heads))
+            else:
+                w["ffn"] = expect("mlp", rows[i], float(ls.ffn))
+            total = total + keep[i] * block_parameters(cfg, ls.kind, D, **w)
+            if target.kind == "memory":
+                w.pop("ffn", None)
+                cache = cache + keep[i] * block_cache_bytes(cfg, ls.kind, batch, context, b, **w)
+        if target.kind == "memory":
+            return total * b + cache
+        return total
+
+    def budget_loss(
+        self, sample: RouterSample, target: Target, tolerance: float = 0.05, **memory_kw: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(|P / target - 1| minus the tolerance, floored at 0; the expected cost)."""
+        goal = target.value if target.kind == "memory" else target.params(self.config)
+        cost = self.expected_cost(sample, target, **memory_kw)
+        return F.relu((cost / goal - 1.0).abs() - tolerance), cost
+
+    @torch.no_grad()
+    def freeze(self, budget: int, scale: float = 10.0) -> ArchSpec:
+        """The budget's argmax choices (no noise) as a static ArchSpec."""
+        return self.arch(self.sample(budget, tau=1.0, scale=scale, noise=False).choice)
+
+
+def gumbel_schedule(step: int, total: int, tau: tuple[float, float], scale: tuple[float, float]) -> tuple[float, float]:
+    """Temperature (geometric 1.0 -> 0.05) and logit scale (linear 1 -> 10) at ``step`` of ``total``."""
+    return anneal(step, total, tau[0], tau[1], geometric=True), anneal(step, total, scale[0], scale[1], geometric=False)
+
+
+__all__ = [
+    "AXES",
+    "ElasticRouters",
+    "Router",
+    "RouterSample",
+    "gumbel_schedule",
+    "resolve_choices",
+]
