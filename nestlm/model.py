@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from .cache import AttentionState, InferenceCache, MambaState
 from .config import LayerSpec, ModelConfig
@@ -325,6 +326,50 @@ class Block(nn.Module):
         mixer = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}[spec.kind]
         self.mixer = mixer(cfg, spec)
 
+    def forward(
+        self,
+        h: torch.Tensor,
+        ctx: _StepContext,
+        active: LayerSpec | None,
+        state: AttentionState | MambaState | None,
+        probe: Probe | None = None,
+        gate: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, AttentionState | MambaState | None]:
+        x = self.norm(h.to(self.norm.weight.dtype), ctx.hidden)
+        if probe is not None:
+            x = _tapped(probe("norm", x), x)
+        if self.kind == "mamba":
+            out, state = self.mixer(x, active, ctx.hidden, state, ctx.pad_mask, decode=ctx.use_cache, probe=probe)
+        elif self.kind == "attention":
+            out, state = self.mixer(
+                x,
+                active,
+                ctx.hidden,
+                state,
+                ctx.attn_mask,
+                ctx.positions,
+                make_state=ctx.use_cache,
+                capacity=ctx.capacity,
+                probe=probe,
+            )
+        else:
+            out = self.mixer(x, active, probe=probe)
+        if gate is not None:
+            out = out * gate
+        return h + out.to(h.dtype), state
+
+
+@dataclass
+class _StepContext:
+    """What every block of one forward call shares: widths, masks, positions, cache use."""
+
+    hidden: int
+    pad_mask: torch.Tensor | None
+    attn_mask: torch.Tensor | None
+    positions: torch.Tensor | None
+    use_cache: bool
+    capacity: int
+
 
 class HybridLM(nn.Module):
     """A Nemotron-H style hybrid LM; ``forward(input_ids, arch=None, cache=None)``.
@@ -343,6 +388,7 @@ class HybridLM(nn.Module):
         self.elastic: dict[str, Any] = {}  # budget name -> {"arch": ArchSpec, ...} (elastic checkpoints)
         self.source_dir: str | None = None  # where it was loaded from (tokenizer files live there)
         self.importance: Any = None  # elastic.importance.Importance once ranked (importance.json)
+        self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
@@ -485,37 +531,21 @@ class HybridLM(nn.Module):
         layer_gates = gates.get("layers") if gates else None
         if gates and gates.get("hidden") is not None:
             h = h * gates["hidden"]
+        ctx = _StepContext(
+            hidden, pad_mask, attn_mask, positions, cache is not None, cache.capacity if cache is not None else 0
+        )
         for i, block in enumerate(self.layers):
-            active = actives[i]
-            if spec is not None and active is None:
+            if spec is not None and actives[i] is None:
                 continue  # a dropped layer is the identity
-            x = block.norm(h.to(block.norm.weight.dtype), hidden)
             st = cache.layers[i] if cache is not None else None
-            rec = None
-            if probe is not None:
-                probe(i, "norm", x)
-                rec = functools.partial(probe, i)
-            if block.kind == "mamba":
-                out, st = block.mixer(x, active, hidden, st, pad_mask, decode=cache is not None, probe=rec)
-            elif block.kind == "attention":
-                out, st = block.mixer(
-                    x,
-                    active,
-                    hidden,
-                    st,
-                    attn_mask,
-                    positions,
-                    make_state=cache is not None,
-                    capacity=cache.capacity if cache is not None else 0,
-                    probe=rec,
-                )
+            rec = functools.partial(probe, i) if probe is not None else None
+            gate = layer_gates[i] if layer_gates is not None else None
+            if self.gradient_checkpointing and self.training and cache is None:
+                h, st = torch.utils.checkpoint.checkpoint(block, h, ctx, actives[i], st, rec, gate, use_reentrant=False)
             else:
-                out = block.mixer(x, active, probe=rec)
+                h, st = block(h, ctx, actives[i], st, rec, gate)
             if cache is not None and block.kind != "mlp":
                 cache.layers[i] = st
-            if layer_gates is not None and layer_gates[i] is not None:
-                out = out * layer_gates[i]
-            h = h + out.to(h.dtype)
         if cache is not None:
             cache.offset = offset + L
         if num_logits is not None:
