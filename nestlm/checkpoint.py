@@ -104,7 +104,8 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
         files = sorted(set(weight_map.values()))
     else:
-        files = sorted(p.name for p in path.glob("*.safetensors"))
+        # model weights only: an elastic checkpoint keeps its routers in routers.safetensors
+        files = sorted(p.name for p in path.glob("*.safetensors") if p.name != "routers.safetensors")
         if not files:
             raise CheckpointError(f"{path} has no *.safetensors weights (nor model.safetensors.index.json)")
     tensors: dict[str, torch.Tensor] = {}

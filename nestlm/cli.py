@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from .errors import NestlmError
 
@@ -51,8 +52,156 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
+    """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
+    from .tokenizer import load_tokenizer
+    from .train import data as data_mod
+
+    needs_tok = not data_mod.is_pretokenized(data)
+    tok = load_tokenizer(model_dir, required=needs_tok) if needs_tok else None
+    return data_mod.load_tokens(data, tok, max_bytes=max_bytes)
+
+
+def cmd_importance(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load, save_pretrained
+    from .elastic.importance import estimate_importance, reorder
+
+    _check_out(args.out)
+    model = load(args.model).eval()
+    tokens = _tokens_for(args.model, args.data, args.max_bytes)
+    block = args.seq_len
+    n_blocks = tokens.numel() // block
+    if n_blocks < 1:
+        raise NestlmError(
+            f"calibration data {args.data} has {tokens.numel()} tokens, fewer than one sequence of {block}; "
+            "give more data or a smaller --seq-len"
+        )
+    n = min(n_blocks, args.num_samples)
+    seqs = tokens[: n * block].view(n, block)
+    batches = list(torch.split(seqs, args.batch_size))
+    print(f"importance: {n} calibration sequences of {block} tokens from {args.data}")
+    imp = estimate_importance(model, batches, depth=not args.no_depth, depth_batches=args.depth_batches)
+    reorder(model, imp)
+    save_pretrained(model, args.out)
+    print(f"reordered checkpoint + importance.json written to {args.out}")
+    print(f"layers, least important first: {imp.layer_order}")
+    return 0
+
+
+def _add_importance(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("importance", help="rank hidden channels, heads, neurons and layers; reorder the weights")
+    p.add_argument("--model", required=True, help="nestlm or Hugging Face NemotronH model directory")
+    p.add_argument("--data", required=True, help="text file, directory, .jsonl (text or input_ids), .parquet, stdlib")
+    p.add_argument("--out", required=True, help="new directory for the reordered checkpoint + importance.json")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (the paper uses 1024)")
+    p.add_argument("--depth-batches", type=int, default=4, help="batches used for the iterative depth ranking")
+    p.add_argument("--no-depth", action="store_true", help="skip the depth ranking")
+    p.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
+    p.set_defaults(func=cmd_importance)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoint import load, save_pretrained
+    from .elastic.arch import closest_homogeneous, count_parameters, parse_target
+    from .elastic.importance import require_reordered
+    from .interop import export_hf
+
+    _check_out(args.out)
+    model = load(args.model)
+    require_reordered(model, "nestlm prune")
+    target = parse_target(args.budget)
+    spec = closest_homogeneous(model.config, target, tolerance=args.tolerance)
+    small = model.slice(spec)
+    total = count_parameters(model.config)
+    n = spec.num_parameters(model.config)
+    (export_hf if args.format == "hf" else save_pretrained)(small, args.out)
+    print(f"pruned to {spec.describe()}")
+    print(f"parameters: {n:,} of {total:,} ({n / total:.2%}; target {target}) -> {args.out}")
+    return 0
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="one-shot Minitron-style width pruning to a budget (the baseline)")
+    p.add_argument("--model", required=True, help="a reordered model (from nestlm importance)")
+    p.add_argument("--budget", required=True, help="0.5 (fraction), 6e9 (parameters) or 12GB (memory)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
+    p.set_defaults(func=cmd_prune)
+
+
+def cmd_slice(args: argparse.Namespace) -> int:
+    from .checkpoint import load, save_pretrained
+    from .interop import export_hf
+
+    _check_out(args.out)
+    model = load(args.model)
+    spec = model.resolve_arch(budget=args.budget)
+    small = model.slice(spec)
+    if args.format == "hf":
+        from .interop.nemotron_h import hf_config_dict
+
+        hf_config_dict(small.config)  # raises a clear error for heterogeneous slices before anything is written
+        export_hf(small, args.out)
+    else:
+        save_pretrained(small, args.out)
+    n = sum(p.numel() for p in small.parameters())
+    print(f"budget {args.budget}: {spec.describe()}")
+    print(f"{n:,} parameters -> {args.out} ({args.format} format)")
+    return 0
+
+
+def _add_slice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slice", help="cut one budget out of an elastic checkpoint as a standalone model")
+    p.add_argument("--model", required=True, help="elastic checkpoint directory")
+    p.add_argument("--budget", required=True, help="budget name (see elastic.json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
+    p.set_defaults(func=cmd_slice)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.recipe import load_recipe
+    from .train.trainer import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    out = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    print(f"done: {out}")
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="elastic (or plain) training from a YAML recipe")
+    p.add_argument(
+        "recipe", help="recipe YAML path, or the name of a shipped recipe (tiny, nemotron-nano-12b-v2-elastic)"
+    )
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 stages.0.steps=5")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, final model)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def _check_out(out: str) -> None:
+    from pathlib import Path
+
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise NestlmError(f"--out {out} is a file; give a directory")
+    if p.is_dir() and any(p.iterdir()):
+        raise NestlmError(f"--out {out} is not empty; choose a new directory (nothing is overwritten)")
+
+
 # subcommand -> function that adds its parser; each parser sets func=...
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
+    "importance": _add_importance,
+    "prune": _add_prune,
+    "train": _add_train,
+    "slice": _add_slice,
     "generate": _add_generate,
 }
 
@@ -70,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may come after options: `nestlm train R --out D train.lr=1e-3`
+        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except NestlmError as e:

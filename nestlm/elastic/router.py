@@ -16,6 +16,7 @@ After training each budget's argmax choices are frozen into an ArchSpec.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,9 +310,66 @@ class ElasticRouters(nn.Module):
         return F.relu((cost / goal - 1.0).abs() - tolerance), cost
 
     @torch.no_grad()
-    def freeze(self, budget: int, scale: float = 10.0) -> ArchSpec:
-        """The budget's argmax choices (no noise) as a static ArchSpec."""
-        return self.arch(self.sample(budget, tau=1.0, scale=scale, noise=False).choice)
+    def freeze(
+        self,
+        budget: int,
+        target: Target | None = None,
+        tolerance: float = 0.05,
+        scale: float = 10.0,
+        **memory_kw: Any,
+    ) -> ArchSpec:
+        """The budget's most probable choices (no noise) as a static ArchSpec.
+
+        With ``target``, the most probable choices *whose exact cost is within tolerance*:
+        the argmax when it already is (the usual case after training); otherwise every
+        combination is scored when the routers are homogeneous, or single steps toward the
+        target are taken greedily (least log-probability lost first) when heterogeneous.
+        """
+        logp = {a: F.log_softmax(lg * scale, dim=-1) for a, lg in self.logits(budget).items()}
+        choice = {a: lp.argmax(dim=-1) for a, lp in logp.items()}
+        if target is None:
+            return self.arch(choice)
+        cfg = self.config
+        goal = target.value if target.kind == "memory" else target.params(cfg)
+
+        def cost(ch: dict[str, torch.Tensor]) -> float:
+            spec = self.arch(ch)
+            return spec.memory_bytes(cfg, **memory_kw) if target.kind == "memory" else spec.num_parameters(cfg)
+
+        def score(ch: dict[str, torch.Tensor]) -> float:
+            return float(sum(logp[a].gather(-1, c[:, None]).sum() for a, c in ch.items()))
+
+        def ok(ch: dict[str, torch.Tensor]) -> bool:
+            return abs(cost(ch) / goal - 1) <= tolerance
+
+        if ok(choice):
+            return self.arch(choice)
+        if not self.heterogeneous:
+            axes = list(choice)
+            best, best_key = choice, None
+            for combo in itertools.product(*(range(len(self.choices[a])) for a in axes)):
+                ch = {a: torch.tensor([c]) for a, c in zip(axes, combo, strict=True)}
+                err = abs(cost(ch) / goal - 1)
+                key = (max(err - tolerance, 0.0), -score(ch))
+                if best_key is None or key < best_key:
+                    best, best_key = ch, key
+            return self.arch(best)
+        ch = {a: c.clone() for a, c in choice.items()}
+        for _ in range(10_000):
+            over = cost(ch) > goal
+            moves = []
+            for a, c in ch.items():
+                for r in range(len(c)):
+                    nxt = int(c[r]) + (1 if over else -1)  # choices are sorted large -> small
+                    if 0 <= nxt < len(self.choices[a]):
+                        moves.append((float(logp[a][r, nxt] - logp[a][r, c[r]]), a, r, nxt))
+            if not moves:
+                break
+            _, a, r, nxt = max(moves)
+            ch[a][r] = nxt
+            if ok(ch) or (cost(ch) > goal) != over:
+                break
+        return self.arch(ch)
 
 
 def gumbel_schedule(step: int, total: int, tau: tuple[float, float], scale: tuple[float, float]) -> tuple[float, float]:

@@ -1,0 +1,103 @@
+"""Reports: a terminal table, a JSON file, a markdown table and a PNG plot of quality vs size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt_params(n: float) -> str:
+    for unit, s in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= unit:
+            return f"{n / unit:.2f}{s}"
+    return str(int(n))
+
+
+COLUMNS = [
+    ("name", "model", str),
+    ("kind", "kind", str),
+    ("params", "params", _fmt_params),
+    ("fraction", "of parent", lambda v: f"{v:.1%}"),
+    ("ppl", "held-out ppl", lambda v: f"{v:.3f}"),
+    ("loss", "loss (nats)", lambda v: f"{v:.4f}"),
+    ("accuracy", "reasoning acc", lambda v: f"{v:.1%}"),
+]
+
+
+def _cols(rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+    return [c for c in COLUMNS if any(c[0] in r and r[c[0]] is not None for r in rows)]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    cols = _cols(rows)
+    lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(c[2](r[c[0]]) if r.get(c[0]) is not None else "" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict[str, Any]], title: str = "nestlm evaluation") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = _cols(rows)
+    table = Table(title=title)
+    for _, head, _ in cols:
+        table.add_column(head, justify="left" if head in ("model", "kind") else "right")
+    for r in rows:
+        table.add_row(*[c[2](r[c[0]]) if r.get(c[0]) is not None else "" for c in cols])
+    Console().print(table)
+
+
+def plot(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> None:
+    """Quality (``metric``) against parameter count: one point per model, grouped by kind."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if any(r.get("accuracy") is not None for r in rows) else 1, figsize=(10, 4))
+    axes = axes if hasattr(axes, "__len__") else [axes]
+    metrics = [metric] + (["accuracy"] if len(axes) > 1 else [])
+    markers = {"elastic": "o", "pruned": "x", "parent": "*", "model": "s"}
+    for ax, m in zip(axes, metrics, strict=True):
+        kinds = sorted({r.get("kind", "model") for r in rows})
+        for kind in kinds:
+            pts = sorted(
+                (r["params"], r[m], r["name"]) for r in rows if r.get("kind", "model") == kind and r.get(m) is not None
+            )
+            if not pts:
+                continue
+            xs, ys, names = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker=markers.get(kind, "s"), linestyle="-" if kind == "elastic" else ":", label=kind)
+            for x, y, n in pts:
+                ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("parameters")
+        ax.set_ylabel({"ppl": "held-out perplexity (lower is better)", "accuracy": "reasoning exact match"}.get(m, m))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("nestlm: quality vs size")
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+
+
+def write_report(
+    rows: list[dict[str, Any]],
+    out_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+    title: str = "nestlm evaluation",
+) -> dict[str, Path]:
+    """eval.json, report.md and quality.png in out_dir; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "eval.json", "markdown": out / "report.md", "plot": out / "quality.png"}
+    paths["json"].write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+    md = [f"# {title}", "", markdown_table(rows), ""]
+    if extra and extra.get("notes"):
+        md += [str(n) for n in extra["notes"]] + [""]
+    md += ["![quality vs size](quality.png)", ""]
+    paths["markdown"].write_text("\n".join(md))
+    plot(rows, paths["plot"])
+    return paths
