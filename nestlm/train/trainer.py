@@ -218,7 +218,7 @@ class Trainer:
             source, self.tokenizer, max_bytes=d.max_bytes, num_problems=d.num_problems, seed=d.seed
         )
 
-    def _loader(self, stage_idx: int) -> Any:
+    def _loader(self, stage_idx: int, whole_batch: bool = False) -> Any:
         stage = self.recipe.stages[stage_idx]
         src = stage.data or self.recipe.data.train
         if src not in self.stage_tokens:
@@ -229,14 +229,14 @@ class Trainer:
             batch_size=stage.batch_size,
             seed=self.recipe.data.seed + stage_idx,
             val_fraction=self.recipe.data.val_fraction,
-            rank=self.dist.rank,
-            world=self.dist.world,
+            rank=0 if whole_batch else self.dist.rank,
+            world=1 if whole_batch else self.dist.world,
             name=src,
         )
 
     def _auto_importance(self) -> None:
         e = self.recipe.elastic
-        loader = self._loader(0)
+        loader = self._loader(0, whole_batch=True)  # every rank ranks on the same data
         batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
         imp = estimate_importance(self.model, batches, progress=self.progress and self.dist.is_main)
         reorder(self.model, imp)
@@ -308,15 +308,24 @@ class Trainer:
         for old in kept[: -self.recipe.train.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
 
+    def _all_modules(self) -> torch.nn.Module:
+        """Model and routers under one root, so that every optimized parameter has a name."""
+        mods = {"model": self.model}
+        if self.routers is not None:
+            mods["routers"] = self.routers
+        return torch.nn.ModuleDict(mods)
+
     def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         if self.dist.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             sd = get_optimizer_state_dict(
-                self.model, self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+                self._all_modules(), self.opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
             )
         else:
             sd = self.opt.state_dict()
+        if not self.dist.is_main:  # full state dicts land on rank 0 only
+            return {}, {}
         tensors, meta = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
         for pid, st in sd["state"].items():
             meta["state_keys"][str(pid)] = list(st)
@@ -343,7 +352,7 @@ class Trainer:
         if self.dist.enabled:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(self.model, self.opt, sd, options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self._all_modules(), self.opt, sd, options=StateDictOptions(full_state_dict=True))
         else:
             self.opt.load_state_dict(sd)
         rng = load_file(str(path / "rng.safetensors"))
@@ -442,10 +451,7 @@ class Trainer:
                 f"loss became {kd} at step {self.state.global_step} (stage {stage.name!r}, budget {budget!r}); "
                 f"stopped without saving. Last good checkpoint: {last or 'none'}. Lower train.lr or check the data"
             )
-        params = [p for g in self.opt.param_groups for p in g["params"]]
-        gnorm = (
-            torch.nn.utils.clip_grad_norm_(params, self.recipe.train.grad_clip) if self.recipe.train.grad_clip else None
-        )
+        gnorm = self._clip_gradients(self.recipe.train.grad_clip) if self.recipe.train.grad_clip else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         out = {
@@ -463,6 +469,24 @@ class Trainer:
         if gnorm is not None:
             out["grad_norm"] = float(gnorm)
         return out
+
+    def _clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """Clip by the global norm over the model (FSDP2 DTensors when sharded) and the routers together."""
+        total = torch.zeros((), device=self.device)
+        groups = []
+        for g in self.opt.param_groups:
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            n = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if hasattr(n, "full_tensor"):  # a DTensor under FSDP2
+                n = n.full_tensor()
+            total = total + n.float().pow(2)
+            groups.append(params)
+        total = total.sqrt()
+        for params in groups:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
 
     @torch.no_grad()
     def validate(self, stage_idx: int) -> dict[str, float]:
