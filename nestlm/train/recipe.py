@@ -71,6 +71,9 @@ class ElasticSection:
     heterogeneous: bool = False
     d_router: int = 256
     router_lr_mult: float = 100.0
+    # Adam eps of the routers: once a budget is met their gradients are tiny, and a small eps
+    # would blow float noise up into full-size steps (a random walk of the choices)
+    router_eps: float = 1e-6
     tau: list[float] = field(default_factory=lambda: [1.0, 0.05])
     logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
     mask: str = "hard"  # "hard" (sliced, straight-through) or "soft" (pi-weighted masks)

@@ -153,7 +153,15 @@ class Trainer:
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": tr.lr, "base_lr": tr.lr}]
         if self.routers is not None:
             rlr = tr.lr * recipe.elastic.router_lr_mult
-            groups.append({"params": list(self.routers.parameters()), "lr": rlr, "base_lr": rlr, "weight_decay": 0.0})
+            groups.append(
+                {
+                    "params": list(self.routers.parameters()),
+                    "lr": rlr,
+                    "base_lr": rlr,
+                    "weight_decay": 0.0,
+                    "eps": recipe.elastic.router_eps,
+                }
+            )
         self.opt = torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
         self.total_steps = sum(stage_steps(s, 1) for s in recipe.stages)
         self.state = TrainState(budget_rng=None)
@@ -240,6 +248,9 @@ class Trainer:
         batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
         imp = estimate_importance(self.model, batches, progress=self.progress and self.dist.is_main)
         reorder(self.model, imp)
+        parent_dir = self.out / "parent"
+        if self.dist.is_main and not parent_dir.exists():  # the ranked teacher, for comparisons
+            save_pretrained(self.model, parent_dir)
 
     def _check_reachable(self) -> None:
         cfg = self.model.config
