@@ -194,6 +194,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e6 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise RecipeError(f"{where} = {value!r} must be a number")
     if tp is str:
         if isinstance(value, str):

@@ -112,6 +112,11 @@ class Trainer:
             self.tokenizer = load_tokenizer(self.model.source_dir)
         self.tokens = self._load_tokens(recipe.data.train)
         self.stage_tokens: dict[str, torch.Tensor] = {recipe.data.train: self.tokens}
+        self._save_parent = False
+        if self.elastic:  # check the axes and targets before any slow or written work
+            resolve_choices(self.model.config, recipe.elastic.axes)
+            for t in recipe.elastic.budgets.values():
+                parse_target(t)
         if self.elastic and (self.model.importance is None or not self.model.importance.reordered):
             if not recipe.elastic.auto_importance:
                 from ..elastic.importance import require_reordered
@@ -173,6 +178,8 @@ class Trainer:
             self._restore()
         elif self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            if self._save_parent:  # the ranked teacher, for comparisons
+                save_pretrained(self.model, self.out / "parent")
             write_json(self.out / RUN_FILE, {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict()})
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         barrier(self.dist)
@@ -248,9 +255,7 @@ class Trainer:
         batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
         imp = estimate_importance(self.model, batches, progress=self.progress and self.dist.is_main)
         reorder(self.model, imp)
-        parent_dir = self.out / "parent"
-        if self.dist.is_main and not parent_dir.exists():  # the ranked teacher, for comparisons
-            save_pretrained(self.model, parent_dir)
+        self._save_parent = True  # written once every check has passed
 
     def _check_reachable(self) -> None:
         cfg = self.model.config
