@@ -96,8 +96,10 @@ def gated_group_rmsnorm(
     B, L, C = y.shape
     h = y.float() * F.silu(z.float())
     h = h.view(B, L, C // (groups * head_dim), groups, head_dim)  # (B, L, r, g, p)
-    h = h * torch.rsqrt(h.pow(2).mean(dim=(2, 4), keepdim=True) + eps)
-    return weight * h.reshape(B, L, C).to(y.dtype)
+    # mean of squares over (r, p) as a norm: one pass, no squared copy to keep for backward
+    ms = torch.linalg.vector_norm(h, dim=(2, 4), keepdim=True).square() / (C // groups)
+    h = h * torch.rsqrt(ms + eps)
+    return weight * h.view(B, L, C).to(y.dtype)
 
 
 # --------------------------------------------------------------------------- mixers
@@ -148,9 +150,13 @@ class Mamba2Mixer(nn.Module):
         ch = _head_channels(H, self.P, P)  # active x (and z) channels within the full d_inner
         W = _take(self.in_proj.weight, 1, D)  # (rows, D)
         bias = self.in_proj.bias
+        xbc_in = None
         if H == self.H and P == self.P:  # one GEMM, then split
             zxbcdt = F.linear(u, W, bias)
-            z, x, bc, dt = zxbcdt.split([self.d_inner, self.d_inner, self.d_bc, self.H], dim=-1)
+            z, xbc_full, dt = zxbcdt.split([self.d_inner, self.d_inner + self.d_bc, self.H], dim=-1)
+            x, bc = xbc_full.split([self.d_inner, self.d_bc], dim=-1)
+            if pad_mask is None and probe is None:  # [x, B, C] is already one slice: no concat
+                xbc_in = xbc_full.transpose(1, 2)  # (B, HP + d_bc, L)
         else:  # the same rows, one segment at a time (views of the full weight)
             seg = [0, self.d_inner, 2 * self.d_inner, 2 * self.d_inner + self.d_bc]
 
@@ -168,7 +174,8 @@ class Mamba2Mixer(nn.Module):
         # causal conv over [x, B, C]; x channels and B/C channels are separate slices of one conv
         cw = self.conv1d.weight[:, 0]  # (d_inner + d_bc, K)
         cb = self.conv1d.bias
-        xbc_in = torch.cat([x, bc], dim=-1).transpose(1, 2)  # (B, HP + d_bc, L)
+        if xbc_in is None:
+            xbc_in = torch.cat([x, bc], dim=-1).transpose(1, 2)  # (B, HP + d_bc, L)
         if isinstance(ch, int) and ch == self.d_inner:
             w_conv, b_conv = cw, cb
         else:
@@ -181,7 +188,9 @@ class Mamba2Mixer(nn.Module):
         xbc = causal_conv1d(xbc_in, w_conv, b_conv, history)  # (B, HP + d_bc, L)
         new_conv = None
         if state is not None or decode:
-            full = xbc_in if history is None else torch.cat([history.to(xbc_in.dtype), xbc_in], dim=-1)
+            full = (
+                xbc_in if history is None or L >= self.K - 1 else torch.cat([history.to(xbc_in.dtype), xbc_in], dim=-1)
+            )
             if full.shape[-1] < self.K - 1:
                 full = F.pad(full, (self.K - 1 - full.shape[-1], 0))
             new_conv = full[..., -(self.K - 1) :].contiguous()
@@ -305,14 +314,14 @@ class MLP(nn.Module):
         f = self.up_proj.out_features if active is None else active.ffn
 
         def lin(m: nn.Linear) -> torch.Tensor:
-            return F.linear(u, m.weight[:f, :D], None if m.bias is None else m.bias[:f])
+            return F.linear(u, _take(_take(m.weight, 0, f), 1, D), None if m.bias is None else _take(m.bias, 0, f))
 
         h = lin(self.up_proj)
         h = F.silu(lin(self.gate_proj)) * h if self.act == "swiglu" else torch.relu(h).square()
         if probe is not None:
             h = _tapped(probe("mlp_act", h), h)  # (B, L, ffn): neuron activations
         db = None if self.down_proj.bias is None else self.down_proj.bias[:D]
-        return F.linear(h, self.down_proj.weight[:D, :f], db)
+        return F.linear(h, _take(_take(self.down_proj.weight, 0, D), 1, f), db)
 
 
 # --------------------------------------------------------------------------- block + model
@@ -446,7 +455,7 @@ class HybridLM(nn.Module):
                 known = ", ".join(self.budgets) or "none: this is not an elastic checkpoint"
                 raise KeyError(f"unknown budget {budget!r}; known budgets: {known}")
             return self.elastic[budget]["arch"]
-        return arch
+        return None if arch is None else arch.validate(self.config)  # a bad spec must not run silently
 
     def num_parameters(self, budget: str | None = None, arch: ArchSpec | None = None) -> int:
         """Parameter count of the full model, or of a budget's / arch's sub-network (exact)."""

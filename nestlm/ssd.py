@@ -3,8 +3,8 @@
 ``ssd_scan_ref`` is the reference: the chunked SSD algorithm in four einsum steps
 (as in mamba's ``ssd_minimal.py``), pure PyTorch, any device, any sequence length.
 ``ssd_step`` is the one-token recurrence used in decode. Every fast path (the
-``mamba_ssm`` Triton kernels, ``causal_conv1d``) sits behind the same signatures and
-is tested against these.
+``mamba_ssm`` Triton kernels, ``causal_conv1d``; on CPU ``ssd_scan_chunked`` and a
+shifted-tap conv) sits behind the same signatures and is tested against these.
 
 Head layout. nestlm stores Mamba heads *rank-major within groups*: head ``j`` reads
 the B/C of group ``j % G`` (a Hugging Face checkpoint, which is group-major, is
@@ -103,6 +103,119 @@ def ssd_scan_ref(
     return y.to(dtype), final.reshape(b, H, P, N)
 
 
+def _tril_mask(n: int, device: torch.device) -> torch.Tensor:
+    """(n, n) bool, True on and below the diagonal; cached per (n, device)."""
+    key = (n, str(device))
+    m = _TRIL_CACHE.get(key)
+    if m is None:
+        m = _TRIL_CACHE[key] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return m
+
+
+_TRIL_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+class _DecayedScores(torch.autograd.Function):
+    """M[b, c, r, g, l, s] = exp(cs_l - cs_s) * CB[b, c, g, l, s] for s <= l, else 0 (head h = r*G + g).
+
+    Autograd through sub -> masked_fill -> exp -> mul would make about twice as many passes
+    over these (l, s) tensors, the largest in the scan; the backward here is
+    dM/dcs_l = M, dM/dcs_s = -M and dM/dCB = exp(cs_l - cs_s).
+    """
+
+    @staticmethod
+    def forward(ctx, A_cs: torch.Tensor, CB: torch.Tensor) -> torch.Tensor:
+        # A_cs: (b, c, h, l) within-chunk cumulative sums of dt*A; CB: (b, c, g, l, s)
+        b, c, H, Q = A_cs.shape
+        G = CB.shape[2]
+        E = A_cs[..., :, None] - A_cs[..., None, :]  # (b, c, h, l, s)
+        E.masked_fill_(~_tril_mask(Q, A_cs.device), -torch.inf).exp_()
+        M = E.view(b, c, H // G, G, Q, Q) * CB[:, :, None]
+        ctx.save_for_backward(E, M)
+        return M
+
+    @staticmethod
+    def backward(ctx, gM: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        E, M = ctx.saved_tensors
+        b, c, R, G, Q, _ = M.shape
+        gS = (gM * M).view(b, c, R * G, Q, Q)
+        g_cs = gS.sum(-1) - gS.sum(-2)
+        g_CB = (gM * E.view(b, c, R, G, Q, Q)).sum(2)
+        return g_cs, g_CB
+
+
+def ssd_scan_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    chunk_size: int,
+    D: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked SSD scan of ``ssd_scan_ref``, arranged for speed in plain PyTorch (CPU).
+
+    Same arguments, results and head layout. Differences from the reference, none semantic:
+      * per-head tensors live as (b, c, h, l, .), so every contraction is one batched matmul;
+      * within-chunk decays are exp(cs_l - cs_s) from one cumulative sum (as mamba's kernels
+        compute them) instead of the masked cumsum of an (l, s) expansion;
+      * the decays are folded into B (states) and C (carried-in output) per head, and the
+        diagonal blocks are accumulated onto the carried-in output with one baddbmm.
+    """
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    R = H // G
+    Q = chunk_size
+    dtype = x.dtype
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    x_in = x
+    pad = (-L) % Q
+    if pad:  # dt = 0 on padding: no decay and no input, so the final state is untouched
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    T = L + pad
+    c = T // Q
+    dtc = dt.view(b, c, Q, H).transpose(2, 3)  # (b, c, h, l)
+    A_cs = torch.cumsum(dtc * A.float()[:, None], dim=-1)  # (b, c, h, l)
+    # xdt in (b, c, h, l, p): the layout of the batched matmuls below
+    xdt = (x.view(b, c, Q, H, P).transpose(2, 3) * dtc[..., None]).contiguous()
+    Bc = B.view(b, c, Q, G, N).transpose(2, 3)  # (b, c, g, l, n)
+    Cc = C.view(b, c, Q, G, N).transpose(2, 3)
+
+    # 1. diagonal blocks: M[l, s] = C_l . B_s * exp(cs_l - cs_s) for s <= l, per head
+    CB = torch.matmul(Cc, Bc.transpose(-1, -2))  # (b, c, g, l, s)
+    M = _DecayedScores.apply(A_cs, CB)  # (b, c, r, g, l, s)
+
+    # 2. the state each chunk leaves behind: sum_l xdt_l (x) B_l exp(cs_last - cs_l)
+    decay_states = torch.exp(A_cs[..., -1:] - A_cs).view(b, c, R, G, Q, 1)
+    B_dec = Bc[:, :, None] * decay_states  # (b, c, r, g, l, n)
+    xdt6 = xdt.view(b, c, R, G, Q, P)
+    states = torch.matmul(xdt6.transpose(-1, -2), B_dec)  # (b, c, r, g, p, n)
+
+    # 3. carry states across chunk boundaries
+    if initial_state is None:
+        init = states.new_zeros(b, 1, H * P * N)
+    else:
+        init = initial_state.float().reshape(b, 1, H * P * N)
+    states = torch.cat([init, states.view(b, c, H * P * N)], dim=1).view(b, c + 1, H, P * N)
+    decay_chunk = torch.exp(segsum(F.pad(A_cs[..., -1].transpose(1, 2), (1, 0))))  # (b, h, c+1, c+1)
+    states = torch.einsum("bhzc,bchm->bzhm", decay_chunk, states)  # (b, c+1, h, p*n)
+    final = states[:, -1].reshape(b, H, P, N)
+    states = states[:, :-1].reshape(b, c, R, G, P, N)
+
+    # 4. carried-in state -> output (C decayed by exp(cs_l)), plus the diagonal blocks
+    C_dec = Cc[:, :, None] * torch.exp(A_cs).view(b, c, R, G, Q, 1)  # (b, c, r, g, l, n)
+    y = torch.matmul(C_dec, states.transpose(-1, -2))  # (b, c, r, g, l, p)
+    y = torch.baddbmm(y.view(-1, Q, P), M.view(-1, Q, Q), xdt.view(-1, Q, P))
+    y = y.view(b, c, H, Q, P).transpose(2, 3).reshape(b, T, H, P)[:, :L]  # (b, L, H, P)
+    if D is not None:
+        y = torch.addcmul(y, x_in, D.float()[:, None])
+    return y.to(dtype), final
+
+
 def ssd_step(
     state: torch.Tensor,
     x: torch.Tensor,
@@ -122,11 +235,13 @@ def ssd_step(
     R = H // G
     xf, dtf = x.float(), dt.float()
     dA = torch.exp(dtf * A.float())  # (b, H)
-    dBx = torch.einsum("brg,bgn,brgp->brgpn", dtf.view(b, R, G), B.float(), xf.view(b, R, G, P))
-    state = state * dA[..., None, None] + dBx.reshape(b, H, P, N)
-    y = torch.einsum("brgpn,bgn->brgp", state.view(b, R, G, P, N), C.float()).reshape(b, H, P)
+    xdt = (xf * dtf[..., None]).view(b, R, G, P, 1)
+    # h = exp(dt A) h + (dt x) (x) B, with head r*G + g reading group g's B
+    state = torch.addcmul((state * dA.view(b, H, 1, 1)).view(b, R, G, P, N), xdt, B.float().view(b, 1, G, 1, N))
+    state = state.view(b, H, P, N)
+    y = torch.matmul(state.view(b, R, G, P, N), C.float().view(b, 1, G, N, 1)).view(b, H, P)
     if D is not None:
-        y = y + xf * D.float()[:, None]
+        y = torch.addcmul(y, xf, D.float()[:, None])
     return y.to(x.dtype), state
 
 
@@ -140,7 +255,8 @@ def ssd_scan(
     D: torch.Tensor | None = None,
     initial_state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scan used by the model: the mamba_ssm kernel on CUDA when installed, else the reference."""
+    """The scan used by the model: the mamba_ssm kernel on CUDA when installed, ``ssd_scan_chunked``
+    on CPU, else the reference."""
     if _mamba_chunk_scan is not None and x.is_cuda:
         b, L, H, P = x.shape
         G = B.shape[2]
@@ -160,6 +276,10 @@ def ssd_scan(
             return_final_states=True,
         )
         return y[:, :, from_gm], final[:, from_gm].float()
+    if x.device.type == "cpu":
+        # The chunk length is a blocking choice, exact up to rounding: on CPU the (l, s) work
+        # per token grows with it, and 64 is faster than 128 at the usual head_dim/d_state of 64.
+        return ssd_scan_chunked(x, dt, A, B, C, min(chunk_size, 64), D, initial_state)
     return ssd_scan_ref(x, dt, A, B, C, chunk_size, D, initial_state)
 
 
@@ -170,9 +290,73 @@ def causal_conv1d(
     K = weight.shape[-1]
     if history is None and _causal_conv1d_fn is not None and x.is_cuda:
         return _causal_conv1d_fn(x.contiguous(), weight.contiguous(), bias, activation="silu")
+    if x.device.type == "cpu":
+        return _causal_conv1d_taps(x, weight, bias, history)
     if history is None:
         xp = F.pad(x, (K - 1, 0))
     else:
         xp = torch.cat([history.to(x.dtype), x], dim=-1)
     out = F.conv1d(xp, weight.unsqueeze(1), bias, groups=x.shape[1])
     return F.silu(out)
+
+
+class _ConvTaps(torch.autograd.Function):
+    """Depthwise causal conv (no activation) as K shifted multiply-adds over (b, L, C), with a
+    hand-written backward: autograd through the K slices of the padded input would allocate
+    and zero-fill a full-size gradient per tap."""
+
+    @staticmethod
+    def forward(ctx, xp: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # xp: (b, K-1+L, C) padded input; wt: (K, C) taps; bias: (C,) or None
+        K = wt.shape[0]
+        L = xp.shape[1] - K + 1
+        out = xp[:, :L] * wt[0] if bias is None else torch.addcmul(bias, xp[:, :L], wt[0])
+        for k in range(1, K):
+            out.addcmul_(xp[:, k : k + L], wt[k])
+        ctx.save_for_backward(xp, wt)
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xp, wt = ctx.saved_tensors
+        K = wt.shape[0]
+        L = g.shape[1]
+        g_xp = g_wt = g_b = None
+        if ctx.needs_input_grad[0]:
+            g_xp = xp.new_zeros(xp.shape)
+            for k in range(K):
+                g_xp[:, k : k + L].addcmul_(g, wt[k])
+        if ctx.needs_input_grad[1]:
+            g_wt = torch.stack([(g * xp[:, k : k + L]).sum((0, 1)) for k in range(K)])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            g_b = g.sum((0, 1))
+        return g_xp, g_wt, g_b
+
+
+def _causal_conv1d_taps(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, history: torch.Tensor | None
+) -> torch.Tensor:
+    """``causal_conv1d`` on CPU as K shifted multiply-adds, computed channel-last.
+
+    The model hands in x as a transposed view of a (b, L, C) tensor; working in that layout
+    avoids two transposing copies, and the backward is a few elementwise ops and reductions
+    instead of the depthwise ``convolution_backward`` (oneDNN), which is slow on CPU and, when
+    the cores are shared with another process, can take seconds per call.
+    Returns a (b, C, L) view of a (b, L, C) tensor.
+    """
+    b, C, L = x.shape
+    K = weight.shape[-1]
+    if L == 1 and history is not None:  # decode: one output from the window [history, x]
+        win = torch.cat([history.to(x.dtype), x], dim=-1)  # (b, C, K)
+        out = (win * weight).sum(-1, keepdim=True)
+        return F.silu(out if bias is None else out + bias[:, None])
+    xt = x.transpose(1, 2)  # (b, L, C)
+    if history is None:
+        xp = F.pad(xt, (0, 0, K - 1, 0))
+    else:
+        xp = torch.cat([history.to(x.dtype).transpose(1, 2), xt], dim=1)  # (b, K-1+L, C)
+    out = _ConvTaps.apply(
+        xp.contiguous(), weight.t().contiguous().to(x.dtype), None if bias is None else bias.to(x.dtype)
+    )
+    return F.silu(out).transpose(1, 2)

@@ -147,6 +147,12 @@ class Trainer:
         self.teacher: HybridLM | None = None
         if self.elastic and not recipe.elastic.trainable_teacher:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if not resume and self.dist.is_main:  # every check has passed: the run's directory starts here
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self._save_parent:  # the ranked teacher, for comparisons
+                save_pretrained(self.model, self.out / "parent")
+            write_json(self.out / RUN_FILE, {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict()})
+            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         self.model.to(self.device).train()
         self.model.gradient_checkpointing = tr.activation_checkpointing
         if self.teacher is not None:
@@ -176,12 +182,6 @@ class Trainer:
         self.tb = None
         if resume:
             self._restore()
-        elif self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self._save_parent:  # the ranked teacher, for comparisons
-                save_pretrained(self.model, self.out / "parent")
-            write_json(self.out / RUN_FILE, {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict()})
-            (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         barrier(self.dist)
 
     # ------------------------------------------------------------------ set-up

@@ -1,0 +1,207 @@
+"""nestlm vs transformers' NemotronH: training-step and decode throughput on one config.
+
+Builds a NemotronH model with transformers from a NemotronHConfig, saves it to a
+temporary directory and loads the same weights with ``nestlm.load``. Then, in one run,
+on the same data:
+
+* checks that both models agree (max |logits difference| on the training batch, and
+  that greedy generation yields the same tokens), so a speedup never comes from a
+  wrong answer;
+* times a training step (forward + cross-entropy loss + backward; no optimizer);
+* times cached greedy decoding (``generate``), prefill included, at batch 1 and 4;
+
+and prints a table of tokens/s and the ratio nestlm / transformers. Every timing is
+the median over ``--steps`` repetitions (nestlm and HF interleaved) after ``--warmup``
+untimed ones, with
+``torch.set_num_threads(--threads)``.
+
+    .venv/bin/python benchmarks/bench_model.py            # default CPU-sized config
+    .venv/bin/python benchmarks/bench_model.py --quick    # a smaller config, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import nestlm  # noqa: E402
+
+PATTERN = {"M": "mamba", "*": "attention", "-": "mlp"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--pattern", default="M-M*-M-M-", help="layer pattern: M mamba, * attention, - MLP")
+    p.add_argument("--mamba-heads", type=int, default=16)
+    p.add_argument("--mamba-head-dim", type=int, default=64)
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--d-state", type=int, default=64)
+    p.add_argument("--attn-heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--ffn", type=int, default=1536)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--chunk", type=int, default=128)
+    p.add_argument("--seq", type=int, default=512, help="training sequence length")
+    p.add_argument("--batch", type=int, default=2, help="training batch size")
+    p.add_argument("--prompt", type=int, default=32, help="decode prompt length")
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per decode run")
+    p.add_argument("--decode-batches", default="1,4", help="comma-separated decode batch sizes")
+    p.add_argument("--steps", type=int, default=5, help="timed repetitions (the median is reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed repetitions before timing")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="small config and few repetitions (a smoke run)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.ffn, args.vocab = min(args.hidden, 256), min(args.ffn, 768), min(args.vocab, 2048)
+        args.mamba_heads, args.d_state = min(args.mamba_heads, 8), min(args.d_state, 32)
+        args.seq, args.chunk, args.new_tokens = min(args.seq, 256), min(args.chunk, 64), min(args.new_tokens, 16)
+        args.steps, args.warmup = min(args.steps, 3), min(args.warmup, 1)
+    return args
+
+
+def build_hf(args: argparse.Namespace):
+    import transformers
+
+    kinds = [PATTERN[c] for c in args.pattern]
+    cfg = transformers.NemotronHConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        layers_block_type=kinds,
+        num_attention_heads=args.attn_heads,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.hidden // args.attn_heads,
+        intermediate_size=args.ffn,
+        mamba_num_heads=args.mamba_heads,
+        mamba_head_dim=args.mamba_head_dim,
+        n_groups=args.groups,
+        ssm_state_size=args.d_state,
+        chunk_size=args.chunk,
+        tie_word_embeddings=False,
+        use_cache=True,
+    )
+    torch.manual_seed(args.seed)
+    hf = transformers.NemotronHForCausalLM(cfg)
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0: randomise them so parity means something
+        for name, prm in hf.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                prm.copy_(1 + 0.2 * torch.randn(prm.shape))
+            elif name.endswith(".D") or name.endswith("dt_bias") or name.endswith("conv1d.bias"):
+                prm.copy_(torch.randn(prm.shape) * 0.5)
+    return hf
+
+
+def median_times(fns: list[Callable[[], object]], steps: int, warmup: int) -> list[float]:
+    """Median seconds per call of each function. Repetitions are interleaved (a, b, a, b, ...)
+    so that a load change on the machine affects every function alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(steps):
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
+
+
+def ce_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    hf = build_hf(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = nestlm.load(tmp)
+    hf.eval()
+    ours.eval()
+    n_params = sum(p.numel() for p in ours.parameters())
+
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen)
+    batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
+    prompts = {b: torch.randint(3, args.vocab, (b, args.prompt), generator=gen) for b in batches}
+
+    print(
+        f"config: hidden {args.hidden}, pattern {args.pattern!r}, mamba {args.mamba_heads}x{args.mamba_head_dim} "
+        f"(groups {args.groups}, d_state {args.d_state}, chunk {args.chunk}), attention {args.attn_heads}/"
+        f"{args.kv_heads} heads, ffn {args.ffn}, vocab {args.vocab}; {n_params / 1e6:.1f}M parameters"
+    )
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; train batch {args.batch} x seq {args.seq}; "
+        f"decode prompt {args.prompt} + {args.new_tokens} new tokens; median of {args.steps} after {args.warmup} warmup"
+    )
+
+    # ---- correctness: same logits, same greedy tokens
+    with torch.no_grad():
+        ref = hf(input_ids=ids, use_cache=False).logits
+        got = ours(ids).logits
+    logit_diff = (ref - got).abs().max().item()
+    print(f"parity: max |logits nestlm - HF| = {logit_diff:.2e} (batch {args.batch} x seq {args.seq})")
+
+    def hf_generate(p: torch.Tensor) -> torch.Tensor:
+        n = args.new_tokens
+        with torch.no_grad():
+            return hf.generate(p, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+
+    def our_generate(p: torch.Tensor) -> torch.Tensor:
+        # no EOS stop, as min_new_tokens does for HF: both produce exactly new_tokens tokens
+        return ours.generate(p, max_new_tokens=args.new_tokens, eos_token_id=[])
+
+    for b, p in prompts.items():
+        a, c = hf_generate(p), our_generate(p)
+        same = a.shape == c.shape and bool((a == c).all())
+        print(f"parity: greedy generate batch {b}: {'identical tokens' if same else 'TOKENS DIFFER'}")
+
+    rows: list[tuple[str, float, float]] = []
+
+    # ---- training step: forward + CE loss + backward
+    def hf_train() -> None:
+        hf.zero_grad(set_to_none=True)
+        ce_loss(hf(input_ids=ids, use_cache=False).logits, ids).backward()
+
+    def our_train() -> None:
+        ours.zero_grad(set_to_none=True)
+        ce_loss(ours(ids).logits, ids).backward()
+
+    hf.train()
+    ours.train()
+    ntok = args.batch * args.seq
+    t_hf, t_ours = median_times([hf_train, our_train], args.steps, args.warmup)
+    rows.append((f"train step (B={args.batch}, L={args.seq}, fwd+bwd)", ntok / t_hf, ntok / t_ours))
+    hf.eval()
+    ours.eval()
+    hf.zero_grad(set_to_none=True)
+    ours.zero_grad(set_to_none=True)
+
+    # ---- cached greedy decode
+    for b, p in prompts.items():
+        ntok = b * args.new_tokens
+        t_hf, t_ours = median_times([lambda p=p: hf_generate(p), lambda p=p: our_generate(p)], args.steps, args.warmup)
+        rows.append((f"greedy decode (B={b}, {args.prompt}+{args.new_tokens})", ntok / t_hf, ntok / t_ours))
+
+    w = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'benchmark':<{w}} | {'HF tok/s':>10} | {'nestlm tok/s':>12} | {'nestlm/HF':>9}")
+    print(f"{'-' * w}-|-{'-' * 10}-|-{'-' * 12}-|-{'-' * 9}")
+    for name, hf_tps, our_tps in rows:
+        print(f"{name:<{w}} | {hf_tps:>10.1f} | {our_tps:>12.1f} | {our_tps / hf_tps:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
