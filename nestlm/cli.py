@@ -55,7 +55,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
     """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
     from .tokenizer import load_tokenizer
-    from .train import data as data_mod
+    from .train import stream as data_mod
 
     needs_tok = not data_mod.is_pretokenized(data)
     tok = load_tokenizer(model_dir, required=needs_tok) if needs_tok else None
@@ -186,6 +186,84 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load
+    from .eval.evaluate import reasoning_accuracy, reasoning_tokens
+    from .eval.perplexity import perplexity
+    from .eval.report import print_table, write_report
+    from .tokenizer import ByteTokenizer, load_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NestlmError(f"--out {out} is a file; give a directory for the report")
+    if args.data != "reasoning" and not Path(args.data).exists() and args.data != "stdlib":
+        raise NestlmError(f"--data {args.data} does not exist; give a text file, directory, .jsonl, or 'reasoning'")
+    model = load(args.model).eval()
+    if args.budget in (None, "all"):
+        budgets = model.budgets or [None]
+    else:
+        model.resolve_arch(budget=args.budget)  # an unknown name lists the known ones
+        budgets = [args.budget]
+    tok = load_tokenizer(args.model, required=False) or ByteTokenizer()
+    if args.data == "reasoning":
+        tokens = reasoning_tokens(tok, args.num_problems)
+    else:
+        tokens = _tokens_for(args.model, args.data, args.max_bytes)
+    total = model.num_parameters()
+    rows = []
+    for b in budgets:
+        n = model.num_parameters(budget=b)
+        ppl = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, budget=b)
+        row = {
+            "name": b or "model",
+            "kind": "elastic" if b else "model",
+            "params": n,
+            "fraction": n / total,
+            "loss": ppl["loss"],
+            "ppl": ppl["ppl"],
+        }
+        if args.data == "reasoning":
+            row["accuracy"] = reasoning_accuracy(model, tok, n=args.num_reasoning, budget=b)["accuracy"]
+        rows.append(row)
+    paths = write_report(rows, out, extra={"model": args.model, "data": args.data}, title=f"nestlm eval: {args.model}")
+    print_table(rows, title=f"{args.model} on {args.data}")
+    print(f"report: {paths['markdown']}  json: {paths['json']}  plot: {paths['plot']}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="perplexity (and reasoning accuracy) per budget")
+    p.add_argument("--model", required=True)
+    p.add_argument("--budget", default="all", help="a budget name, or 'all' (default)")
+    p.add_argument(
+        "--data", default="reasoning", help="held-out text (file, dir, .jsonl) or 'reasoning' (synthetic, test seeds)"
+    )
+    p.add_argument("--out", default="nestlm-eval", help="directory for eval.json, report.md and quality.png")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-problems", type=int, default=600, help="held-out problems for perplexity (reasoning)")
+    p.add_argument("--num-reasoning", type=int, default=64, help="problems solved by greedy decoding (reasoning)")
+    p.add_argument("--max-bytes", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the embedded end-to-end run on the shipped parent (CPU, minutes)")
+    p.add_argument("--out", default="nestlm-demo", help="new directory for everything the demo writes")
+    p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not the real numbers)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+
 def _check_out(out: str) -> None:
     from pathlib import Path
 
@@ -202,7 +280,9 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "prune": _add_prune,
     "train": _add_train,
     "slice": _add_slice,
+    "eval": _add_eval,
     "generate": _add_generate,
+    "demo": _add_demo,
 }
 
 

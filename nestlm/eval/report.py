@@ -44,7 +44,7 @@ def print_table(rows: list[dict[str, Any]], title: str = "nestlm evaluation") ->
     cols = _cols(rows)
     table = Table(title=title)
     for _, head, _ in cols:
-        table.add_column(head, justify="left" if head in ("model", "kind") else "right")
+        table.add_column(head, justify="left" if head in ("model", "kind") else "right", no_wrap=head == "model")
     for r in rows:
         table.add_row(*[c[2](r[c[0]]) if r.get(c[0]) is not None else "" for c in cols])
     Console().print(table)

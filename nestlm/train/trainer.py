@@ -470,14 +470,17 @@ class Trainer:
         gnorm = self._clip_gradients(self.recipe.train.grad_clip) if self.recipe.train.grad_clip else None
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        out = {
-            "budget": budget,
-            "loss": kd + rec.elastic.budget_loss_weight * bl_val,
-            "kd": kd,
-            "budget_loss": bl_val,
-            "tau": tau,
-            "scale": scale,
-        }
+        if not self.elastic:  # plain training: the loss is the cross entropy
+            out: dict[str, Any] = {"budget": budget, "loss": kd, "ce": kd}
+        else:
+            out = {
+                "budget": budget,
+                "loss": kd + rec.elastic.budget_loss_weight * bl_val,
+                "kd": kd,
+                "budget_loss": bl_val,
+                "tau": tau,
+                "scale": scale,
+            }
         if cost_val is not None:
             out["expected_cost"] = cost_val
         if arch is not None:
@@ -597,12 +600,13 @@ class Trainer:
                     )
                     self.state.history.append({"step": m["step"], "budget": m["budget"], "loss": m["loss"]})
                     self._log(m)
-                    ema[m["budget"]] = m["kd"] if m["budget"] not in ema else 0.8 * ema[m["budget"]] + 0.2 * m["kd"]
+                    v = m.get("kd", m["loss"])
+                    ema[m["budget"]] = v if m["budget"] not in ema else 0.8 * ema[m["budget"]] + 0.2 * v
                     bar.set_postfix(
                         {
                             **{f"{k}": f"{v:.3f}" for k, v in ema.items()},
                             "tok/s": f"{ntok / dt:.0f}",
-                            "tau": f"{m['tau']:.2f}",
+                            **({"tau": f"{m['tau']:.2f}"} if "tau" in m else {}),
                         }
                     )
                     bar.update(1)

@@ -1,0 +1,90 @@
+"""Per-budget evaluation: held-out perplexity and reasoning accuracy (exact match, greedy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..tokenizer import ByteTokenizer, Tokenizer
+from . import reasoning
+from .perplexity import perplexity
+
+
+def reasoning_tokens(tok: Tokenizer, n: int, variant: str = "short") -> torch.Tensor:
+    """Held-out problems (test seeds) as one token stream, documents joined by EOS."""
+    ids: list[int] = []
+    for p in reasoning.test_problems(n, variant):
+        ids.extend(tok.encode(p.text))
+        if tok.eos_token_id is not None:
+            ids.append(tok.eos_token_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@torch.no_grad()
+def reasoning_accuracy(
+    model: Any,
+    tok: Tokenizer,
+    n: int = 64,
+    variant: str = "short",
+    batch_size: int = 16,
+    max_new_tokens: int = 160,
+    budget: str | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Greedy-decode the solution of ``n`` held-out problems; exact match of the final answer."""
+    from tqdm.auto import tqdm
+
+    problems = reasoning.test_problems(n, variant)
+    gens: list[str] = []
+    pad = getattr(tok, "pad_token_id", 0) or 0
+    for i in tqdm(range(0, n, batch_size), desc="reasoning", disable=not progress, leave=False):
+        batch = problems[i : i + batch_size]
+        enc = [tok.encode(p.prompt) for p in batch]
+        L = max(len(e) for e in enc)
+        ids = torch.full((len(enc), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(enc), L), dtype=torch.long)
+        for r, e in enumerate(enc):  # left padding, as transformers takes it
+            ids[r, L - len(e) :] = torch.tensor(e)
+            mask[r, L - len(e) :] = 1
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, budget=budget)
+        gens += [tok.decode(row[L:].tolist()) for row in out]
+    acc = reasoning.score(problems, gens)
+    return {"accuracy": acc, "n": n, "examples": [(problems[i].prompt, gens[i]) for i in range(min(3, n))]}
+
+
+def evaluate_models(
+    models: list[dict[str, Any]],
+    total_params: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    n_ppl_problems: int = 600,
+    n_reasoning: int = 64,
+) -> list[dict[str, Any]]:
+    """Rows (name, kind, params, fraction, loss, ppl, accuracy) for standalone model directories."""
+    from ..checkpoint import load
+
+    tok = ByteTokenizer()
+    tokens = reasoning_tokens(tok, 150 if quick else n_ppl_problems)
+    rows = []
+    for m in models:
+        model = load(m["path"]).eval()
+        n = sum(p.numel() for p in model.parameters())
+        ppl = perplexity(model, tokens, seq_len=256, batch_size=8)
+        acc = reasoning_accuracy(model, tok, n=16 if quick else n_reasoning, progress=progress)
+        row = {
+            "name": m["name"],
+            "kind": m["kind"],
+            "params": n,
+            "fraction": n / total_params if total_params else None,
+            "loss": ppl["loss"],
+            "ppl": ppl["ppl"],
+            "accuracy": acc["accuracy"],
+            "path": m["path"],
+        }
+        if "budget" in m:
+            row["budget"] = m["budget"]
+        rows.append(row)
+        if progress:
+            print(f"  {m['name']:>14}: {n:,} params, ppl {ppl['ppl']:.3f}, reasoning {acc['accuracy']:.1%}", flush=True)
+    return rows
