@@ -14,17 +14,34 @@ from typing import Any
 from .errors import NestlmError
 
 
+def load_tokenizer(model_dir: str, required: bool = True) -> Any:
+    """The model directory's tokenizer; an unreadable tokenizer.json is a one-line error, not a traceback."""
+    from .tokenizer import load_tokenizer as _load
+
+    try:
+        return _load(model_dir, required=required)
+    except NestlmError:
+        raise
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NestlmError(f"the tokenizer files in {model_dir} cannot be read: {msg}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import load
-    from .tokenizer import load_tokenizer
 
     model = load(args.model).eval()
     tok = load_tokenizer(args.model)
     ids = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
     if ids.numel() == 0:
         raise NestlmError("the prompt is empty after tokenization; give some text with --prompt")
+    if int(ids.max()) >= model.config.vocab_size:
+        raise NestlmError(
+            f"the tokenizer in {args.model} gives token id {int(ids.max())}, beyond the model's vocabulary "
+            f"of {model.config.vocab_size}; the tokenizer does not belong to this model"
+        )
     out = model.generate(
         ids,
         max_new_tokens=args.max_new_tokens,
@@ -54,9 +71,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
     """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
-    from .tokenizer import load_tokenizer
     from .train import stream as data_mod
 
+    from pathlib import Path
+
+    if data != "stdlib" and not data.startswith("reasoning") and not Path(data).exists():
+        raise NestlmError(f"data {data} does not exist; give a text file, a directory, .jsonl, .parquet or stdlib")
     needs_tok = not data_mod.is_pretokenized(data)
     tok = load_tokenizer(model_dir, required=needs_tok) if needs_tok else None
     return data_mod.load_tokens(data, tok, max_bytes=max_bytes)
@@ -193,7 +213,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .eval.evaluate import reasoning_accuracy, reasoning_tokens
     from .eval.perplexity import perplexity
     from .eval.report import print_table, write_report
-    from .tokenizer import ByteTokenizer, load_tokenizer
+    from .tokenizer import ByteTokenizer
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
