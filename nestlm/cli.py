@@ -71,9 +71,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
     """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
-    from .train import stream as data_mod
-
     from pathlib import Path
+
+    from .train import data as data_mod
 
     if data != "stdlib" and not data.startswith("reasoning") and not Path(data).exists():
         raise NestlmError(f"data {data} does not exist; give a text file, a directory, .jsonl, .parquet or stdlib")

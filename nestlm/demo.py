@@ -54,7 +54,7 @@ def run_demo(
     t = time.time()
     parent = load(parent_dir).eval()
     from .tokenizer import ByteTokenizer
-    from .train import stream as data_mod
+    from .train import data as data_mod
 
     tok = ByteTokenizer()
     calib = data_mod.load_tokens("reasoning:short", tok, num_problems=400, seed=recipe.data.seed)

@@ -35,7 +35,7 @@ from ..elastic.router import ElasticRouters, gumbel_schedule, resolve_choices
 from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer, load_tokenizer
-from . import stream as data_mod
+from . import data as data_mod
 from .distributed import (
     DistInfo,
     all_reduce_mean,

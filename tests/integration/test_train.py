@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ def test_budgets_within_tolerance_and_kd_falls(tiny_run: Path) -> None:
         assert abs(n / (target * total) - 1) <= 0.05, (name, n / total)
     # KD to the frozen parent at each budget's frozen architecture: before training vs after
     torch.manual_seed(0)
-    tokens = nestlm.train.stream.load_tokens("stdlib", nestlm.tokenizer.ByteTokenizer(), max_bytes=40_000)
+    tokens = nestlm.train.data.load_tokens("stdlib", nestlm.tokenizer.ByteTokenizer(), max_bytes=40_000)
     x = tokens[-64 * 8 :].view(8, 64)
     with torch.no_grad():
         teacher = parent(x).logits
@@ -162,6 +163,11 @@ def test_two_process_gloo_matches_one_process(tiny_run: Path, tmp_path: Path) ->
         *TINY,
     ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "exitcode: -11" in res.stderr:
+        # a worker segfaulted inside gloo once on a heavily loaded 2-core machine: retry once, a
+        # second crash fails the test
+        shutil.rmtree(out, ignore_errors=True)
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = losses(tiny_run), losses(out)
     assert [r["budget"] for r in a] == [r["budget"] for r in b]

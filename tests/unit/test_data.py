@@ -1,0 +1,257 @@
+"""Training data: reading sources, packing, validation split, deterministic resumable sharded batches."""
+
+from __future__ import annotations
+
+import json
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from nestlm.errors import NestlmError
+from nestlm.eval import reasoning
+from nestlm.tokenizer import ByteTokenizer
+from nestlm.train import data
+
+BT = ByteTokenizer()
+
+
+def stream(n: int = 5000) -> torch.Tensor:
+    """Distinct token values, so that every token's position can be told from its value."""
+    return torch.arange(10, 10 + n)
+
+
+def draw(loader: data.BlockLoader, k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [loader.next_batch() for _ in range(k)]
+
+
+def same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True)
+    )
+
+
+# ----------------------------------------------------------------------------- packing
+def test_packing_round_trip() -> None:
+    tokens = torch.randint(0, 259, (1003,))
+    ds = data.TokenDataset(tokens, seq_len=10)
+    assert len(ds) == 100  # (1003 - 1) // 10
+    x, y = ds.batch(range(len(ds)))
+    assert x.shape == y.shape == (100, 10) and x.dtype == y.dtype == torch.long
+    assert torch.equal(torch.cat([x.reshape(-1), y[-1, -1:]]), tokens[:1001])  # blocks rebuild the stream
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are inputs shifted by one
+    xi, yi = ds[7]
+    assert torch.equal(xi, x[7]) and torch.equal(yi, y[7])
+    assert len(data.TokenDataset(tokens[:10], 10)) == 0
+
+
+def test_train_and_val_are_disjoint_at_every_seq_len() -> None:
+    tokens = stream(4000)
+    cuts = set()
+    for seq_len in (16, 64):
+        loader = data.BlockLoader(tokens, seq_len, batch_size=4, val_fraction=0.1)
+        cuts.add(loader.blocks.split_at)
+        seen_train = set()
+        for _ in range(loader.n_train // 4 + 1):
+            x, y = loader.next_batch()
+            seen_train |= set(x.flatten().tolist()) | set(y.flatten().tolist())
+        seen_val = set()
+        for x, y in loader.val_batches(100):
+            seen_val |= set(x.flatten().tolist()) | set(y.flatten().tolist())
+        assert loader.n_val >= 1 and seen_val and seen_train.isdisjoint(seen_val)
+        assert min(seen_val) == 10 + loader.blocks.split_at  # the validation tail
+        assert len(seen_train) == loader.n_train * seq_len + 1  # one epoch covered every training block
+    assert cuts == {3600}  # one boundary for every curriculum stage: no stage trains on validation text
+    assert data.BlockLoader(tokens, 16, 4, val_fraction=0.0).val_batches(3) == []
+
+
+def test_order_is_deterministic_per_seed() -> None:
+    tokens = stream()
+    a = draw(data.BlockLoader(tokens, 32, 8, seed=1), 6)
+    b = draw(data.BlockLoader(tokens, 32, 8, seed=1), 6)
+    c = draw(data.BlockLoader(tokens, 32, 8, seed=2), 6)
+    assert same(a, b) and not same(a, c)
+    loader = data.BlockLoader(tokens, 32, 8, seed=1)
+    assert not (loader.permutation(0) == loader.permutation(1)).all()  # reshuffled every epoch
+    assert sorted(loader.permutation(1).tolist()) == list(range(loader.n_train))
+
+
+def test_resume_gives_the_same_next_batches() -> None:
+    tokens = stream()
+    a = data.BlockLoader(tokens, 32, 8, seed=3)
+    draw(a, 25)  # past the first epoch (153 blocks)
+    state = json.loads(json.dumps(a.state_dict()))
+    assert state["epoch"] == 1
+    expected = draw(a, 30)
+    b = data.BlockLoader(tokens, 32, 8, seed=3)
+    b.load_state_dict(state)
+    assert same(draw(b, 30), expected)
+    assert not same(draw(data.BlockLoader(tokens, 32, 8, seed=3), 30), expected)
+    with pytest.raises(NestlmError, match="seq_len=32, this loader has seq_len=64.*cannot resume exactly"):
+        data.BlockLoader(tokens, 64, 8, seed=3).load_state_dict(state)
+    old = data.BlockLoader(tokens, 32, 8, seed=3)
+    old.load_state_dict({"epoch": state["epoch"], "pos": state["pos"]})  # positions without the checks load too
+    assert same(draw(old, 2), expected[:2])
+
+
+def test_ranks_split_the_global_batch() -> None:
+    tokens = stream()
+    one = data.BlockLoader(tokens, 16, 8, seed=5, val_fraction=0.05)
+    ranks = [data.BlockLoader(tokens, 16, 8, seed=5, val_fraction=0.05, rank=r, world=2) for r in range(2)]
+    for _ in range(40):
+        x, y = one.next_batch()
+        parts = [r.next_batch() for r in ranks]
+        assert parts[0][0].shape == (4, 16)
+        assert torch.equal(torch.cat([p[0] for p in parts]), x) and torch.equal(torch.cat([p[1] for p in parts]), y)
+    for (x, _), p0, p1 in zip(one.val_batches(3), ranks[0].val_batches(3), ranks[1].val_batches(3), strict=True):
+        assert torch.equal(torch.cat([p0[0], p1[0]]), x)
+    with pytest.raises(NestlmError, match="batch_size 6 must be divisible by the 4 processes"):
+        data.BlockLoader(tokens, 16, 6, rank=0, world=4)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_short_data_errors() -> None:
+    with pytest.raises(NestlmError, match=r"data tiny has 5 tokens, fewer than one block of seq_len\+1=9; give more"):
+        data.BlockLoader(stream(5), 8, 2, name="tiny")
+    with pytest.raises(NestlmError, match=r"leaves 8, fewer than one training block of seq_len\+1=9.*val_fraction=0"):
+        data.BlockLoader(stream(17), 8, 2, val_fraction=0.1)
+    assert data.BlockLoader(stream(17), 8, 2, val_fraction=0.0).n_train == 2
+
+
+def test_missing_and_empty_sources(tmp_path: Path) -> None:
+    with pytest.raises(NestlmError, match=r"data .*nope\.txt does not exist; give a text file, a directory"):
+        data.load_tokens(tmp_path / "nope.txt", BT)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(NestlmError, match=r"empty\.txt holds no text"):
+        data.load_tokens(tmp_path / "empty.txt", BT)
+    with pytest.raises(NestlmError, match=r"empty\.txt holds no text"):
+        data.read_texts(tmp_path / "empty.txt")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.bin").write_bytes(b"\0\1")
+    with pytest.raises(NestlmError, match=r"directory .*d has no data files \(\*\.txt"):
+        data.read_texts(tmp_path / "d")
+
+
+def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "hello"}\n\n{"body": "x"}\n')
+    with pytest.raises(NestlmError, match=r"a\.jsonl line 3 has no 'text' field \(its keys: 'body'\)"):
+        data.read_texts(f)
+    f.write_text('{"text": "hello"}\n{"text": oops}\n')
+    with pytest.raises(NestlmError, match=r"a\.jsonl line 2 is not valid JSON"):
+        data.load_tokens(f, BT)
+    f.write_text('{"input_ids": [5, 6]}\n{"text": "x"}\n')
+    with pytest.raises(NestlmError, match=r"line 2 has no 'input_ids' field .*line 1 has 'input_ids'"):
+        data.load_tokens(f)
+    f.write_text('{"input_ids": [5, "a"]}\n')
+    with pytest.raises(NestlmError, match=r"line 1: 'input_ids' must be a list of integer token ids"):
+        data.load_tokens(f)
+    f.write_text('{"input_ids": [5, 300]}\n')
+    with pytest.raises(NestlmError, match="token id 300, outside the vocabulary of 259"):
+        data.load_tokens(f, vocab_size=259)
+
+
+# ----------------------------------------------------------------------------- sources
+def test_jsonl_text_and_input_ids(tmp_path: Path) -> None:
+    t = tmp_path / "t.jsonl"
+    t.write_text(json.dumps({"text": "ab"}) + "\n" + json.dumps({"text": "é"}) + "\n")
+    assert not data.is_pretokenized(t)
+    assert data.read_texts(t) == ["ab", "é"]
+    assert data.load_tokens(t, BT).tolist() == [97 + 3, 98 + 3, 2, 0xC3 + 3, 0xA9 + 3, 2]  # EOS after each document
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"input_ids": [5, 6, 7]}\n{"input_ids": [8]}\n')
+    assert data.is_pretokenized(ids)
+    assert data.load_tokens(ids).tolist() == [5, 6, 7, 8]  # used as they are, no tokenizer needed
+    assert data.load_tokens(ids, BT).tolist() == [5, 6, 7, 8]
+    with pytest.raises(NestlmError, match="pre-tokenized input_ids, not text"):
+        data.read_texts(ids)
+    with pytest.raises(NestlmError, match="needs a tokenizer"):
+        data.load_tokens(t)
+
+
+def test_directory_is_recursive_and_sorted(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / ".git").mkdir()
+    (tmp_path / "b" / "z.md").write_text("Z")
+    (tmp_path / "a.txt").write_text("A")
+    (tmp_path / "b" / "c.jsonl").write_text('{"text": "C"}\n')
+    (tmp_path / "data.bin").write_text("no")
+    (tmp_path / ".git" / "x.txt").write_text("no")
+    assert data.read_texts(tmp_path) == ["A", "C", "Z"]
+    assert data.read_texts(tmp_path, max_bytes=2) == ["A", "C"]
+
+
+def test_stdlib_source() -> None:
+    texts = data.read_texts("stdlib", max_bytes=20_000)
+    joined = "".join(texts)
+    assert len(joined.encode()) == 20_000 and "import " in joined and "def " in joined
+    assert texts == data.read_texts("stdlib", max_bytes=20_000)  # the same on every run
+    files = data.stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert not any({"test", "tests", "site-packages"} & set(f.relative_to(root).parts) for f in files)
+    assert files == sorted(files, key=lambda f: f.relative_to(root).as_posix())
+    tokens = data.load_tokens("stdlib", BT, max_bytes=20_000)
+    assert tokens.numel() == 20_000 + len(texts)  # bytes + one EOS per document
+    n0 = len(texts[0].encode())
+    assert BT.decode(tokens[:n0].tolist()) == texts[0] and int(tokens[n0]) == BT.eos_token_id
+
+
+def test_reasoning_source() -> None:
+    tokens = data.load_tokens("reasoning:long", BT, num_problems=10, seed=2)
+    expected = data.tokenize([p.text for p in reasoning.train_problems(10, "long", start=20)], BT)
+    assert torch.equal(tokens, expected)
+    assert data.read_texts("reasoning", num_problems=3) == [p.text for p in reasoning.train_problems(3)]
+    assert data.read_texts("reasoning:short:3", num_problems=2) == [
+        p.text for p in reasoning.train_problems(2, "short", 3)
+    ]
+    with pytest.raises(NestlmError, match=r"reasoning:VARIANT\[:DIFFICULTY\] with VARIANT one of short, long"):
+        data.read_texts("reasoning:medium")
+
+
+def test_generic_tokenizer_without_eos() -> None:
+    class Words:
+        eos_token_id = None
+
+        def encode(self, text: str) -> list[int]:
+            return [len(w) for w in text.split()]
+
+    assert data.tokenize(["a bb", "ccc"], Words()).tolist() == [1, 2, 3]
+
+
+def test_parquet_without_pyarrow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "d.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(
+        NestlmError, match=r"d\.parquet is a \.parquet file, which needs pyarrow: pip install nestlm\[parquet\]"
+    ):
+        data.read_texts(f)
+
+
+def test_parquet_with_pyarrow(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"id": [1, 2], "text": ["hello", "world"]}), tmp_path / "d.parquet")
+    assert data.read_texts(tmp_path / "d.parquet") == ["hello", "world"]
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "e.parquet")
+    with pytest.raises(NestlmError, match=r"no 'text' \(or 'input_ids'\) column \(its columns: body\)"):
+        data.read_texts(tmp_path / "e.parquet")
+
+
+def test_hf_tokenizer_batch_encoding(tmp_path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from nestlm.tokenizer import HFTokenizer
+
+    vocab = {"[UNK]": 0, "</s>": 1, "a": 2, "b": 3, "c": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    hf = HFTokenizer(tmp_path / "tokenizer.json")
+    texts = ["a b c", "c z a"]
+    assert hf.encode_batch(texts) == [hf.encode(t) for t in texts] == [[2, 3, 4], [4, 0, 2]]
+    assert data.tokenize(texts, hf).tolist() == [2, 3, 4, 1, 4, 0, 2, 1]  # EOS = </s>
