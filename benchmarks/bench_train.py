@@ -1,0 +1,174 @@
+"""Elastic training step vs a plain KD step of the standalone model of the same size.
+
+For each budget (fractions of the parent's parameters, mapped to homogeneous ArchSpecs):
+  elastic  the trainer's hard-mode step: frozen-teacher forward, the *nested* student
+           forward (views of the full weights, straight-through router gates) + KD +
+           budget loss, backward, AdamW step over the full model and the routers;
+  sliced   the same step for the standalone sliced model: teacher forward, student
+           forward + KD, backward, AdamW step over its (smaller) weights.
+It prints both times, their ratio (goal <= 1.25), the teacher forward's share of the
+elastic step, and memory: the bytes of the teacher (held once), the student and its
+optimizer state, and the process's peak RSS.
+
+    .venv/bin/python benchmarks/bench_train.py            # hidden 512, seq 256, batch 4
+    .venv/bin/python benchmarks/bench_train.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import resource
+import statistics
+import time
+
+import torch
+
+import nestlm
+from nestlm.elastic.arch import closest_homogeneous, parse_target
+from nestlm.elastic.router import ElasticRouters, resolve_choices
+from nestlm.train.losses import kd_loss
+
+
+def timeit_interleaved(fns: list, warmup: int, rounds: int) -> list[float]:
+    """Median seconds of each function, run in turn (a, b, c, a, b, c, ...) so load drift hits all alike."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - t)
+    return [statistics.median(t) for t in times]
+
+
+def teacher_logits(teacher: nestlm.HybridLM, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher(x).logits
+
+
+def elastic_step(model, teacher, routers, opt, x, arch, choice, target) -> None:
+    """The trainer's hard-mode step: nested forward with straight-through gates, KD + budget loss."""
+    t_logits = teacher_logits(teacher, x)
+    s = routers.sample(0, tau=0.5, scale=5.0)
+    s.choice = {k: v.clone() for k, v in choice.items()}
+    loss = kd_loss(model(x, arch=arch, gates=routers.hard_gates(s)).logits, t_logits)
+    bl, _ = routers.budget_loss(s, target)
+    (loss + bl).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def sliced_step(small, teacher, sopt, x) -> None:
+    """A plain KD step of the standalone sliced model."""
+    t_logits = teacher_logits(teacher, x)
+    kd_loss(small(x).logits, t_logits).backward()
+    sopt.step()
+    sopt.zero_grad(set_to_none=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--pattern", default="M-M*-M-M*-")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--budgets", default="1.0,0.75,0.5")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    a = ap.parse_args()
+    if a.quick:
+        a.hidden, a.seq, a.batch, a.rounds, a.warmup = 128, 64, 2, 3, 1
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    H = a.hidden
+    cfg = nestlm.ModelConfig.from_pattern(
+        a.pattern,
+        vocab_size=a.vocab,
+        hidden_size=H,
+        mamba_heads=max(4, H // 32),
+        mamba_head_dim=64,
+        mamba_groups=2,
+        d_state=64,
+        attn_heads=max(4, H // 64),
+        kv_heads=2,
+        attn_head_dim=64,
+        ffn=3 * H,
+        mamba_chunk_size=128,
+    )
+    model = nestlm.HybridLM(cfg).train()
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    axes = {
+        "hidden": [1.0, 0.875, 0.75, 0.625, 0.5],
+        "mamba_heads": [1.0, 0.75, 0.5],
+        "attn_heads": [1.0, 0.5],
+        "mlp": [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25],
+    }
+    routers = ElasticRouters(cfg, resolve_choices(cfg, axes), n_budgets=1, d_router=64)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(routers.parameters()), lr=1e-5)
+    x = torch.randint(0, a.vocab, (a.batch, a.seq))
+    total = model.num_parameters()
+    print(
+        f"config: hidden {H}, pattern {a.pattern!r}, vocab {a.vocab}; {total / 1e6:.1f}M parameters; "
+        f"batch {a.batch} x seq {a.seq}; fp32, {a.threads} threads; median of {a.rounds}"
+    )
+
+    rows = []
+    for frac in [float(f) for f in a.budgets.split(",")]:
+        spec = closest_homogeneous(cfg, parse_target(frac)) if frac < 1 else nestlm.ArchSpec.full(cfg)
+        # router choices that give exactly this spec (the trainer's hard mode picks an option per axis)
+        choice = {}
+        for axis, vals in routers.choices.items():
+            want = {"hidden": spec.hidden}.get(axis)
+            if want is None:
+                ls = next(
+                    ls
+                    for ls in spec.layers
+                    if ls is not None
+                    and ls.kind == {"mamba_heads": "mamba", "attn_heads": "attention", "mlp": "mlp"}[axis]
+                )
+                want = ls.ffn if axis == "mlp" else ls.heads
+            choice[axis] = torch.tensor([min(range(len(vals)), key=lambda i, w=want, v=vals: abs(v[i] - w))])
+        arch = routers.arch(choice)
+
+        small = model.slice(arch).train()
+        sopt = torch.optim.AdamW(small.parameters(), lr=1e-5)
+        target = parse_target(frac)
+        elastic = functools.partial(elastic_step, model, teacher, routers, opt, x, arch, choice, target)
+        sliced = functools.partial(sliced_step, small, teacher, sopt, x)
+
+        t_el, t_sl, t_teacher = timeit_interleaved(
+            [elastic, sliced, functools.partial(teacher_logits, teacher, x)], a.warmup, a.rounds
+        )
+        n = arch.num_parameters(cfg)
+        rows.append((f"{frac:.2f}", n, t_el, t_sl, t_el / t_sl, t_teacher / t_el))
+        del small, sopt
+
+    print()
+    print("budget | active params |  elastic step s |  sliced KD step s | elastic/sliced | teacher share")
+    print("-------|---------------|-----------------|-------------------|----------------|--------------")
+    for b, n, te, ts, r, share in rows:
+        print(f"{b:>6} | {n / 1e6:11.2f}M | {te:15.3f} | {ts:17.3f} | {r:13.2f}x | {share:12.0%}")
+    mb = 1 / 2**20
+    p_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    t_bytes = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    o_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if torch.is_tensor(t))
+    shared = any(p.data_ptr() == q.data_ptr() for p, q in zip(model.parameters(), teacher.parameters(), strict=True))
+    print()
+    print(
+        f"memory: teacher {t_bytes * mb:.1f} MiB (one frozen copy, no grads, no optimizer state; "
+        f"shares storage with the student: {shared}), student {p_bytes * mb:.1f} MiB, "
+        f"AdamW state {o_bytes * mb:.1f} MiB; process peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
+    print("goal: elastic/sliced <= 1.25 at every budget")
+
+
+if __name__ == "__main__":
+    main()
