@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import ConfigError, ModelConfig
-from .errors import CheckpointError
+from .errors import CheckpointError, NestlmError
 
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
@@ -37,6 +37,7 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    "generation_config.json",  # generation defaults (EOS ids) that transformers' generate reads
 )
 
 
@@ -99,9 +100,14 @@ def read_config_json(path: Path) -> dict[str, Any]:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} has no config.json; it is not a nestlm or Hugging Face model directory")
     try:
-        return json.loads(cfg_file.read_text())
+        raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} cannot be read: {e}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}, not an object with model_type")
+    return raw
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -195,6 +201,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
 
         model = load_hf(path, raw)
     elif model_type == "nestlm":
+        if not isinstance(raw.get("config"), dict):
+            raise CheckpointError(f"{path / 'config.json'} has no 'config' object (the nestlm ModelConfig)")
         try:
             cfg = ModelConfig.from_dict(raw["config"])
         except (ConfigError, KeyError, TypeError) as e:
@@ -208,7 +216,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
         if (path / "importance.json").is_file():
             from .elastic.importance import Importance
 
-            model.importance = Importance.load(path / "importance.json")
+            try:
+                model.importance = Importance.load(path / "importance.json")
+            except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+                raise CheckpointError(f"{path / 'importance.json'} is not a valid importance file: {e!r}") from None
     else:
         raise CheckpointError(
             f"{path / 'config.json'} has model_type {model_type!r}; nestlm reads 'nestlm' and 'nemotron_h' (NemotronH) models"
@@ -225,10 +236,15 @@ def _read_elastic(path: Path, cfg: ModelConfig) -> dict[str, Any]:
         return {}
     from .elastic.arch import ArchSpec
 
-    data = json.loads(f.read_text())
-    out = {}
-    for name, b in data.items():
-        b = dict(b)
-        b["arch"] = ArchSpec.from_dict(b["arch"], cfg)
-        out[name] = b
+    try:
+        data = json.loads(f.read_text())
+        out = {}
+        for name, b in data.items():
+            b = dict(b)
+            b["arch"] = ArchSpec.from_dict(b["arch"], cfg)
+            out[name] = b
+    except NestlmError as e:
+        raise CheckpointError(f"{f}: {e}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{f} is not a valid elastic.json: {e!r}") from None
     return out

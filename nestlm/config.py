@@ -81,7 +81,11 @@ class LayerSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a layer spec must be a JSON object with 'kind', got {data!r}")
         _check_keys(cls, data, "layer spec")
+        if "kind" not in data:
+            raise ConfigError(f"layer spec {data!r} has no 'kind' (one of {', '.join(KINDS)})")
         return cls(**data)
 
 
@@ -114,11 +118,17 @@ class ModelConfig:
     hf_config: dict[str, Any] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layers, (list, tuple)):
+            raise ConfigError(f"layers must be a list of layer specs, got {self.layers!r}")
+        for i, ls in enumerate(self.layers):
+            if not isinstance(ls, (LayerSpec, dict)):
+                raise ConfigError(f"layers[{i}] must be a layer spec (a dict with 'kind' and its widths), got {ls!r}")
         self.layers = [ls if isinstance(ls, LayerSpec) else LayerSpec.from_dict(ls) for ls in self.layers]
         for name in ("vocab_size", "hidden_size", "mamba_conv_kernel", "mamba_chunk_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        self._check_types()
         if not self.layers:
             raise ConfigError("a model needs at least one layer")
         if self.mlp_act not in MLP_ACTS:
@@ -126,6 +136,47 @@ class ModelConfig:
         for ls in self.layers:
             if ls.kind == "attention" and self.rope_theta is not None and ls.head_dim % 2:
                 raise ConfigError("RoPE needs an even attention head_dim")
+
+    _BOOLS: ClassVar[tuple[str, ...]] = (
+        "tie_embeddings",
+        "mlp_bias",
+        "attention_bias",
+        "mamba_conv_bias",
+        "mamba_proj_bias",
+        "residual_in_fp32",
+    )
+    _NUMBERS: ClassVar[tuple[str, ...]] = ("norm_eps", "mamba_dt_min", "mamba_dt_init_max", "init_std")
+
+    def _check_types(self) -> None:
+        """A value of the wrong type is an error naming the key (not a crash deep in forward)."""
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+        for name in self._BOOLS:
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ConfigError(f"{name} must be true or false, got {v!r}")
+        for name in self._NUMBERS:
+            v = getattr(self, name)
+            if not is_number(v):
+                raise ConfigError(f"{name} must be a number, got {v!r}")
+        if self.rope_theta is not None and not is_number(self.rope_theta):
+            raise ConfigError(f"rope_theta must be a number or null, got {self.rope_theta!r}")
+        for name in ("pad_token_id", "bos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not is_int(v):
+                raise ConfigError(f"{name} must be an int or null, got {v!r}")
+        eos = self.eos_token_id
+        if isinstance(eos, tuple):
+            self.eos_token_id = eos = list(eos)
+        if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(is_int(e) for e in eos))):
+            raise ConfigError(f"eos_token_id must be an int, a list of ints or null, got {eos!r}")
+        if self.hf_config is not None and not isinstance(self.hf_config, dict):
+            raise ConfigError(f"hf_config must be a dict (a config.json) or null, got {type(self.hf_config).__name__}")
 
     # ------------------------------------------------------------------ sugar
     @property
@@ -184,11 +235,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
         _check_keys(cls, data, "model config")
         data = dict(data)
         if "layers" not in data:
             raise ConfigError("model config has no 'layers'")
-        data["layers"] = [LayerSpec.from_dict(ls) if isinstance(ls, dict) else ls for ls in data["layers"]]
+        if isinstance(data["layers"], list):
+            data["layers"] = [LayerSpec.from_dict(ls) if isinstance(ls, dict) else ls for ls in data["layers"]]
         return cls(**data)
 
     def to_json(self) -> str:

@@ -7,6 +7,8 @@ attention keys or the Mamba state, so each row generates what it would alone.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,6 +46,25 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def generation_defaults(model: HybridLM) -> dict[str, Any]:
+    """eos_token_id / pad_token_id of the model directory's generation_config.json, where present.
+
+    transformers' generate takes these over config.json's (real checkpoints often list more
+    EOS ids there), so nestlm does too; a value passed to generate() wins over both.
+    """
+    src = getattr(model, "source_dir", None)
+    f = Path(src) / "generation_config.json" if src else None
+    if f is None or not f.is_file():
+        return {}
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: data[k] for k in ("eos_token_id", "pad_token_id") if data.get(k) is not None}
+
+
 @torch.inference_mode()
 def generate(
     model: HybridLM,
@@ -69,12 +90,15 @@ def generate(
         input_ids = input_ids[None]
     spec = model.resolve_arch(arch, budget)
     cfg = model.config
-    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    defaults = generation_defaults(model)
+    eos = defaults.get("eos_token_id", cfg.eos_token_id) if eos_token_id is None else eos_token_id
     eos_ids = torch.tensor(
-        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), device=input_ids.device
+        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long, device=input_ids.device
     )
     if pad_token_id is None:
-        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos_ids[0]) if len(eos_ids) else 0)
+        pad_token_id = defaults.get("pad_token_id", cfg.pad_token_id)
+    if pad_token_id is None:
+        pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
 
     Bsz, L = input_ids.shape

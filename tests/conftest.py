@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -67,13 +68,21 @@ def hf_config(**kw):
     return NemotronHConfig(**args)
 
 
-def make_hf(path: Path, seed: int = 0, tie: bool = False, dtype: torch.dtype | None = None, **kw) -> Path:
+def make_hf(
+    path: Path, seed: int = 0, tie: bool = False, dtype: torch.dtype | None = None, dt_clamp: bool = True, **kw
+) -> Path:
     """A random NemotronH (transformers) saved to ``path`` with ``save_pretrained``; returns ``path``.
 
-    Norm weights, D, conv biases, dt_bias and A_log are randomised too, so that no
-    parameter sits at a value (1, 0, arange) that would hide a permutation bug.
+    Norm weights, D, conv biases and A_log are randomised too, so that no parameter sits
+    at a value (1, 0, arange) that would hide a permutation bug; dt_bias keeps
+    transformers' random init (softplus(dt_bias) log-uniform in [time_step_min, time_step_max]),
+    so some heads run at the dt clamp.
     ``tie=True`` makes lm_head an equal copy of the embeddings (transformers' NemotronH
     never ties them itself), which nestlm loads as a tied model.
+    ``dt_clamp=False`` writes time_step_min = 0 into config.json. transformers clamps dt at
+    time_step_min in its chunked scan but not in its one-token decode step, so with the clamp
+    active its cached decode drifts from its own uncached forward (nestlm clamps in both);
+    comparisons with transformers' *cached* generation use models where the clamp is a no-op.
     """
     from transformers import NemotronHForCausalLM
 
@@ -85,8 +94,6 @@ def make_hf(path: Path, seed: int = 0, tie: bool = False, dtype: torch.dtype | N
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             elif name.endswith((".D", "conv1d.bias")):
                 p.copy_(torch.randn_like(p))
-            elif name.endswith(".dt_bias"):
-                p.copy_(torch.randn_like(p) - 2)
             elif name.endswith(".A_log"):
                 p.copy_(torch.randn_like(p) * 0.5)
         if tie:
@@ -94,6 +101,10 @@ def make_hf(path: Path, seed: int = 0, tie: bool = False, dtype: torch.dtype | N
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
+    if not dt_clamp:
+        raw = json.loads((path / "config.json").read_text())
+        raw["time_step_min"] = 0.0
+        (path / "config.json").write_text(json.dumps(raw, indent=2))
     return path
 
 

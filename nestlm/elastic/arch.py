@@ -10,13 +10,15 @@ parameter count of ``model.slice(spec)``, and the bytes of serving it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..config import LayerSpec, ModelConfig
+from ..config import ConfigError, LayerSpec, ModelConfig
 from ..errors import NestlmError
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -24,6 +26,14 @@ DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 class ArchError(NestlmError):
     """An ArchSpec that the parent cannot nest."""
+
+
+def _layer_spec(i: int, kind: str, build: Callable[[], LayerSpec]) -> LayerSpec:
+    """Build a LayerSpec; its own checks (ConfigError) become an ArchError naming the layer."""
+    try:
+        return build()
+    except ConfigError as e:
+        raise ArchError(f"layer {i} ({kind}): {e}") from None
 
 
 @dataclass
@@ -45,14 +55,20 @@ class ArchSpec:
         if len(layers) != config.n_layers:
             raise ArchError(f"per-layer spec has {len(layers)} entries; the parent has {config.n_layers} layers")
         out: list[LayerSpec | None] = []
-        for parent, ls in zip(config.layers, layers, strict=True):
+        for i, (parent, ls) in enumerate(zip(config.layers, layers, strict=True)):
             if ls is None:
                 out.append(None)
             elif isinstance(ls, LayerSpec):
                 out.append(ls)
             else:
-                d = parent.to_dict() | dict(ls)
-                out.append(LayerSpec.from_dict(d))
+                d = dict(ls)
+                if d.get("kind", parent.kind) != parent.kind:
+                    raise ArchError(
+                        f"layer {i} ({parent.kind}): per-layer spec says kind {d['kind']!r}; a layer's kind cannot change"
+                    )
+                out.append(
+                    _layer_spec(i, parent.kind, lambda d=d, parent=parent: LayerSpec.from_dict(parent.to_dict() | d))
+                )
         spec = cls(hidden, out)
         spec.validate(config)
         return spec
@@ -80,20 +96,18 @@ class ArchSpec:
                 layers.append(None)
                 continue
             if ls.kind == "mamba":
-                ls = dataclasses.replace(
-                    ls,
-                    heads=ls.heads if mamba_heads is None else mamba_heads,
-                    head_dim=ls.head_dim if mamba_head_dim is None else mamba_head_dim,
-                )
+                new = {
+                    "heads": ls.heads if mamba_heads is None else mamba_heads,
+                    "head_dim": ls.head_dim if mamba_head_dim is None else mamba_head_dim,
+                }
             elif ls.kind == "attention":
-                ls = dataclasses.replace(
-                    ls,
-                    heads=ls.heads if attn_heads is None else attn_heads,
-                    kv_heads=ls.kv_heads if kv_heads is None else kv_heads,
-                )
+                new = {
+                    "heads": ls.heads if attn_heads is None else attn_heads,
+                    "kv_heads": ls.kv_heads if kv_heads is None else kv_heads,
+                }
             else:
-                ls = dataclasses.replace(ls, ffn=ls.ffn if mlp is None else mlp)
-            layers.append(ls)
+                new = {"ffn": ls.ffn if mlp is None else mlp}
+            layers.append(_layer_spec(i, ls.kind, lambda ls=ls, new=new: dataclasses.replace(ls, **new)))
         spec = ArchSpec(self.hidden if hidden is None else hidden, layers)
         bad = [i for i in drop if not 0 <= i < len(self.layers)]
         if bad:
@@ -107,7 +121,11 @@ class ArchSpec:
         """Raise ArchError (one line: what is wrong, what is allowed) unless the parent nests this spec."""
         if len(self.layers) != config.n_layers:
             raise ArchError(f"ArchSpec has {len(self.layers)} layers; the parent has {config.n_layers}")
-        if not 1 <= self.hidden <= config.hidden_size:
+        if (
+            not isinstance(self.hidden, int)
+            or isinstance(self.hidden, bool)
+            or not 1 <= self.hidden <= config.hidden_size
+        ):
             raise ArchError(f"hidden {self.hidden} must be within 1..{config.hidden_size}")
         if all(ls is None for ls in self.layers):
             raise ArchError("an ArchSpec must keep at least one layer")
@@ -115,6 +133,8 @@ class ArchSpec:
             if a is None:
                 continue
             where = f"layer {i} ({p.kind})"
+            if not isinstance(a, LayerSpec):
+                raise ArchError(f"{where}: expected a LayerSpec or None (dropped), got {type(a).__name__}")
             if a.kind != p.kind:
                 raise ArchError(f"{where}: ArchSpec says {a.kind!r}; a layer's kind cannot change")
             if p.kind == "mamba":
@@ -183,7 +203,11 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], config: ModelConfig | None = None) -> ArchSpec:
-        spec = cls(data["hidden"], [None if d is None else LayerSpec.from_dict(d) for d in data["layers"]])
+        layers = [
+            None if d is None else _layer_spec(i, str(d.get("kind")), lambda d=d: LayerSpec.from_dict(d))
+            for i, d in enumerate(data["layers"])
+        ]
+        spec = cls(data["hidden"], layers)
         if config is not None:
             spec.validate(config)
         return spec
@@ -319,6 +343,8 @@ def parse_target(value: str | float | int) -> Target:
         m = _MEM.match(value)
         if m:
             num, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
+            if not num > 0:
+                raise ArchError(f"budget target {value!r}: a memory size must be positive")
             scale = (1024 if binary else 1000) ** "kmgt".index(unit) * (1024 if binary else 1000)
             return Target("memory", num * scale)
         try:
@@ -328,10 +354,14 @@ def parse_target(value: str | float | int) -> Target:
                 f"budget target {value!r} is not a fraction (0.5), a parameter count (6e9) or a memory size (12GB)"
             ) from None
     value = float(value)
-    if value <= 0:
-        raise ArchError(f"budget target {value:g} must be positive")
+    if not math.isfinite(value) or value <= 0:
+        raise ArchError(f"budget target {value:g} must be a positive, finite number")
     if value <= 1:
         return Target("fraction", value)
+    if not value.is_integer():
+        raise ArchError(
+            f"budget target {value:g} is neither a fraction of the parent (<= 1) nor a whole parameter count"
+        )
     return Target("params", value)
 
 

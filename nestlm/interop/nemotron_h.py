@@ -267,8 +267,10 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         out[name] = value
     if not cfg.hf_config:
         out["tie_word_embeddings"] = cfg.tie_embeddings
-    elif cfg.tie_embeddings:
-        out["tie_word_embeddings"] = True
+    # else: keep the source's flag. The file always holds lm_head.weight (an equal copy when
+    # tied) and transformers' NemotronH never ties it, so the flag changes nothing on load,
+    # and rewriting it would break the round trip of a checkpoint whose head merely equals
+    # its embeddings.
     return out
 
 

@@ -133,7 +133,7 @@ def cache_bytes(cache: InferenceCache) -> int:
     return total
 
 
-def check_spec(model: nestlm.HybridLM, spec: ArchSpec, dtype: torch.dtype = torch.float32) -> nestlm.HybridLM:
+def check_spec(model: nestlm.HybridLM, spec: ArchSpec) -> nestlm.HybridLM:
     """Every property of item 2 for one spec; returns the slice."""
     cfg = model.config
     spec.validate(cfg)
@@ -146,7 +146,7 @@ def check_spec(model: nestlm.HybridLM, spec: ArchSpec, dtype: torch.dtype = torc
     # standalone: no storage shared with the parent
     parent_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert not parent_ptrs & {p.untyped_storage().data_ptr() for p in small.parameters()}
-    tol = 1e-5 if dtype == torch.float32 else 0.0
+    tol = 1e-5  # fp32
     with torch.no_grad():
         nested = model(IDS, arch=spec).logits
         sliced = small(IDS).logits
@@ -154,7 +154,7 @@ def check_spec(model: nestlm.HybridLM, spec: ArchSpec, dtype: torch.dtype = torc
         # cached prefill + one decode step, and the cache's bytes against memory_bytes
         c_nested, c_small = InferenceCache(cfg.n_layers, capacity=T), InferenceCache(small.config.n_layers, capacity=T)
         assert (model(IDS, arch=spec, cache=c_nested).logits - small(IDS, cache=c_small).logits).abs().max() <= tol
-        want = spec.memory_bytes(cfg, dtype, batch=IDS.shape[0], context=T) - n * torch.finfo(dtype).bits // 8
+        want = spec.memory_bytes(cfg, torch.float32, batch=IDS.shape[0], context=T) - 4 * n
         assert cache_bytes(c_nested) == cache_bytes(c_small) == want
         step_nested = model(NEXT, arch=spec, cache=c_nested).logits
         step_small = small(NEXT, cache=c_small).logits
