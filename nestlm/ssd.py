@@ -39,6 +39,24 @@ def segsum(x: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~strict.logical_or(torch.eye(s, dtype=torch.bool, device=x.device)), -torch.inf)
 
 
+def _fp32_padded(
+    x: torch.Tensor, dt: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int]:
+    """fp32 copies padded on the sequence to a multiple of chunk_size; also the unpadded fp32 x and T.
+
+    dt = 0 on padding: no decay and no input, so the final state is untouched.
+    """
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    x_in = x
+    pad = (-x.shape[1]) % chunk_size
+    if pad:
+        x = F.pad(x, (0, 0, 0, 0, 0, pad))
+        dt = F.pad(dt, (0, 0, 0, pad))
+        B = F.pad(B, (0, 0, 0, 0, 0, pad))
+        C = F.pad(C, (0, 0, 0, 0, 0, pad))
+    return x_in, (x, dt, B, C), x.shape[1]
+
+
 def ssd_scan_ref(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -59,15 +77,7 @@ def ssd_scan_ref(
     G, N = B.shape[2], B.shape[3]
     R = H // G
     dtype = x.dtype
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    x_in = x
-    pad = (-L) % chunk_size
-    if pad:  # dt = 0 on padding: no decay and no input, so the final state is untouched
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    T = L + pad
+    x_in, (x, dt, B, C), T = _fp32_padded(x, dt, B, C, chunk_size)
     c = T // chunk_size
     xdt = (x * dt[..., None]).view(b, c, chunk_size, R, G, P)  # (b, c, l, r, g, p)
     Adt = (dt * A.float()).view(b, c, chunk_size, R, G).permute(0, 3, 4, 1, 2)  # (b, r, g, c, l)
@@ -168,15 +178,7 @@ def ssd_scan_chunked(
     R = H // G
     Q = chunk_size
     dtype = x.dtype
-    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
-    x_in = x
-    pad = (-L) % Q
-    if pad:  # dt = 0 on padding: no decay and no input, so the final state is untouched
-        x = F.pad(x, (0, 0, 0, 0, 0, pad))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        B = F.pad(B, (0, 0, 0, 0, 0, pad))
-        C = F.pad(C, (0, 0, 0, 0, 0, pad))
-    T = L + pad
+    x_in, (x, dt, B, C), T = _fp32_padded(x, dt, B, C, Q)
     c = T // Q
     dtc = dt.view(b, c, Q, H).transpose(2, 3)  # (b, c, h, l)
     A_cs = torch.cumsum(dtc * A.float()[:, None], dim=-1)  # (b, c, h, l)
