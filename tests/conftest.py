@@ -18,6 +18,19 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The layer types of a NemotronH config (transformers >= 5 names).
 M, A, F = "linear_attention", "full_attention", "mlp"
 
+# A NemotronH shape whose widths are not powers of two (3 Mamba groups, 3 KV heads).
+ODD_WIDTHS = dict(
+    hidden_size=45,
+    mamba_num_heads=9,
+    mamba_head_dim=7,
+    n_groups=3,
+    num_attention_heads=6,
+    num_key_value_heads=3,
+    head_dim=10,
+    intermediate_size=37,
+    ssm_state_size=12,
+)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _quiet_transformers() -> None:

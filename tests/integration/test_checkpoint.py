@@ -27,7 +27,7 @@ import nestlm
 import nestlm.checkpoint as ck
 import nestlm.interop.nemotron_h as nh
 from nestlm import CheckpointError, HybridLM, ModelConfig
-from tests.conftest import A, F, M, dir_state, hf_logits, make_hf
+from tests.conftest import ODD_WIDTHS, A, F, M, dir_state, hf_logits, make_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,15 +35,7 @@ SHAPES = {
     "default-g2-gqa": dict(),
     "tied-g1-mha-attn-first": dict(tie=True, n_groups=1, num_key_value_heads=4, layers_block_type=[A, M, M, F]),
     "g3-odd-biases": dict(
-        hidden_size=45,
-        mamba_num_heads=9,
-        mamba_head_dim=7,
-        n_groups=3,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        head_dim=10,
-        intermediate_size=37,
-        ssm_state_size=12,
+        **ODD_WIDTHS,
         layers_block_type=[M, M, A, F, M],
         use_bias=True,
         mlp_bias=True,

@@ -28,7 +28,7 @@ from transformers import NemotronHForCausalLM
 
 import nestlm
 from nestlm.cache import InferenceCache
-from tests.conftest import A, F, M, hf_logits, make_hf
+from tests.conftest import ODD_WIDTHS, A, F, M, hf_logits, make_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,15 +36,7 @@ SHAPES = {
     "hybrid-g2-gqa": dict(),  # [M, -, *, M, -], chunk 16
     "attn-first-g1-mha": dict(n_groups=1, num_key_value_heads=4, layers_block_type=[A, M, F, M], chunk_size=32),
     "g3-odd-widths": dict(
-        hidden_size=45,
-        mamba_num_heads=9,
-        mamba_head_dim=7,
-        n_groups=3,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        head_dim=10,
-        intermediate_size=37,
-        ssm_state_size=12,
+        **ODD_WIDTHS,
         layers_block_type=[M, M, A, F, M],
     ),
 }

@@ -15,7 +15,7 @@ from transformers import NemotronHForCausalLM
 
 import nestlm
 import nestlm.interop.nemotron_h as nh
-from tests.conftest import A, F, M, hf_logits, make_hf
+from tests.conftest import ODD_WIDTHS, A, F, M, hf_logits, make_hf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,15 +31,7 @@ SHAPES = {
         use_bias=True,  # Mamba in_proj / out_proj bias
     ),
     "g3-odd-widths": dict(
-        hidden_size=45,
-        mamba_num_heads=9,
-        mamba_head_dim=7,
-        n_groups=3,
-        num_attention_heads=6,
-        num_key_value_heads=3,
-        head_dim=10,
-        intermediate_size=37,
-        ssm_state_size=12,
+        **ODD_WIDTHS,
         vocab_size=97,
         layers_block_type=[M, M, A, F, M],
     ),
