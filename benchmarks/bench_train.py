@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import itertools
 import resource
 import statistics
 import time
@@ -26,7 +27,7 @@ import time
 import torch
 
 import nestlm
-from nestlm.elastic.arch import closest_homogeneous, parse_target
+from nestlm.elastic.arch import parse_target
 from nestlm.elastic.router import ElasticRouters, resolve_choices
 from nestlm.train.losses import kd_loss
 
@@ -121,20 +122,16 @@ def main() -> None:
 
     rows = []
     for frac in [float(f) for f in a.budgets.split(",")]:
-        spec = closest_homogeneous(cfg, parse_target(frac)) if frac < 1 else nestlm.ArchSpec.full(cfg)
-        # router choices that give exactly this spec (the trainer's hard mode picks an option per axis)
-        choice = {}
-        for axis, vals in routers.choices.items():
-            want = {"hidden": spec.hidden}.get(axis)
-            if want is None:
-                ls = next(
-                    ls
-                    for ls in spec.layers
-                    if ls is not None
-                    and ls.kind == {"mamba_heads": "mamba", "attn_heads": "attention", "mlp": "mlp"}[axis]
-                )
-                want = ls.ffn if axis == "mlp" else ls.heads
-            choice[axis] = torch.tensor([min(range(len(vals)), key=lambda i, w=want, v=vals: abs(v[i] - w))])
+        # the router option per axis whose architecture is closest to the budget (what hard mode runs)
+        axes_ = list(routers.choices)
+        goal = frac * total
+        best = min(
+            itertools.product(*(range(len(routers.choices[ax])) for ax in axes_)),
+            key=lambda c, axes_=axes_, goal=goal: abs(
+                routers.arch({ax: torch.tensor([i]) for ax, i in zip(axes_, c, strict=True)}).num_parameters(cfg) - goal
+            ),
+        )
+        choice = {ax: torch.tensor([i]) for ax, i in zip(axes_, best, strict=True)}
         arch = routers.arch(choice)
 
         small = model.slice(arch).train()
