@@ -151,8 +151,7 @@ def test_two_process_gloo_matches_one_process(tiny_run: Path, tmp_path: Path) ->
         "torch.distributed.run",
         "--nproc-per-node",
         "2",
-        "--master-port",
-        "29531",
+        "--standalone",  # a free rendezvous port, so parallel runs cannot collide
         "-m",
         "nestlm",
         "train",
