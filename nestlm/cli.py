@@ -185,12 +185,23 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .train.recipe import load_recipe
     from .train.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
-    print(f"done: {out}")
+    elastic = Path(out) / "elastic.json"
+    if elastic.is_file():  # the frozen budgets, one line each
+        import json
+
+        for name, b in json.loads(elastic.read_text()).items():
+            from .elastic.arch import ArchSpec
+
+            desc = ArchSpec.from_dict(b["arch"]).describe()
+            print(f"  budget {name:>6}: {b['params']:,} params ({b['fraction']:.1%}; target {b['target']})  {desc}")
+    print(f"done: {out} (metrics in {Path(out) / 'metrics.jsonl'})")
     return 0
 
 
