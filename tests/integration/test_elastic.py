@@ -28,14 +28,7 @@ from nestlm.config import LayerSpec, ModelConfig
 from nestlm.elastic.arch import ArchError, ArchSpec, count_parameters
 from nestlm.errors import CheckpointError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP stalls on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in tests/conftest.py
 
 
 VOCAB = 61

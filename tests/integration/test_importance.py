@@ -20,14 +20,7 @@ from nestlm.cache import InferenceCache
 from nestlm.elastic.importance import Importance, require_reordered
 from nestlm.errors import NestlmError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP stalls on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in tests/conftest.py
 
 
 VOCAB = 64

@@ -27,14 +27,7 @@ from nestlm.elastic.arch import (
 )
 from nestlm.errors import NestlmError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is faster, and immune to OpenMP stalls on a busy shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture in tests/conftest.py
 
 
 BASE = dict(
