@@ -104,24 +104,32 @@ def _tracking(rng: random.Random, variant: str, difficulty: int) -> tuple[str, s
     vals = {v: rng.randint(0, 9 * difficulty) for v in names}
     init = ", ".join(f"{v} = {vals[v]}" for v in names)
     q, a = [f"{init}."], [f"{init}."]
+
+    def state(work: dict[str, str]) -> str:
+        # The worked step restates every variable, in a fixed order, so that the value a step
+        # reads always sits in the state just before it (a small model copies it from a fixed
+        # place instead of searching back for the last write of that variable).
+        return ", ".join(f"{n} = {work.get(n, vals[n])}" for n in names) + "."
+
     for _ in range(_steps(rng, variant, difficulty)):
         kind = rng.choice(["inc", "dec", "swap", "copy"])
         if kind in ("inc", "dec"):
             v, k = rng.choice(names), rng.randint(1, 5 * difficulty)
+            old = vals[v]
             vals[v] += k if kind == "inc" else -k
             sym = "+=" if kind == "inc" else "-="
             q.append(f"{v} {sym} {k}.")
-            a.append(f"{v} {sym} {k}: {v} = {vals[v]}.")
+            a.append(f"{v} {sym} {k}: " + state({v: f"{old} {sym[0]} {k} = {vals[v]}"}))
         elif kind == "swap":
             v, w = rng.sample(names, 2)
             vals[v], vals[w] = vals[w], vals[v]
             q.append(f"swap {v} and {w}.")
-            a.append(f"swap: {v} = {vals[v]}, {w} = {vals[w]}.")
+            a.append(f"swap {v} and {w}: " + state({}))
         else:
             v, w = rng.sample(names, 2)
             vals[v] = vals[w]
             q.append(f"{v} = {w}.")
-            a.append(f"{v} = {w}: {v} = {vals[v]}.")
+            a.append(f"{v} = {w}: " + state({}))
     target = rng.choice(names)
     return " ".join(q) + f" What is {target}?", " ".join(a), vals[target]
 

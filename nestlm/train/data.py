@@ -29,6 +29,15 @@ shuffled per epoch from ``seed``; process ``rank`` of ``world`` gets the ``rank`
 contiguous chunk of every global batch, so any number of processes sees the same global
 batches. ``state_dict()`` is the exact position (epoch, blocks drawn in the epoch):
 a loader restored from it draws exactly the batches the saved one would have drawn.
+
+Rows (``data.packing: rows``): instead of cutting one stream at fixed strides, whole
+documents are packed greedily into rows of ``seq_len + 1`` tokens, every row starting
+at a document's start and the rest padded (padding is never a target). A document
+longer than a row fills consecutive rows. With ``data.loss: completion`` only the
+completion part of a document is a target: for ``reasoning:*`` problems the worked
+solution and answer after the question. Why: a small model trained on fixed windows
+mostly sees problems cut in the middle, without their question, and learns to continue
+plausible steps instead of solving the question it was asked.
 """
 
 from __future__ import annotations
@@ -184,21 +193,37 @@ def _read_file(path: Path) -> Iterator[Document]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def _parse_reasoning(spec: str) -> tuple[str, int]:
+def _parse_reasoning(spec: str) -> tuple[str, list[int]]:
+    """``reasoning:VARIANT[:D]`` or ``reasoning:VARIANT:D1,D2,...`` (problem i has difficulty D[i % n])."""
     from ..eval import reasoning
 
     parts = spec.split(":")
     variant = parts[1] if len(parts) > 1 else "short"
     try:
-        difficulty = int(parts[2]) if len(parts) > 2 else 1
+        difficulties = [int(d) for d in parts[2].split(",")] if len(parts) > 2 else [1]
     except ValueError:
-        difficulty = parts[2]  # type: ignore[assignment]  (reported below)
-    if len(parts) > 3 or variant not in reasoning.VARIANTS or difficulty not in reasoning.DIFFICULTIES:
+        difficulties = [0]  # reported below
+    if (
+        len(parts) > 3
+        or variant not in reasoning.VARIANTS
+        or any(d not in reasoning.DIFFICULTIES for d in difficulties)
+    ):
         raise NestlmError(
             f"data {spec!r}: write reasoning:VARIANT[:DIFFICULTY] with VARIANT one of "
-            f"{', '.join(reasoning.VARIANTS)} and DIFFICULTY within 1..{reasoning.DIFFICULTIES.stop - 1}"
+            f"{', '.join(reasoning.VARIANTS)} and DIFFICULTY within 1..{reasoning.DIFFICULTIES.stop - 1} "
+            "(or a comma-separated list of them, cycled through)"
         )
-    return variant, difficulty
+    return variant, difficulties
+
+
+def _reasoning_problems(spec: str, num_problems: int, seed: int) -> list[Any]:
+    """The training problems of a ``reasoning:*`` source (training seeds only)."""
+    from ..eval import reasoning
+
+    variant, diffs = _parse_reasoning(spec)
+    start = seed * num_problems
+    by_d = {d: reasoning.train_problems(num_problems, variant, d, start=start) for d in set(diffs)}
+    return [by_d[diffs[i % len(diffs)]][i] for i in range(num_problems)]
 
 
 def _documents(spec: str | Path, num_problems: int, seed: int) -> Iterator[Document]:
@@ -208,10 +233,7 @@ def _documents(spec: str | Path, num_problems: int, seed: int) -> Iterator[Docum
             yield p.read_text(encoding="utf-8", errors="replace")
         return
     if s == "reasoning" or s.startswith("reasoning:"):
-        from ..eval import reasoning
-
-        variant, difficulty = _parse_reasoning(s)
-        for p in reasoning.train_problems(num_problems, variant, difficulty, start=seed * num_problems):
+        for p in _reasoning_problems(s, num_problems, seed):
             yield p.text
         return
     p = Path(spec)
@@ -322,7 +344,136 @@ def load_tokens(
     return tokens
 
 
+def load_documents(
+    spec: str | Path,
+    tokenizer: Any = None,
+    max_bytes: int | None = None,
+    num_problems: int = 20000,
+    seed: int = 0,
+    completion_only: bool = False,
+) -> list[tuple[torch.Tensor, int]]:
+    """Each document of ``spec`` as ``(ids, n_context)``: its token ids (EOS appended, as in
+    :func:`load_tokens`) and how many leading tokens are context only, never targets.
+
+    ``n_context`` is 0 unless ``completion_only``; then, for ``reasoning:*`` problems, it is
+    the length of the question (the targets are the worked solution, the answer and EOS).
+    """
+    s = str(spec)
+    is_reasoning = s == "reasoning" or s.startswith("reasoning:")
+    if completion_only and not is_reasoning:
+        raise NestlmError(
+            f"data.loss: completion needs documents with a prompt and a completion; {s} has none "
+            "(use reasoning:* data, or data.loss: all)"
+        )
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    tail = [eos] if eos is not None else []
+    if is_reasoning:
+        if tokenizer is None:
+            raise NestlmError("this data is text and needs a tokenizer (or give pre-tokenized .jsonl input_ids)")
+        out = []
+        for p in _reasoning_problems(s, num_problems, seed):
+            q, a = _encode_all([p.prompt, p.cot], tokenizer)
+            out.append((torch.cat([q, a, torch.tensor(tail, dtype=torch.long)]), q.numel() if completion_only else 0))
+        return out
+    out = []
+    for d in _capped(_documents(spec, num_problems, seed), max_bytes):
+        if len(d) == 0:
+            continue
+        if isinstance(d, str):
+            if tokenizer is None:
+                raise NestlmError("this data is text and needs a tokenizer (or give pre-tokenized .jsonl input_ids)")
+            ids = torch.cat([_encode_all([d], tokenizer)[0], torch.tensor(tail, dtype=torch.long)])
+        else:
+            ids = d.long()
+        out.append((ids, 0))
+    if not out:
+        raise NestlmError(f"data {spec} holds no text (every document is empty); give data with text in it")
+    return out
+
+
 # ----------------------------------------------------------------------------- packing
+class RowDataset:
+    """Whole documents packed greedily into rows of ``seq_len + 1`` tokens, each row starting
+    at a document's start; the rest of a row is ``pad_id`` and is never a target.
+
+    ``ds.batch(indices)`` gives (inputs, targets) like :class:`TokenDataset`, with targets
+    ``IGNORE`` (-100, what ``cross_entropy`` skips) at padding and context-only tokens.
+    """
+
+    IGNORE = -100
+
+    def __init__(self, docs: Sequence[tuple[torch.Tensor, int]], seq_len: int, pad_id: int = 0) -> None:
+        if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+            raise NestlmError(f"seq_len must be a positive int, got {seq_len!r}")
+        self.seq_len, width = seq_len, seq_len + 1
+        rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+        cur_ids: list[torch.Tensor] = []
+        cur_loss: list[torch.Tensor] = []
+        used = 0
+        for ids, n_ctx in docs:
+            loss = torch.arange(ids.numel()) >= n_ctx  # which tokens are targets
+            for s in range(0, ids.numel(), width):  # a document longer than a row fills several
+                piece = slice(s, s + width)
+                if used and used + ids[piece].numel() > width:  # it does not fit: start a new row
+                    rows.append((cur_ids, cur_loss))
+                    cur_ids, cur_loss, used = [], [], 0
+                cur_ids.append(ids[piece])
+                cur_loss.append(loss[piece])
+                used += ids[piece].numel()
+        if used:
+            rows.append((cur_ids, cur_loss))
+        self.n = len(rows)
+        self.tokens = torch.full((self.n, width), pad_id, dtype=torch.long)
+        self.loss = torch.zeros((self.n, width), dtype=torch.bool)
+        for r, (parts, losses) in enumerate(rows):
+            row_ids, row_loss = torch.cat(parts), torch.cat(losses)
+            self.tokens[r, : row_ids.numel()] = row_ids
+            self.loss[r, : row_ids.numel()] = row_loss
+        self.loss[:, 0] = False  # never a target (nothing before it)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets), each a (len(indices), seq_len) LongTensor; targets IGNORE where not trained."""
+        idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.n):
+            raise IndexError(f"row indices must be within 0..{self.n - 1}")
+        rows, keep = self.tokens[idx], self.loss[idx]
+        targets = torch.where(keep[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], self.IGNORE))
+        return rows[:, :-1].contiguous(), targets.contiguous()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch([i])
+        return x[0], y[0]
+
+
+class PackedRows:
+    """Documents split into training documents and a held-out validation tail (the last
+    ``max(ceil(N * val_fraction), 1)`` documents, none when ``val_fraction`` is 0), each part
+    packed into rows (:class:`RowDataset`). Same interface as :class:`PackedBlocks`."""
+
+    def __init__(
+        self,
+        docs: Sequence[tuple[torch.Tensor, int]],
+        seq_len: int,
+        val_fraction: float = 0.02,
+        name: str = "data",
+        pad_id: int = 0,
+    ) -> None:
+        if not 0.0 <= val_fraction < 1.0:
+            raise NestlmError(f"val_fraction must be within [0, 1), got {val_fraction}")
+        n_val = max(math.ceil(len(docs) * val_fraction), 1) if val_fraction > 0 else 0
+        if len(docs) - n_val < 1:
+            raise NestlmError(
+                f"data {name} has {len(docs)} documents: holding out {n_val} for validation leaves none to train on; "
+                "give more data or val_fraction=0"
+            )
+        self.name, self.seq_len, self.val_fraction = name, seq_len, val_fraction
+        self.train = RowDataset(docs[: len(docs) - n_val], seq_len, pad_id)
+        self.val = RowDataset(docs[len(docs) - n_val :], seq_len, pad_id)
+
+
 class TokenDataset:
     """A token stream cut into blocks of ``seq_len + 1`` tokens with stride ``seq_len``.
 
@@ -401,13 +552,13 @@ class BlockLoader:
     drawn in a permutation of the training blocks per epoch, from ``(seed, epoch)``; a
     global batch may run across an epoch boundary.
 
-    ``tokens`` is a 1-D token stream, or a :class:`PackedBlocks` to share one split
-    between loaders (its ``seq_len`` must match).
+    ``tokens`` is a 1-D token stream, or a :class:`PackedBlocks` (or :class:`PackedRows`)
+    to share one split between loaders (its ``seq_len`` must match).
     """
 
     def __init__(
         self,
-        tokens: torch.Tensor | PackedBlocks,
+        tokens: torch.Tensor | PackedBlocks | PackedRows,
         seq_len: int,
         batch_size: int,
         seed: int = 0,
@@ -425,7 +576,7 @@ class BlockLoader:
                 f"batch_size {batch_size} must be divisible by the {world} processes "
                 f"(it is the global batch; each process takes batch_size/{world})"
             )
-        if isinstance(tokens, PackedBlocks):
+        if isinstance(tokens, PackedBlocks | PackedRows):
             if tokens.seq_len != seq_len:
                 raise NestlmError(f"PackedBlocks has seq_len {tokens.seq_len}, the loader was given {seq_len}")
             self.blocks = tokens

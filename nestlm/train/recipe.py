@@ -43,6 +43,8 @@ class DataSection:
     seed: int = 0
     max_bytes: int | None = None  # cap on the text read (stdlib / directories)
     num_problems: int = 20000  # for reasoning:* sources
+    packing: str = "stream"  # "stream": one token stream cut into blocks; "rows": whole documents per row, padded
+    loss: str = "all"  # "all" tokens are targets, or "completion" only (reasoning:* solutions; needs packing: rows)
 
 
 @dataclass
@@ -324,6 +326,12 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"elastic.mask {recipe.elastic.mask!r} must be 'hard' or 'soft'")
     if recipe.data.tokenizer not in ("model", "bytes"):
         raise RecipeError(f"data.tokenizer {recipe.data.tokenizer!r} must be 'model' or 'bytes'")
+    if recipe.data.packing not in ("stream", "rows"):
+        raise RecipeError(f"data.packing {recipe.data.packing!r} must be 'stream' or 'rows'")
+    if recipe.data.loss not in ("all", "completion"):
+        raise RecipeError(f"data.loss {recipe.data.loss!r} must be 'all' or 'completion'")
+    if recipe.data.loss == "completion" and recipe.data.packing != "rows":
+        raise RecipeError("data.loss: completion needs data.packing: rows (a packed stream has no prompt boundaries)")
     if not recipe.stages:
         raise RecipeError("a recipe needs at least one stage")
     for s in recipe.stages:

@@ -110,8 +110,18 @@ class Trainer:
         self.model = self._build_parent()
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model.source_dir)
-        self.tokens = self._load_tokens(recipe.data.train)
-        self.stage_tokens: dict[str, torch.Tensor] = {recipe.data.train: self.tokens}
+        self.stage_tokens: dict[str, torch.Tensor] = {}
+        if recipe.data.packing == "stream":  # read the data now: a bad source fails before anything is written
+            self.stage_tokens[recipe.data.train] = self._load_tokens(recipe.data.train)
+        else:
+            data_mod.load_documents(
+                recipe.data.train,
+                self.tokenizer,
+                recipe.data.max_bytes,
+                1,
+                recipe.data.seed,
+                completion_only=recipe.data.loss == "completion",
+            )
         self._save_parent = False
         if self.elastic:  # check the axes and targets before any slow or written work
             resolve_choices(self.model.config, recipe.elastic.axes)
@@ -235,11 +245,20 @@ class Trainer:
 
     def _loader(self, stage_idx: int, whole_batch: bool = False) -> Any:
         stage = self.recipe.stages[stage_idx]
-        src = stage.data or self.recipe.data.train
-        if src not in self.stage_tokens:
-            self.stage_tokens[src] = self._load_tokens(src)
+        d = self.recipe.data
+        src = stage.data or d.train
+        if d.packing == "rows":  # whole documents per row (see train/data.py)
+            docs = data_mod.load_documents(
+                src, self.tokenizer, d.max_bytes, d.num_problems, d.seed, completion_only=d.loss == "completion"
+            )
+            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+            packed: Any = data_mod.PackedRows(docs, stage.seq_len, d.val_fraction, src, pad_id=pad)
+        else:
+            if src not in self.stage_tokens:
+                self.stage_tokens[src] = self._load_tokens(src)
+            packed = self.stage_tokens[src]
         return data_mod.BlockLoader(
-            self.stage_tokens[src],
+            packed,
             seq_len=stage.seq_len,
             batch_size=stage.batch_size,
             seed=self.recipe.data.seed + stage_idx,
@@ -439,7 +458,7 @@ class Trainer:
                 t_logits = self._forward(teacher, x)
             if sample is None:  # the full budget: no masks
                 s_logits = self._forward(self.model, x)
-                loss = kd_loss(s_logits, t_logits, rec.elastic.kd_temperature)
+                loss = kd_loss(s_logits, t_logits, rec.elastic.kd_temperature, y)
                 if rec.elastic.trainable_teacher:
                     loss = loss + ce_loss(s_logits, y)
             else:
@@ -449,7 +468,7 @@ class Trainer:
                     s_logits = self._forward(
                         self.model, x, probe=self.routers.soft_probe(sample), gates=self.routers.soft_gates(sample)
                     )
-                loss = kd_loss(s_logits, t_logits, rec.elastic.kd_temperature)
+                loss = kd_loss(s_logits, t_logits, rec.elastic.kd_temperature, y)
             kd_sum = kd_sum + loss.detach()
             # the router's (tiny) graph is shared by every micro-batch and the budget loss
             (loss / n_micro).backward(retain_graph=sample is not None)
@@ -528,7 +547,7 @@ class Trainer:
                 if self.elastic:
                     total += float(
                         kd_loss(
-                            logits, self._forward(self.teacher or self.model, x), self.recipe.elastic.kd_temperature
+                            logits, self._forward(self.teacher or self.model, x), self.recipe.elastic.kd_temperature, y
                         )
                     )
                 else:

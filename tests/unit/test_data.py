@@ -255,3 +255,70 @@ def test_hf_tokenizer_batch_encoding(tmp_path: Path) -> None:
     texts = ["a b c", "c z a"]
     assert hf.encode_batch(texts) == [hf.encode(t) for t in texts] == [[2, 3, 4], [4, 0, 2]]
     assert data.tokenize(texts, hf).tolist() == [2, 3, 4, 1, 4, 0, 2, 1]  # EOS = </s>
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def test_rows_start_at_documents_and_hold_whole_ones() -> None:
+    probs = reasoning.train_problems(40)
+    docs = data.load_documents("reasoning:short", BT, num_problems=40)
+    assert all(ids[-1].item() == BT.eos_token_id for ids, _ in docs)
+    assert [ids[:-1].tolist() for ids, _ in docs] == [BT.encode(p.text) for p in probs]
+    ds = data.RowDataset(docs, seq_len=320, pad_id=BT.pad_token_id)
+    starts = {BT.encode(p.text)[0] for p in probs}
+    texts = []
+    for r in range(len(ds)):
+        row = ds.tokens[r].tolist()
+        assert row[0] in starts  # every row starts at a problem's start
+        real = [t for t in row if t != BT.pad_token_id]
+        texts.append(BT.decode(real))
+    joined = "".join(texts)
+    for p in probs:  # every problem is whole, in one row
+        assert sum(p.text in t for t in texts) == 1
+    assert joined.count("Q: ") == 40
+    assert len(ds) < 40  # short problems share rows
+
+
+def test_rows_mask_padding_and_prompts() -> None:
+    probs = reasoning.train_problems(12)
+    docs = data.load_documents("reasoning:short", BT, num_problems=12, completion_only=True)
+    assert [n for _, n in docs] == [len(BT.encode(p.prompt)) for p in probs]
+    ds = data.RowDataset(docs, seq_len=300, pad_id=BT.pad_token_id)
+    x, y = ds.batch(list(range(len(ds))))
+    assert x.shape == y.shape == (len(ds), 300)
+    trained = BT.decode([t for t in y.flatten().tolist() if t != data.RowDataset.IGNORE])
+    # exactly the solutions (+ EOS) are targets: no question text, no padding
+    assert trained.count("Q:") == 0 and trained.count("Answer:") == 12
+    assert trained == "".join(p.cot for p in probs)
+    assert bool((y[x == BT.pad_token_id] == data.RowDataset.IGNORE).all())
+    # with loss on every token, only padding is ignored
+    ds_all = data.RowDataset(data.load_documents("reasoning:short", BT, num_problems=12), 300, BT.pad_token_id)
+    _, y_all = ds_all.batch(list(range(len(ds_all))))
+    n_q = BT.decode([t for t in y_all.flatten().tolist() if t != -100]).count("Q:")
+    assert n_q == 12 - len(ds_all)  # the first token of a row has nothing before it: no target
+
+
+def test_long_document_fills_consecutive_rows_and_loader_resumes() -> None:
+    docs = [(torch.arange(10, 60), 0), (torch.arange(100, 105), 0)]
+    ds = data.RowDataset(docs, seq_len=19, pad_id=0)
+    assert ds.tokens[:3, :].flatten()[:50].tolist() == list(range(10, 60))  # 50 tokens over rows of 20
+    assert ds.tokens[2, 10:15].tolist() == list(range(100, 105))  # the short one fits after the tail
+    packed = data.PackedRows(data.load_documents("reasoning:short", BT, num_problems=200), 320, 0.05)
+    assert len(packed.val) >= 1 and len(packed.train) > len(packed.val)
+    a = data.BlockLoader(packed, 320, batch_size=4, seed=3)
+    draw(a, 3)
+    state = a.state_dict()
+    b = data.BlockLoader(packed, 320, batch_size=4, seed=3)
+    b.load_state_dict(state)
+    assert same(draw(a, 4), draw(b, 4))
+
+
+def test_reasoning_difficulty_list_and_completion_errors() -> None:
+    texts = data.read_texts("reasoning:short:1,3", num_problems=4)
+    assert texts[0] == reasoning.train_problems(1, "short", 1)[0].text
+    assert texts[1] == reasoning.train_problems(2, "short", 3)[1].text
+    with pytest.raises(NestlmError, match="DIFFICULTY within"):
+        data.read_texts("reasoning:short:1,9")
+    with pytest.raises(NestlmError, match="needs documents with a prompt"):
+        data.load_documents("stdlib", BT, completion_only=True)
