@@ -21,25 +21,33 @@ def reasoning_tokens(tok: Tokenizer, n: int, variant: str = "short") -> torch.Te
     return torch.tensor(ids, dtype=torch.long)
 
 
+def max_new_tokens_for(variant: str, difficulty: int = 1) -> int:
+    """A generation cap that every reference solution of the variant and difficulty fits."""
+    return (160 + 96 * difficulty) if variant == "short" else (512 + 384 * difficulty)
+
+
 @torch.no_grad()
-def reasoning_accuracy(
+def reasoning_outcomes(
     model: Any,
     tok: Tokenizer,
-    n: int = 64,
-    variant: str = "short",
+    problems: list[reasoning.Problem],
     batch_size: int = 16,
-    max_new_tokens: int = 160,
+    max_new_tokens: int | None = None,
     budget: str | None = None,
     progress: bool = False,
-) -> dict[str, Any]:
-    """Greedy-decode the solution of ``n`` held-out problems; exact match of the final answer."""
+) -> tuple[list[bool], list[str]]:
+    """Greedy-decode each problem's solution; (correct per problem, generations)."""
     from tqdm.auto import tqdm
 
-    problems = reasoning.test_problems(n, variant)
     gens: list[str] = []
     pad = getattr(tok, "pad_token_id", 0) or 0
-    for i in tqdm(range(0, n, batch_size), desc="reasoning", disable=not progress, leave=False):
-        batch = problems[i : i + batch_size]
+    # shorter prompts first: rows of a batch then need less left padding and finish together
+    order = sorted(range(len(problems)), key=lambda i: len(problems[i].prompt))
+    by_index: dict[int, str] = {}
+    for i in tqdm(range(0, len(order), batch_size), desc="reasoning", disable=not progress, leave=False):
+        idx = order[i : i + batch_size]
+        batch = [problems[j] for j in idx]
+        cap = max_new_tokens or max(max_new_tokens_for(p.variant, p.difficulty) for p in batch)
         enc = [tok.encode(p.prompt) for p in batch]
         L = max(len(e) for e in enc)
         ids = torch.full((len(enc), L), pad, dtype=torch.long)
@@ -47,10 +55,39 @@ def reasoning_accuracy(
         for r, e in enumerate(enc):  # left padding, as transformers takes it
             ids[r, L - len(e) :] = torch.tensor(e)
             mask[r, L - len(e) :] = 1
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, budget=budget)
-        gens += [tok.decode(row[L:].tolist()) for row in out]
-    acc = reasoning.score(problems, gens)
-    return {"accuracy": acc, "n": n, "examples": [(problems[i].prompt, gens[i]) for i in range(min(3, n))]}
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=cap, budget=budget)
+        for j, row in zip(idx, out, strict=True):
+            by_index[j] = tok.decode(row[L:].tolist())
+    gens = [by_index[j] for j in range(len(problems))]
+    correct = [reasoning.extract_answer(g) == p.answer for p, g in zip(problems, gens, strict=True)]
+    return correct, gens
+
+
+def reasoning_accuracy(
+    model: Any,
+    tok: Tokenizer,
+    n: int = 64,
+    variant: str = "short",
+    batch_size: int = 16,
+    max_new_tokens: int | None = None,
+    budget: str | None = None,
+    progress: bool = False,
+    difficulty: int = 1,
+) -> dict[str, Any]:
+    """Greedy-decode the solution of ``n`` held-out problems; exact match of the final answer,
+    with its 95% (Wilson) interval and the outcome of every problem (for paired comparisons)."""
+    from .stats import wilson_interval
+
+    problems = reasoning.test_problems(n, variant, difficulty)
+    correct, gens = reasoning_outcomes(model, tok, problems, batch_size, max_new_tokens, budget, progress)
+    acc = sum(correct) / n if n else 0.0
+    return {
+        "accuracy": acc,
+        "n": n,
+        "ci95": wilson_interval(sum(correct), n),
+        "correct": correct,
+        "examples": [(problems[i].prompt, gens[i]) for i in range(min(3, n))],
+    }
 
 
 def evaluate_models(

@@ -31,6 +31,10 @@ class ModelSection:
     path: str | None = None  # nestlm or Hugging Face NemotronH directory
     init: dict[str, Any] | None = None  # ModelConfig.from_pattern arguments: pattern, vocab_size, hidden_size, ...
     seed: int = 0  # random init seed
+    # The frozen teacher of elastic (KD) training: a model directory with the same vocabulary, or
+    # None for the parent itself (the paper's setting). A pruned student distilled from its
+    # unpruned parent (the prune + KD per size baseline) sets model.path=PRUNED, teacher=PARENT.
+    teacher: str | None = None
 
 
 @dataclass
@@ -322,6 +326,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"train.mode {recipe.train.mode!r} must be 'elastic' or 'plain'")
     if (recipe.model.path is None) == (recipe.model.init is None):
         raise RecipeError("give exactly one of model.path (a checkpoint) and model.init (a random parent)")
+    if recipe.model.teacher is not None and (recipe.train.mode != "elastic" or recipe.elastic.trainable_teacher):
+        raise RecipeError("model.teacher needs train.mode: elastic with elastic.trainable_teacher: false")
     if recipe.elastic.mask not in ("hard", "soft"):
         raise RecipeError(f"elastic.mask {recipe.elastic.mask!r} must be 'hard' or 'soft'")
     if recipe.data.tokenizer not in ("model", "bytes"):

@@ -127,7 +127,11 @@ class Trainer:
             resolve_choices(self.model.config, recipe.elastic.axes)
             for t in recipe.elastic.budgets.values():
                 parse_target(t)
-        if self.elastic and (self.model.importance is None or not self.model.importance.reordered):
+        only_full = all(
+            (t := parse_target(v)).kind == "fraction" and t.value >= 1.0 for v in recipe.elastic.budgets.values()
+        )  # plain KD of one model (e.g. a pruned student): nothing is nested, no ranking is needed
+        unranked = self.model.importance is None or not self.model.importance.reordered
+        if self.elastic and unranked and not only_full:
             if not recipe.elastic.auto_importance:
                 from ..elastic.importance import require_reordered
 
@@ -155,7 +159,14 @@ class Trainer:
                 heterogeneous=recipe.elastic.heterogeneous,
             ).to(self.device)
         self.teacher: HybridLM | None = None
-        if self.elastic and not recipe.elastic.trainable_teacher:
+        if self.elastic and recipe.model.teacher is not None:
+            self.teacher = load(recipe.model.teacher).eval().requires_grad_(False)
+            if self.teacher.config.vocab_size != self.model.config.vocab_size:
+                raise NestlmError(
+                    f"model.teacher {recipe.model.teacher} has vocabulary {self.teacher.config.vocab_size}, "
+                    f"the student {self.model.config.vocab_size}; distillation needs the same vocabulary"
+                )
+        elif self.elastic and not recipe.elastic.trainable_teacher:
             self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)
         if not resume and self.dist.is_main:  # every check has passed: the run's directory starts here
             self.out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,455 @@
+"""The paper's three claims, measured in small, from the shipped parent.
+
+    python benchmarks/paper_in_small.py --out DIR            # CPU default: under an hour on 2 cores
+    python benchmarks/paper_in_small.py --out DIR --quick    # a smoke run of a few minutes
+    python benchmarks/paper_in_small.py --out DIR --device cuda --scale 8 --seeds 2
+
+Claims (Nemotron Elastic, arXiv 2511.16664):
+  1. the nested sub-models are as good as or better than compressing each size on its own
+     (Minitron-style prune + distil per size) while the family costs far fewer tokens;
+  2. the long-context second stage is what lifts the small budgets on long reasoning;
+  3. weighted budget sampling in stage 2 (0.5/0.3/0.2, largest first) protects the full
+     model, where uniform sampling hurts it.
+
+Methods, each at every budget (full, 75%, 50% of the parent's parameters):
+  elastic            one two-stage elastic run: T tokens for the whole family
+  prune+KD           one-shot pruning to the elastic budget's parameter count (same ranking),
+                     then distillation from the same frozen parent with T tokens for that
+                     size alone (2T for the two smaller sizes)
+  one-shot pruned    no training;  parent, for reference
+  stage-1 only       the elastic run without its long-context stage 2 (claim 2)
+  uniform stage 2    the elastic run with uniform budget sampling in stage 2 (claim 3)
+
+Every accuracy is greedy exact match on the SAME held-out problems (test seeds) for every
+method, with its 95% Wilson interval; comparisons are paired (paired bootstrap of the
+per-problem differences) and give a verdict: held (the interval excludes zero in the
+claim's favour), not held (it excludes zero against it) or inconclusive.
+
+Writes DIR/results.json (one row per model and measurement), DIR/report.md (the tables)
+and DIR/accuracy.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import nestlm
+from nestlm.eval import reasoning
+from nestlm.eval.evaluate import reasoning_outcomes, reasoning_tokens
+from nestlm.eval.perplexity import perplexity
+from nestlm.eval.stats import paired_difference, verdict, wilson_interval
+from nestlm.tokenizer import ByteTokenizer
+from nestlm.train.recipe import load_recipe
+
+PARENT = Path(nestlm.__file__).resolve().parent / "assets" / "parent"
+BUDGETS = {"full": 1.0, "75": 0.75, "50": 0.5}
+SMALL = ["75", "50"]
+
+
+# ----------------------------------------------------------------------------- runs
+def _nestlm(args: list[str], log: Path) -> None:
+    """Run ``python -m nestlm ARGS`` (its own process: clean memory, output in a log file)."""
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "nestlm", *args], stdout=f, stderr=subprocess.STDOUT)
+    if res.returncode != 0:
+        tail = log.read_text().strip().splitlines()[-5:]
+        raise SystemExit(f"paper_in_small: `nestlm {' '.join(args[:3])} ...` failed (see {log}):\n" + "\n".join(tail))
+
+
+def _tokens(recipe: dict[str, Any]) -> int:
+    """Tokens a recipe trains on: the sum over stages of steps x batch x seq_len (padding included)."""
+    return sum(s["steps"] * s["batch_size"] * s["seq_len"] for s in recipe["stages"])
+
+
+def study_recipe(scale: float, quick: bool, device: str, seed: int) -> dict[str, Any]:
+    """The elastic recipe of the study: the demo's, with stage lengths scaled."""
+    r = load_recipe("demo").to_dict()
+    r["name"] = "paper-in-small"
+    r["train"]["device"] = device
+    r["train"]["seed"] = seed
+    r["train"]["checkpoint_every"] = 10**6  # the study does not resume; save only the final model
+    r["train"]["eval_every"] = 0
+    r["data"]["seed"] = 1 + seed
+    for s in r["stages"]:
+        s["steps"] = 3 if quick else max(1, round(s["steps"] * scale))
+        s["warmup_steps"] = min(s["warmup_steps"], max(1, s["steps"] // 10))
+    return r
+
+
+def train_runs(out: Path, ranked: Path, scale: float, quick: bool, device: str, seed: int) -> dict[str, Any]:
+    """The elastic runs (two-stage weighted, uniform stage 2, stage 1 only) of one seed."""
+    base = study_recipe(scale, quick, device, seed)
+    base["model"]["path"] = str(ranked)
+    variants = {"elastic": base}
+    uni = json.loads(json.dumps(base))
+    uni["stages"][1]["budget_probs"] = "uniform"
+    variants["uniform"] = uni
+    s1 = json.loads(json.dumps(base))
+    s1["stages"] = s1["stages"][:1]
+    variants["stage1"] = s1
+    runs = {}
+    for name, rec in variants.items():
+        d = out / f"seed{seed}" / name
+        d.parent.mkdir(parents=True, exist_ok=True)
+        path = d.parent / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(rec, sort_keys=False))
+        t = time.time()
+        print(f"[study] seed {seed}: training {name} ({_tokens(rec):,} tokens)", flush=True)
+        _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"{name}.log")
+        runs[name] = {"dir": d, "tokens": _tokens(rec), "seconds": time.time() - t, "recipe": rec}
+    return runs
+
+
+def prune_kd_runs(out: Path, ranked: Path, elastic_dir: Path, base: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Per size: one-shot prune to the elastic budget's parameter count, then KD from the parent with T tokens."""
+    elastic = nestlm.load(elastic_dir)
+    runs = {}
+    for b in SMALL:
+        n = elastic.num_parameters(budget=b)
+        pruned = out / f"seed{seed}" / f"pruned-{b}"
+        if not pruned.exists():
+            _nestlm(["prune", "--model", str(ranked), "--budget", str(n), "--out", str(pruned)], out / f"prune-{b}.log")
+        rec = json.loads(json.dumps(base))
+        rec["name"] = f"prune-kd-{b}"
+        rec["model"] = {"path": str(pruned), "teacher": str(ranked)}
+        rec["elastic"]["budgets"] = {"full": 1.0}
+        for s in rec["stages"]:
+            s["budget_probs"] = "uniform"
+        d = out / f"seed{seed}" / f"kd-{b}"
+        path = d.parent / f"kd-{b}.yaml"
+        path.write_text(yaml.safe_dump(rec, sort_keys=False))
+        t = time.time()
+        print(f"[study] seed {seed}: prune + KD at {b} ({_tokens(rec):,} tokens)", flush=True)
+        _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"kd-{b}.log")
+        runs[b] = {"dir": d, "pruned": pruned, "tokens": _tokens(rec), "seconds": time.time() - t}
+    return runs
+
+
+# ----------------------------------------------------------------------------- evaluation
+class Evaluator:
+    """Scores models on fixed held-out problem sets (the same problems for every model)."""
+
+    def __init__(self, n: int, long_n: int, batch_size: int, device: str, max_new_tokens: int | None = None) -> None:
+        self.tok = ByteTokenizer()
+        self.device = torch.device(device)
+        self.sets = {"short": reasoning.test_problems(n, "short", 1)}
+        if long_n:
+            self.sets["long"] = reasoning.test_problems(long_n, "long", 1)
+        self.ppl_tokens = reasoning_tokens(self.tok, max(50, n))
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens  # None: a cap that every reference solution fits
+
+    def __call__(self, path: Path, budget: str | None, variants: tuple[str, ...]) -> dict[str, Any]:
+        model = nestlm.load(path).eval().to(self.device)
+        b = budget if model.budgets else None
+        out: dict[str, Any] = {"params": model.num_parameters(budget=b)}
+        ppl = perplexity(model, self.ppl_tokens.to(self.device), seq_len=256, batch_size=8, budget=b)
+        out["ppl"] = ppl["ppl"]
+        for v in variants:
+            if v not in self.sets:
+                continue
+            correct, _ = reasoning_outcomes(model, self.tok, self.sets[v], self.batch_size, self.max_new_tokens, b)
+            out[v] = correct
+        return out
+
+
+def acc_cell(correct: list[bool]) -> dict[str, Any]:
+    lo, hi = wilson_interval(sum(correct), len(correct))
+    return {"acc": sum(correct) / len(correct), "lo": lo, "hi": hi, "n": len(correct)}
+
+
+def compare(a: list[bool], b: list[bool]) -> dict[str, Any]:
+    d = paired_difference(a, b)
+    d["verdict"] = verdict(d["lo"], d["hi"])
+    return d
+
+
+# ----------------------------------------------------------------------------- report
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _cell(c: dict[str, Any] | None) -> str:
+    return "-" if c is None else f"{_pct(c['acc'])} [{_pct(c['lo'])}, {_pct(c['hi'])}]"
+
+
+def _diff(d: dict[str, Any]) -> str:
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def build_tables(res: dict[str, Any]) -> dict[str, Any]:
+    """The three claims' tables (as data) from the scored models."""
+    m = res["models"]
+    t1_rows = []
+    for b in BUDGETS:
+        row = {"budget": b, "params": m[f"elastic/{b}"]["params"]}
+        row["elastic"] = acc_cell(m[f"elastic/{b}"]["short"])
+        row["prune+KD"] = acc_cell(m[f"kd/{b}"]["short"]) if b in SMALL else None
+        row["one-shot pruned"] = acc_cell(m[f"pruned/{b}"]["short"]) if b in SMALL else None
+        row["parent"] = acc_cell(m["parent"]["short"]) if b == "full" else None
+        ref = m[f"kd/{b}"]["short"] if b in SMALL else m["parent"]["short"]
+        row["vs"] = "prune+KD" if b in SMALL else "parent"
+        row["compare"] = compare(m[f"elastic/{b}"]["short"], ref)
+        t1_rows.append(row)
+    t2_rows = []
+    for b in BUDGETS:
+        row = {"budget": b}
+        for v in ("short", "long"):
+            if v in m[f"elastic/{b}"]:
+                row[f"stage1/{v}"] = acc_cell(m[f"stage1/{b}"][v])
+                row[f"two-stage/{v}"] = acc_cell(m[f"elastic/{b}"][v])
+                row[f"compare/{v}"] = compare(m[f"elastic/{b}"][v], m[f"stage1/{b}"][v])
+        t2_rows.append(row)
+    t3_rows = []
+    for b in BUDGETS:
+        row = {"budget": b, "uniform": acc_cell(m[f"uniform/{b}"]["short"])}
+        row["weighted"] = acc_cell(m[f"elastic/{b}"]["short"])
+        row["compare"] = compare(m[f"elastic/{b}"]["short"], m[f"uniform/{b}"]["short"])
+        if "long" in m[f"uniform/{b}"]:
+            row["uniform/long"] = acc_cell(m[f"uniform/{b}"]["long"])
+            row["weighted/long"] = acc_cell(m[f"elastic/{b}"]["long"])
+            row["compare/long"] = compare(m[f"elastic/{b}"]["long"], m[f"uniform/{b}"]["long"])
+        t3_rows.append(row)
+    tok = res["tokens"]
+    return {
+        "claim1": {
+            "rows": t1_rows,
+            "tokens": {
+                "elastic family": tok["elastic"],
+                "prune+KD, per size": {b: tok[f"kd/{b}"] for b in SMALL},
+                "prune+KD, the two sizes": sum(tok[f"kd/{b}"] for b in SMALL),
+            },
+        },
+        "claim2": {"rows": t2_rows},
+        "claim3": {"rows": t3_rows},
+    }
+
+
+def _sentence1(t: dict[str, Any]) -> str:
+    vs = [(r["budget"], r["compare"]["verdict"]) for r in t["rows"] if r["vs"] == "prune+KD"]
+    held = [b for b, v in vs if v == "held"]
+    lost = [b for b, v in vs if v == "not held"]
+    tk = t["tokens"]
+    ratio = tk["prune+KD, the two sizes"] / tk["elastic family"]
+    s = (
+        f"Claim 1 {'held' if len(held) == len(vs) else 'did not hold' if lost else 'was inconclusive'} here: "
+        f"elastic vs prune+KD is {', '.join(f'{v} at {b}' for b, v in vs)} (paired 95% intervals), "
+        f"with the family costing {ratio:.1f}x fewer tokens than the two per-size runs."
+    )
+    return s
+
+
+def _sentence2(t: dict[str, Any]) -> str:
+    parts = [f"{r['compare/long']['verdict']} at {r['budget']}" for r in t["rows"] if "compare/long" in r]
+    if not parts:
+        return "Claim 2 was not measured (no long problems)."
+    small = next((r for r in t["rows"] if r["budget"] == "50" and "compare/long" in r), None)
+    head = small["compare/long"]["verdict"] if small else "inconclusive"
+    return (
+        f"Claim 2 {'held' if head == 'held' else 'did not hold' if head == 'not held' else 'was inconclusive'} "
+        f"at the smallest budget: two stages vs stage 1 only on long problems is {', '.join(parts)}."
+    )
+
+
+def _sentence3(t: dict[str, Any]) -> str:
+    full = next(r for r in t["rows"] if r["budget"] == "full")
+    v = full["compare"]["verdict"]
+    return (
+        f"Claim 3 {'held' if v == 'held' else 'did not hold' if v == 'not held' else 'was inconclusive'}: "
+        f"at the full budget, weighted minus uniform stage-2 sampling is {_diff(full['compare'])} points "
+        "on short problems."
+    )
+
+
+def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
+    L = ["# The paper's claims in small", ""]
+    L.append(
+        f"Parent: {res['parent_params']:,} parameters; seeds: {res['seeds']}; wall time {res['wall_s'] / 60:.1f} min."
+    )
+    L.append(
+        f"Accuracy: greedy exact match, % [95% Wilson interval], on {res['n_short']} held-out short and "
+        f"{res['n_long']} long problems of difficulty 1 (the same problems for every model). "
+        "Differences: paired, percentage points [95% paired bootstrap interval]."
+    )
+    L += ["", "## Claim 1: nested models vs compressing each size separately", ""]
+    L.append("| budget | params | elastic | prune+KD | one-shot pruned | parent | elastic - reference | verdict |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for r in tables["claim1"]["rows"]:
+        L.append(
+            f"| {r['budget']} | {r['params']:,} | {_cell(r['elastic'])} | {_cell(r['prune+KD'])} | "
+            f"{_cell(r['one-shot pruned'])} | {_cell(r['parent'])} | {_diff(r['compare'])} vs {r['vs']} | "
+            f"{r['compare']['verdict']} |"
+        )
+    tk = tables["claim1"]["tokens"]
+    L += [
+        "",
+        f"Tokens: elastic family {tk['elastic family']:,}; prune+KD "
+        + ", ".join(f"{b}: {n:,}" for b, n in tk["prune+KD, per size"].items())
+        + f" ({tk['prune+KD, the two sizes']:,} for the two sizes).",
+        "",
+        _sentence1(tables["claim1"]),
+    ]
+    L += ["", "## Claim 2: the long-context stage 2", ""]
+    L.append("| budget | problems | stage 1 only | two stages | two - one | verdict |")
+    L.append("|---|---|---|---|---|---|")
+    for r in tables["claim2"]["rows"]:
+        for v in ("short", "long"):
+            if f"compare/{v}" in r:
+                L.append(
+                    f"| {r['budget']} | {v} | {_cell(r[f'stage1/{v}'])} | {_cell(r[f'two-stage/{v}'])} | "
+                    f"{_diff(r[f'compare/{v}'])} | {r[f'compare/{v}']['verdict']} |"
+                )
+    L += ["", _sentence2(tables["claim2"])]
+    L += ["", "## Claim 3: budget sampling in stage 2, full budget first", ""]
+    L.append("| budget | uniform | 0.5/0.3/0.2 | weighted - uniform | verdict |")
+    L.append("|---|---|---|---|---|")
+    for r in tables["claim3"]["rows"]:
+        L.append(
+            f"| {r['budget']} | {_cell(r['uniform'])} | {_cell(r['weighted'])} | {_diff(r['compare'])} | "
+            f"{r['compare']['verdict']} |"
+        )
+    L += ["", _sentence3(tables["claim3"]), ""]
+    text = "\n".join(L)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def plot(out: Path, tables: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = tables["claim1"]["rows"]
+    methods = ["elastic", "prune+KD", "one-shot pruned", "parent"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.2
+    for i, meth in enumerate(methods):
+        xs, ys, errs = [], [], [[], []]
+        for j, r in enumerate(rows):
+            c = r[meth]
+            if c is None:
+                continue
+            xs.append(j + (i - 1.5) * width)
+            ys.append(100 * c["acc"])
+            errs[0].append(100 * (c["acc"] - c["lo"]))
+            errs[1].append(100 * (c["hi"] - c["acc"]))
+        ax.bar(xs, ys, width, yerr=errs, capsize=3, label=meth)
+    ax.set_xticks(range(len(rows)), [r["budget"] for r in rows])
+    ax.set_xlabel("budget")
+    ax.set_ylabel("held-out accuracy, short problems (%)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy.png", dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True, help="a new directory for results.json, report.md, accuracy.png")
+    ap.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (3 steps a stage, 24 problems)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 8 on a GPU)")
+    ap.add_argument("--seeds", type=int, default=1, help="training seeds of the elastic and per-size runs")
+    ap.add_argument("--n", type=int, default=300, help="held-out short problems per cell")
+    ap.add_argument("--n-long", type=int, default=300, help="held-out long problems per cell (claims 2 and 3)")
+    ap.add_argument("--parent", default=str(PARENT), help="the parent model directory")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SystemExit(f"paper_in_small: --out {out} exists and is not an empty directory; give a new one")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    t0 = time.time()
+    n, n_long = (24, 8) if args.quick else (args.n, args.n_long)
+
+    ranked = out / "parent-ranked"
+    print("[study] ranking the parent", flush=True)
+    _nestlm(
+        ["importance", "--model", args.parent, "--data", "reasoning:short", "--out", str(ranked)]
+        + ["--seq-len", "320", "--num-samples", "16" if args.quick else "64"],
+        out / "importance.log",
+    )
+    ev = Evaluator(
+        n,
+        n_long,
+        batch_size=16 if args.device == "cpu" else 64,
+        device=args.device,
+        max_new_tokens=48 if args.quick else None,
+    )
+    models: dict[str, Any] = {}
+    tokens: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+
+    def merge(key: str, scored: dict[str, Any]) -> None:
+        if key not in models:
+            models[key] = scored
+            return
+        for k in ("short", "long"):  # seeds: outcomes of every seed side by side (pairs stay pairs)
+            if k in scored:
+                models[key][k] = models[key][k] + scored[k]
+        models[key]["ppl"] = (models[key]["ppl"] + scored["ppl"]) / 2
+
+    print("[study] scoring the parent", flush=True)
+    models["parent"] = ev(ranked, None, ("short", "long"))
+    for seed in range(args.seeds):
+        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed)
+        kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed)
+        for name, r in runs.items():
+            tokens[name] = tokens.get(name, 0) + r["tokens"]
+            seconds[name] = seconds.get(name, 0.0) + r["seconds"]
+        for b, r in kd.items():
+            tokens[f"kd/{b}"] = tokens.get(f"kd/{b}", 0) + r["tokens"]
+            seconds[f"kd/{b}"] = seconds.get(f"kd/{b}", 0.0) + r["seconds"]
+        print(f"[study] seed {seed}: scoring", flush=True)
+        for b in BUDGETS:
+            merge(f"elastic/{b}", ev(runs["elastic"]["dir"], b, ("short", "long")))
+            merge(f"stage1/{b}", ev(runs["stage1"]["dir"], b, ("short", "long")))
+            merge(f"uniform/{b}", ev(runs["uniform"]["dir"], b, ("short", "long")))
+        for b in SMALL:
+            merge(f"kd/{b}", ev(kd[b]["dir"], None, ("short",)))
+            merge(f"pruned/{b}", ev(kd[b]["pruned"], None, ("short",)))
+    if args.seeds > 1:  # the parent and its outcomes repeat once per seed, so pairs line up
+        models["parent"]["short"] = models["parent"]["short"] * args.seeds
+        models["parent"]["long"] = models["parent"]["long"] * args.seeds
+    res = {
+        "parent_params": models["parent"]["params"],
+        "seeds": args.seeds,
+        "n_short": n,
+        "n_long": n_long,
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "models": models,
+    }
+    res["wall_s"] = time.time() - t0
+    tables = build_tables(res)
+    rows = []
+    for key, m in models.items():
+        for meas in ("short", "long"):
+            if meas in m:
+                rows.append({"model": key, "measure": f"accuracy/{meas}", **acc_cell(m[meas])})
+        rows.append({"model": key, "measure": "ppl", "value": m["ppl"], "params": m["params"]})
+    for key, t in tokens.items():
+        rows.append({"model": key, "measure": "tokens", "value": t, "seconds": seconds[key]})
+    (out / "results.json").write_text(
+        json.dumps({"rows": rows, "tables": tables, "wall_s": res["wall_s"], "argv": sys.argv[1:]}, indent=1)
+    )
+    text = write_report(out, res, tables)
+    plot(out, tables)
+    print(text)
+    print(f"\n[study] done in {res['wall_s'] / 60:.1f} min: {out / 'report.md'}, results.json, accuracy.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

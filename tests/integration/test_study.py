@@ -1,0 +1,70 @@
+"""The study (benchmarks/paper_in_small.py) in its --quick mode: every cell, verdict and token count holds."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _study():
+    spec = importlib.util.spec_from_file_location("paper_in_small", ROOT / "benchmarks" / "paper_in_small.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_verdict(c: dict) -> None:
+    assert c["lo"] <= c["diff"] <= c["hi"]
+    expected = "held" if c["lo"] > 0 else "not held" if c["hi"] < 0 else "inconclusive"
+    assert c["verdict"] == expected, c
+
+
+def _check_cell(c: dict, n: int) -> None:
+    assert c["n"] == n and 0.0 <= c["lo"] <= c["acc"] <= c["hi"] <= 1.0
+
+
+@pytest.mark.slow
+def test_quick_study_tables_verdicts_and_tokens(tmp_path: Path) -> None:
+    study = _study()
+    out = tmp_path / "study"
+    assert study.main(["--out", str(out), "--quick"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0
+    t = res["tables"]
+    # claim 1: every budget has elastic and its comparison; small budgets have every method
+    rows = {r["budget"]: r for r in t["claim1"]["rows"]}
+    assert set(rows) == {"full", "75", "50"}
+    for b, r in rows.items():
+        _check_cell(r["elastic"], 24)
+        _check_verdict(r["compare"])
+        for meth in ("prune+KD", "one-shot pruned"):
+            assert (r[meth] is None) == (b == "full")
+            if r[meth] is not None:
+                _check_cell(r[meth], 24)
+        assert f"| {b} | {r['params']:,} |" in report
+    # claims 2 and 3: short and long for every budget, verdicts from their intervals
+    for r in t["claim2"]["rows"]:
+        for v in ("short", "long"):
+            _check_cell(r[f"stage1/{v}"], 24 if v == "short" else 8)
+            _check_cell(r[f"two-stage/{v}"], 24 if v == "short" else 8)
+            _check_verdict(r[f"compare/{v}"])
+    for r in t["claim3"]["rows"]:
+        _check_cell(r["uniform"], 24)
+        _check_verdict(r["compare"])
+    # tokens: the family is one run; the per-size baseline spends as much for each size
+    tok = t["claim1"]["tokens"]
+    per = tok["prune+KD, per size"]
+    assert tok["prune+KD, the two sizes"] == per["75"] + per["50"]
+    assert per["75"] == per["50"] == tok["elastic family"]
+    recipe = json.loads(json.dumps(__import__("yaml").safe_load((out / "seed0" / "elastic.yaml").read_text())))
+    assert tok["elastic family"] == sum(s["steps"] * s["batch_size"] * s["seq_len"] for s in recipe["stages"])
+    logged = [json.loads(x) for x in (out / "seed0" / "elastic" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r.get("step", 0) for r in logged) == sum(s["steps"] for s in recipe["stages"])
+    for sentence in ("Claim 1 ", "Claim 2 ", "Claim 3 "):
+        assert sentence in report
