@@ -194,3 +194,36 @@ def test_auto_steps_down_under_load_and_back_up_when_idle() -> None:
     assert tr.choose() == "50"  # nothing meets it: the smallest
     clock.t += 2.5  # load gone: samples age out of the window
     assert tr.recent_ms("full") is None and tr.choose() == "full"
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_joined_cache_decode_equals_uncached_forward(rope: bool, one_thread) -> None:
+    """Rows of different lengths joined into one cache, decoded together, one row dropped and the
+    padding trimmed: each row's logits equal the uncached forward of its whole sequence."""
+    from nestlm.cache import InferenceCache
+    from nestlm.serve.scheduler import _row_caches_join, _trim_left
+
+    model = elastic_model(rope=rope)
+    spec = model.elastic["75"]["arch"]
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (23, 5, 14)]
+    cache = None
+    with torch.no_grad():
+        for s in seqs:
+            c = InferenceCache(model.config.n_layers, capacity=len(s) + 8)
+            model(torch.tensor([s]), arch=spec, cache=c, num_logits=1)
+            cache = c if cache is None else _row_caches_join(cache, c)
+        assert cache.offset == 23 and cache.key_mask.sum(1).tolist() == [23, 5, 14]
+        for step in range(6):
+            if step == 3:  # the longest row leaves: its padding columns go
+                cache.reorder(torch.tensor([1, 2]))
+                _trim_left(cache)
+                seqs = seqs[1:]
+                assert cache.offset == max(len(s) for s in seqs)
+            nxt = torch.randint(3, 259, (len(seqs),), generator=g)
+            for s, t in zip(seqs, nxt.tolist(), strict=True):
+                s.append(t)
+            got = model(nxt[:, None], arch=spec, cache=cache, num_logits=1).logits[:, -1]
+            for i, s in enumerate(seqs):
+                want = model(torch.tensor([s]), arch=spec).logits[0, -1]
+                assert (got[i] - want).abs().max().item() <= 1e-5, (step, i)
