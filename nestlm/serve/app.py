@@ -114,7 +114,6 @@ class Params:
     include_usage: bool
     logprobs: int | None
     echo: bool
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Api:
@@ -667,9 +666,9 @@ async def _stream(api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Qu
         text, hit = _cut(api.decode(ch.ids), p.stop)
         final = ev[0] == "done" or hit
         end = len(text) if final else max(ch.sent, len(text) - hold)
-        if not final:
-            while end > ch.sent and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence
-                end -= 1
+        if not final and end > ch.sent and end == len(text) and text[-1] == "\ufffd":
+            # only the last character can still change: an incomplete UTF-8 sequence decodes to one U+FFFD
+            end -= 1
         piece = text[ch.sent : end]
         lp = None
         if p.logprobs is not None and ev[0] == "token":

@@ -3,9 +3,10 @@
 One model in memory; every budget runs as ``model(..., arch=spec)`` on views of its weights
 (no per-budget copy, no reload on switch). The scheduler thread loops over step boundaries:
 
-1. admit waiting requests while there are free slots: each is prefilled alone (batch 1,
-   exactly what ``model.generate`` does for that prompt), its first token chosen, and its
-   cache rows joined to the running batch of its budget;
+1. admit waiting requests while there are free slots: those of one budget are prefilled
+   together as a left-padded batch (as ``model.generate`` takes one: padding never reaches
+   the keys or the Mamba state), their first tokens chosen, and their cache rows joined to
+   the running batch of their budget;
 2. run one decode step of every budget that has rows (round robin, the starting budget
    rotating each loop, so no budget starves), all rows of a budget in one forward;
 3. drop rows that finished (EOS, max_tokens, a stop string) or whose client went away.
@@ -92,7 +93,7 @@ def _row_caches_join(batch: InferenceCache, new: InferenceCache) -> InferenceCac
 
     def mask_of(c: InferenceCache, t: int) -> torch.Tensor:
         n = _rows(c)
-        m = c.key_mask if c.key_mask is not None else torch.ones(n, t, dtype=torch.bool)
+        m = c.key_mask if c.key_mask is not None else torch.ones(n, t, dtype=torch.bool, device=_device(c))
         return torch.cat([m.new_zeros(n, T - t), m], dim=1)
 
     out.key_mask = torch.cat([mask_of(batch, ta), mask_of(new, tb)], dim=0)
@@ -121,6 +122,15 @@ def _rows(c: InferenceCache) -> int:
         if isinstance(st, MambaState):
             return st.ssm.shape[0]
     return 1
+
+
+def _device(c: InferenceCache) -> torch.device:
+    for st in c.layers:
+        if isinstance(st, AttentionState):
+            return st.k.device
+        if isinstance(st, MambaState):
+            return st.ssm.device
+    return torch.device("cpu")
 
 
 def _trim_left(c: InferenceCache) -> None:
@@ -320,53 +330,86 @@ class Scheduler:
             self._decode(b)
 
     def _admit(self) -> None:
-        while self.active() < self.max_batch:
-            with self.cond:
-                if not self.waiting:
-                    return
-                req = self.waiting.popleft()
+        """Take waiting requests into free slots; prefill those of one budget together."""
+        free = self.max_batch - self.active()
+        taken: list[Request] = []
+        with self.cond:
+            while self.waiting and len(taken) < free:
+                taken.append(self.waiting.popleft())
+        groups: dict[str | None, list[Request]] = {}
+        for req in taken:
             if req.cancelled:
                 self.counters.cancelled += 1
                 req.sink(("done", "cancelled"))
                 continue
+            name = req.budget
+            if name == "auto":
+                name = self.latency.choose() if self.latency is not None else None
+                self.counters.auto_choices[name] = self.counters.auto_choices.get(name, 0) + 1
+            req.chosen = name
+            if req.temperature > 0:
+                req.generator = torch.Generator(device=self.device)
+                seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                req.generator.manual_seed(seed)
+            # echo needs every position's logits: such a request is prefilled alone
+            groups.setdefault((name, id(req)) if req.echo_logprobs else name, []).append(req)
+        for key, reqs in groups.items():
             try:
-                self._prefill(req)
+                self._prefill(key[0] if isinstance(key, tuple) else key, reqs)
             except Exception as e:
-                req.sink(("error", f"internal error: {type(e).__name__}: {e}"))
+                for req in reqs:
+                    req.sink(("error", f"internal error: {type(e).__name__}: {e}"))
 
-    def _prefill(self, req: Request) -> None:
-        name = req.budget
-        if name == "auto":
-            name = self.latency.choose() if self.latency is not None else None
-            self.counters.auto_choices[name] = self.counters.auto_choices.get(name, 0) + 1
-        req.chosen = name
-        if req.temperature > 0:
-            req.generator = torch.Generator(device=self.device)
-            req.generator.manual_seed(req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    def _prefill(self, name: str | None, reqs: list[Request]) -> None:
+        """One forward over the prompts of ``reqs`` (left-padded, as ``model.generate`` takes a batch),
+        their first tokens, and their cache rows joined to the running batch of budget ``name``."""
         batch = self.batches[name]
-        ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
-        cache = InferenceCache(self.model.config.n_layers, capacity=len(req.prompt) + req.max_tokens)
-        out = self.model(ids, arch=batch.spec, cache=cache, num_logits=None if req.echo_logprobs else 1)
-        self.counters.prefills += 1
-        if req.echo_logprobs:
+        L = max(len(r.prompt) for r in reqs)
+        ids = torch.zeros(len(reqs), L, dtype=torch.long)
+        mask = torch.zeros(len(reqs), L, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, L - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, L - len(r.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = InferenceCache(self.model.config.n_layers, capacity=L + max(r.max_tokens for r in reqs))
+        echo = len(reqs) == 1 and reqs[0].echo_logprobs
+        out = self.model(
+            ids,
+            arch=batch.spec,
+            cache=cache,
+            attention_mask=mask if len(reqs) > 1 else None,
+            num_logits=None if echo else 1,
+        )
+        self.counters.prefills += len(reqs)
+        if echo:
+            req = reqs[0]
             lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)  # (L-1, V): logits of tokens 1..L-1
             info: list[Any] = [None]
             for j, tok in enumerate(req.prompt[1:]):
                 info.append(_logprob_info(lp[j], tok, req.logprobs or 0))
             req.sink(("prompt_logprobs", info))
-        if req.max_tokens == 0:  # echo only (scoring a prompt)
-            self._finish(req, "length")
+        logits = out.logits[:, -1]  # (B, V)
+        keep, toks = [], []
+        for i, req in enumerate(reqs):
+            if req.max_tokens == 0:  # echo only (scoring a prompt)
+                self._finish(req, "length")
+                continue
+            tok = self._sample(req, logits[i])
+            if not self._emit(req, tok, logits[i]):
+                keep.append(i)
+                toks.append(tok)
+        if not keep:
             return
-        logits = out.logits[:, -1]  # (1, V)
-        tok = self._sample(req, logits[0])
-        if self._emit(req, tok, logits[0]):
-            return
+        if len(keep) < len(reqs):
+            cache.reorder(torch.tensor(keep, device=self.device))
+            _trim_left(cache)
+        last = torch.tensor(toks, device=self.device)
         if batch.cache is None:
-            batch.cache, batch.rows, batch.last = cache, [req], torch.tensor([tok], device=self.device)
+            batch.cache, batch.rows, batch.last = cache, [reqs[i] for i in keep], last
         else:
             batch.cache = _row_caches_join(batch.cache, cache)
-            batch.rows.append(req)
-            batch.last = torch.cat([batch.last, torch.tensor([tok], device=self.device)])
+            batch.rows += [reqs[i] for i in keep]
+            batch.last = torch.cat([batch.last, last])
         batch.last_step = time.monotonic()
 
     def _decode(self, name: str | None) -> None:
