@@ -21,7 +21,7 @@ Tables:
    anywhere would count), against the sum of the sliced models' weights (one server per
    budget); beside it the resident memory (VmRSS) of the elastic server subprocess and of one
    server subprocess per sliced budget. Goal: one server's storage <= 1.02x the full weights.
-4. ``model: "auto"`` under a load step (1 client, then 16): p99 TPOT and the budgets that
+4. ``model: "auto"`` under a load step (1 client for --seconds / 3, then 16 for 2 x --seconds): p99 TPOT and the budgets that
    answered, against the same load pinned to the full budget. The latency target is
    --target-factor times the 1-client full-budget TPOT of table 1. Goal: auto's p99 TPOT
    under the step is below the pinned server's.
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads of the server and of transformers (1: see the README)"
     )
+    p.add_argument("--sections", default="1,2,3,4", help="which tables to run (4 needs 1 for its target)")
     p.add_argument("--quick", action="store_true", help="hidden 128, 6 layers, 4 s phases")
     a = p.parse_args(argv)
     if a.quick:
@@ -277,6 +278,10 @@ def concurrency_table(srv: ServerProc, args) -> dict[int, dict]:
 def hf_table(srv: ServerProc, model_dir: Path, root: Path, args) -> None:
     import httpx
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # no "falling back to the PyTorch implementation" per layer
+    hf_logging.disable_progress_bar()
 
     print("\n## 2. Against transformers generate on the sliced HF export, one request at a time\n")
     print("| budget | params | HF generate s/request | nestlm serve s/request | nestlm / HF | goal <= 1 |")
@@ -315,15 +320,19 @@ def hf_table(srv: ServerProc, model_dir: Path, root: Path, args) -> None:
 
 def storage_bytes() -> int:
     """Bytes of the distinct storages of every tensor alive in this process."""
+    import warnings
+
     gc.collect()
     seen: dict[int, int] = {}
-    for obj in gc.get_objects():
-        try:
-            if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
-                st = obj.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
-        except Exception:
-            continue
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance() on deprecated torch module attributes warns
+        for obj in gc.get_objects():
+            try:
+                if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+                    st = obj.untyped_storage()
+                    seen[st.data_ptr()] = st.nbytes()
+            except Exception:
+                continue
     return sum(seen.values())
 
 
@@ -396,7 +405,7 @@ def auto_table(model_dir: Path, base_tpot_ms: float, args) -> None:
     try:
         for label in ("auto", "full"):
             res1, _ = run_load(srv.url, 1, [label], args.seconds / 3, args.max_requests, args, seed=5)
-            res16, wall = run_load(srv.url, 16, [label], args.seconds, args.max_requests, args, seed=6)
+            res16, wall = run_load(srv.url, 16, [label], 2 * args.seconds, args.max_requests, args, seed=6)
             for n, res, w in ((1, res1, None), (16, res16, wall)):
                 tp = [1000 * r["tpot"] for r in res]
                 counts: dict[str, int] = {}
@@ -425,15 +434,19 @@ def main(argv: list[str] | None = None) -> None:
         print(f"# bench_serve: {m.config.pattern} hidden {args.hidden}, budgets {sizes}; torch {torch.__version__}")
         print(f"server: nestlm serve on 127.0.0.1, {args.threads} torch threads; load: httpx threads in this process")
         del m
+        sections = {int(x) for x in args.sections.split(",")}
         srv = ServerProc(model_dir, args.threads)
         try:
-            rows = concurrency_table(srv, args)
-            hf_table(srv, model_dir, root, args)
-            memory_table(srv, model_dir, root, args)
+            rows = concurrency_table(srv, args) if sections & {1, 4} else None
+            if 2 in sections:
+                hf_table(srv, model_dir, root, args)
+            if 3 in sections:
+                memory_table(srv, model_dir, root, args)
         finally:
             srv.close()
-        full_tpot = [1000 * r["tpot"] for r in rows[1]["res"] if r["model"] == "full"]
-        auto_table(model_dir, pct(full_tpot, 50), args)
+        if 4 in sections:
+            full_tpot = [1000 * r["tpot"] for r in rows[1]["res"] if r["model"] == "full"]
+            auto_table(model_dir, pct(full_tpot, 50), args)
 
 
 if __name__ == "__main__":

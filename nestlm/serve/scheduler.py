@@ -154,10 +154,13 @@ class LatencyTracker:
     """Recent per-token latency of each budget, and the ``auto`` choice made from it.
 
     A sample is the time between two consecutive decode steps of a budget's batch: what a row
-    of that batch waits per token under the current load (its own step, the other budgets'
-    steps interleaved with it, and prefills of joining requests). The estimate of a budget is
-    the mean of its samples of the last ``window_s`` seconds. A budget with no recent sample
-    is estimated from the measured budget nearest in size, scaled by the ratio of active
+    of that batch waits per token under the load of that moment (its own step, the other
+    budgets' steps interleaved with it, prefills of joining requests), recorded with the number
+    of rows the server was decoding then. The estimate of a budget for a new request is the
+    mean of its samples of the last ``window_s`` seconds, scaled by the load the request will
+    meet (rows decoding once it joins) over the mean load of those samples: a spike of arrivals
+    steps down at once, before its latency has been measured. A budget with no recent sample is
+    estimated from the measured budget nearest in size, scaled by the ratio of active
     parameters; with nothing measured recently (an idle server) every budget meets the target,
     so the largest answers. ``clock`` is injectable so that tests can drive it.
     """
@@ -173,37 +176,45 @@ class LatencyTracker:
         self.target_ms = target_ms
         self.window_s = window_s
         self.clock = clock
-        self.samples: dict[str, deque[tuple[float, float]]] = {b: deque() for b in sizes}
+        self.samples: dict[str, deque[tuple[float, float, int]]] = {b: deque() for b in sizes}
         self.lock = threading.Lock()
 
-    def record(self, budget: str, seconds: float) -> None:
+    def record(self, budget: str, seconds: float, rows: int = 1) -> None:
         with self.lock:
-            self.samples[budget].append((self.clock(), seconds))
+            self.samples[budget].append((self.clock(), seconds, max(1, rows)))
 
-    def recent_ms(self, budget: str) -> float | None:
-        """Mean per-token latency of ``budget`` over the window, in ms (None: no recent sample)."""
+    def _recent(self, budget: str) -> tuple[float, float] | None:
+        """(mean seconds, mean rows) of ``budget``'s samples in the window, or None."""
         now = self.clock()
         with self.lock:
             q = self.samples[budget]
             while q and now - q[0][0] > self.window_s:
                 q.popleft()
-            return 1000.0 * sum(s for _, s in q) / len(q) if q else None
+            if not q:
+                return None
+            return sum(s for _, s, _ in q) / len(q), sum(r for _, _, r in q) / len(q)
 
-    def estimate_ms(self, budget: str) -> float | None:
-        own = self.recent_ms(budget)
-        if own is not None:
-            return own
-        measured = {b: ms for b in self.sizes if (ms := self.recent_ms(b)) is not None}
+    def recent_ms(self, budget: str) -> float | None:
+        """Mean per-token latency of ``budget`` over the window, in ms (None: no recent sample)."""
+        r = self._recent(budget)
+        return None if r is None else 1000.0 * r[0]
+
+    def estimate_ms(self, budget: str, load: int | None = None) -> float | None:
+        """Per-token latency ``budget`` would give a request that joins when ``load`` rows decode
+        (None: at the load the samples were taken under)."""
+        measured = {b: r for b in self.sizes if (r := self._recent(b)) is not None}
         if not measured:
             return None
-        near = min(measured, key=lambda b: abs(self.sizes[b] - self.sizes[budget]))
-        return measured[near] * self.sizes[budget] / self.sizes[near]
+        near = budget if budget in measured else min(measured, key=lambda b: abs(self.sizes[b] - self.sizes[budget]))
+        seconds, rows = measured[near]
+        ms = 1000.0 * seconds * self.sizes[budget] / self.sizes[near]
+        return ms if load is None else ms * load / rows
 
-    def choose(self) -> str:
+    def choose(self, load: int | None = None) -> str:
         """The largest budget whose estimated per-token latency meets the target (else the smallest)."""
         names = list(self.sizes)
         for b in names:
-            est = self.estimate_ms(b)
+            est = self.estimate_ms(b, load)
             if est is None or est <= self.target_ms:
                 return b
         return names[-1]
@@ -343,8 +354,9 @@ class Scheduler:
                 req.sink(("done", "cancelled"))
                 continue
             name = req.budget
-            if name == "auto":
-                name = self.latency.choose() if self.latency is not None else None
+            if name == "auto":  # the load it joins: rows decoding now, those admitted before it, itself
+                load = self.active() + sum(len(g) for g in groups.values()) + 1
+                name = self.latency.choose(load) if self.latency is not None else None
                 self.counters.auto_choices[name] = self.counters.auto_choices.get(name, 0) + 1
             req.chosen = name
             if req.temperature > 0:
@@ -428,7 +440,7 @@ class Scheduler:
         c.steps_per_budget[str(name)] = c.steps_per_budget.get(str(name), 0) + 1
         now = time.monotonic()
         if self.latency is not None and name is not None:
-            self.latency.record(name, now - batch.last_step)
+            self.latency.record(name, now - batch.last_step, self.active())
         batch.last_step = now
         greedy = logits.argmax(dim=-1).tolist()
         done = []

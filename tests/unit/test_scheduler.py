@@ -227,3 +227,17 @@ def test_joined_cache_decode_equals_uncached_forward(rope: bool, one_thread) -> 
             for i, s in enumerate(seqs):
                 want = model(torch.tensor([s]), arch=spec).logits[0, -1]
                 assert (got[i] - want).abs().max().item() <= 1e-5, (step, i)
+
+
+def test_auto_scales_by_the_load_a_request_joins() -> None:
+    """A spike steps down before its latency is measured: estimates scale with rows decoding."""
+    clock = FakeClock()
+    tr = LatencyTracker({"full": 1000, "75": 750, "50": 500}, target_ms=100, window_s=2.0, clock=clock)
+    tr.record("full", 0.060, rows=1)  # 60 ms per token with one row decoding
+    assert tr.choose(load=1) == "full"
+    # 2 rows: full 120 ms, 75 (scaled from full by size) 90 ms
+    assert tr.estimate_ms("full", load=2) == pytest.approx(120) and tr.choose(load=2) == "75"
+    assert tr.choose(load=3) == "50"  # 75: 135, 50: 90
+    tr.record("full", 0.300, rows=8)  # measured under 8 rows; mean: 180 ms at 4.5 rows
+    assert tr.estimate_ms("full", load=1) == pytest.approx(40)  # the load has gone: full again
+    assert tr.choose(load=1) == "full" and tr.choose(load=16) == "50"
