@@ -295,6 +295,51 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .serve import API_KEY_ENV, build_api, run
+
+    for name in ("port", "max_batch", "max_queue", "max_context"):
+        v = getattr(args, name)
+        if v is not None and (v < (0 if name == "port" else 1) or (name == "port" and v > 65535)):
+            raise NestlmError(
+                f"--{name.replace('_', '-')} must be {'in [0, 65535]' if name == 'port' else '>= 1'}, got {v}"
+            )
+    if args.target_latency_ms <= 0:
+        raise NestlmError(f"--target-latency-ms must be > 0, got {args.target_latency_ms}")
+    api = build_api(
+        args.model,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_context=args.max_context,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        target_latency_ms=args.target_latency_ms,
+        device=args.device,
+    )
+    print(f"nestlm serve: http://{args.host}:{args.port}/v1  models: {', '.join(api.ids)} (and auto)", file=sys.stderr)
+    run(api, host=args.host, port=args.port)
+    return 0
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server: every budget from one copy of the weights")
+    p.add_argument("--model", required=True, help="model directory (elastic, plain, sliced or Hugging Face)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $NESTLM_API_KEY)")
+    p.add_argument(
+        "--max-context", type=int, default=None, help="prompt + output tokens (default: the config's, or 4096)"
+    )
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoding at once, over all budgets")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot; beyond it: HTTP 429")
+    p.add_argument(
+        "--target-latency-ms", type=float, default=100.0, help='per-token latency target of model "auto" (ms)'
+    )
+    p.add_argument("--device", default="cpu", help="torch device of the weights (cpu, cuda)")
+    p.set_defaults(func=cmd_serve)
+
+
 def _check_out(out: str) -> None:
     from pathlib import Path
 
@@ -314,6 +359,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "eval": _add_eval,
     "generate": _add_generate,
     "demo": _add_demo,
+    "serve": _add_serve,
 }
 
 

@@ -1,0 +1,508 @@
+"""Continuous batching over the budgets of one set of weights.
+
+One model in memory; every budget runs as ``model(..., arch=spec)`` on views of its weights
+(no per-budget copy, no reload on switch). The scheduler thread loops over step boundaries:
+
+1. admit waiting requests while there are free slots: those of one budget are prefilled
+   together as a left-padded batch (as ``model.generate`` takes one: padding never reaches
+   the keys or the Mamba state), their first tokens chosen, and their cache rows joined to
+   the running batch of their budget;
+2. run one decode step of every budget that has rows (round robin, the starting budget
+   rotating each loop, so no budget starves), all rows of a budget in one forward;
+3. drop rows that finished (EOS, max_tokens, a stop string) or whose client went away.
+
+Rows of one batch have different context lengths. Their KV caches are right-aligned (left
+padding) with a key mask of real tokens, the layout ``model.generate`` uses for a
+left-padded batch, so each row attends only to its own tokens and rotary positions count
+real tokens only; the Mamba state of a row is its own. Greedy output of each request equals
+``model.generate`` of that prompt alone, token for token.
+
+``auto`` requests get the largest budget whose recent per-token latency (time between two
+decode steps of that budget's batch, measured over the last ``window_s`` seconds) meets the
+latency target; see :class:`LatencyTracker`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..cache import AttentionState, InferenceCache, MambaState
+from ..generate import generation_defaults, sample_next
+
+
+class QueueFull(Exception):
+    """The bounded wait queue is full; the request is refused (HTTP 429)."""
+
+
+@dataclass
+class Request:
+    """One sequence to generate. Events go to ``sink`` from the scheduler thread:
+    ("token", id, logprob_info | None), ("prompt_logprobs", list) and finally ("done", finish_reason)
+    or ("error", message). ``stop(generated_ids)`` -> True ends the request with finish_reason "stop".
+    """
+
+    prompt: list[int]
+    budget: str | None  # a budget name, "auto", or None (a plain model)
+    max_tokens: int
+    sink: Callable[[tuple], None]
+    temperature: float = 0.0  # 0: greedy
+    top_p: float | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # number of top alternatives per token (0..20), None: no logprobs
+    echo_logprobs: bool = False  # also the prompt tokens' logprobs (the first one is None)
+    stop: Callable[[list[int]], bool] | None = None
+    cancelled: bool = False
+    chosen: str | None = None  # the budget that answers (set at admission for "auto")
+    generated: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        """Called from any thread (a client that went away); the row leaves at the next step boundary."""
+        self.cancelled = True
+
+
+@dataclass
+class _Batch:
+    """The running rows of one budget: their requests, one shared cache, their last tokens."""
+
+    spec: Any
+    rows: list[Request] = field(default_factory=list)
+    cache: InferenceCache | None = None
+    last: torch.Tensor | None = None  # (B,) the token each row feeds next
+    last_step: float = 0.0
+
+
+# ------------------------------------------------------------------- cache rows
+def _row_caches_join(batch: InferenceCache, new: InferenceCache) -> InferenceCache:
+    """One cache of the rows of ``batch`` then those of ``new``, right-aligned, with a key mask.
+
+    Key column j of a row holds a real token iff key_mask[row, j]; columns are aligned at the
+    end (the token being decoded), the layout of a left-padded batch.
+    """
+    ta, tb = batch.offset, new.offset
+    T = max(ta, tb)
+    out = InferenceCache(len(batch.layers))
+    out.offset = T
+
+    def mask_of(c: InferenceCache, t: int) -> torch.Tensor:
+        n = _rows(c)
+        m = c.key_mask if c.key_mask is not None else torch.ones(n, t, dtype=torch.bool, device=_device(c))
+        return torch.cat([m.new_zeros(n, T - t), m], dim=1)
+
+    out.key_mask = torch.cat([mask_of(batch, ta), mask_of(new, tb)], dim=0)
+    for i, (a, b) in enumerate(zip(batch.layers, new.layers, strict=True)):
+        if isinstance(a, AttentionState):
+            cap = T + 64
+            k = a.k.new_zeros(a.k.shape[0] + b.k.shape[0], a.k.shape[1], cap, a.k.shape[3])
+            v = torch.zeros_like(k)
+            na = a.k.shape[0]
+            k[:na, :, T - ta : T], v[:na, :, T - ta : T] = a.k[:, :, :ta], a.v[:, :, :ta]
+            k[na:, :, T - tb : T], v[na:, :, T - tb : T] = b.k[:, :, :tb], b.v[:, :, :tb]
+            out.layers[i] = AttentionState(k, v, T)
+        elif isinstance(a, MambaState):
+            out.layers[i] = MambaState(torch.cat([a.conv, b.conv]), torch.cat([a.ssm, b.ssm]))
+        else:
+            out.layers[i] = None
+    return out
+
+
+def _rows(c: InferenceCache) -> int:
+    if c.key_mask is not None:
+        return c.key_mask.shape[0]
+    for st in c.layers:
+        if isinstance(st, AttentionState):
+            return st.k.shape[0]
+        if isinstance(st, MambaState):
+            return st.ssm.shape[0]
+    return 1
+
+
+def _device(c: InferenceCache) -> torch.device:
+    for st in c.layers:
+        if isinstance(st, AttentionState):
+            return st.k.device
+        if isinstance(st, MambaState):
+            return st.ssm.device
+    return torch.device("cpu")
+
+
+def _trim_left(c: InferenceCache) -> None:
+    """Drop key columns that are padding in every row (after rows left), so contexts stay short."""
+    if c.key_mask is None or c.offset == 0:
+        return
+    real = c.key_mask.any(dim=0)
+    first = int(real.nonzero()[0]) if bool(real.any()) else c.offset
+    if first == 0:
+        return
+    for st in c.layers:
+        if isinstance(st, AttentionState):
+            st.k, st.v = st.k[:, :, first:], st.v[:, :, first:]
+            st.length -= first
+    c.key_mask = c.key_mask[:, first:]
+    c.offset -= first
+
+
+# -------------------------------------------------------------------- latency
+class LatencyTracker:
+    """Recent per-token latency of each budget, and the ``auto`` choice made from it.
+
+    A sample is the time between two consecutive decode steps of a budget's batch: what a row
+    of that batch waits per token under the load of that moment (its own step, the other
+    budgets' steps interleaved with it, prefills of joining requests), recorded with the number
+    of rows the server was decoding then. The estimate of a budget for a new request is the
+    mean of its samples of the last ``window_s`` seconds, scaled by the load the request will
+    meet (rows decoding once it joins) over the mean load of those samples: a spike of arrivals
+    steps down at once, before its latency has been measured. A budget with no recent sample is
+    estimated from the measured budget nearest in size, scaled by the ratio of active
+    parameters; with nothing measured recently (an idle server) every budget meets the target,
+    so the largest answers. ``clock`` is injectable so that tests can drive it.
+    """
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        target_ms: float,
+        window_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sizes = dict(sorted(sizes.items(), key=lambda kv: -kv[1]))  # largest first
+        self.target_ms = target_ms
+        self.window_s = window_s
+        self.clock = clock
+        self.samples: dict[str, deque[tuple[float, float, int]]] = {b: deque() for b in sizes}
+        self.lock = threading.Lock()
+
+    def record(self, budget: str, seconds: float, rows: int = 1) -> None:
+        with self.lock:
+            self.samples[budget].append((self.clock(), seconds, max(1, rows)))
+
+    def _recent(self, budget: str) -> tuple[float, float] | None:
+        """(mean seconds, mean rows) of ``budget``'s samples in the window, or None."""
+        now = self.clock()
+        with self.lock:
+            q = self.samples[budget]
+            while q and now - q[0][0] > self.window_s:
+                q.popleft()
+            if not q:
+                return None
+            return sum(s for _, s, _ in q) / len(q), sum(r for _, _, r in q) / len(q)
+
+    def recent_ms(self, budget: str) -> float | None:
+        """Mean per-token latency of ``budget`` over the window, in ms (None: no recent sample)."""
+        r = self._recent(budget)
+        return None if r is None else 1000.0 * r[0]
+
+    def estimate_ms(self, budget: str, load: int | None = None) -> float | None:
+        """Per-token latency ``budget`` would give a request that joins when ``load`` rows decode
+        (None: at the load the samples were taken under)."""
+        measured = {b: r for b in self.sizes if (r := self._recent(b)) is not None}
+        if not measured:
+            return None
+        near = budget if budget in measured else min(measured, key=lambda b: abs(self.sizes[b] - self.sizes[budget]))
+        seconds, rows = measured[near]
+        ms = 1000.0 * seconds * self.sizes[budget] / self.sizes[near]
+        return ms if load is None else ms * load / rows
+
+    def choose(self, load: int | None = None) -> str:
+        """The largest budget whose estimated per-token latency meets the target (else the smallest)."""
+        names = list(self.sizes)
+        for b in names:
+            est = self.estimate_ms(b, load)
+            if est is None or est <= self.target_ms:
+                return b
+        return names[-1]
+
+
+# ------------------------------------------------------------------ scheduler
+@dataclass
+class Counters:
+    """What the scheduler did; /health reports these."""
+
+    prefills: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum over decode steps of the rows in the step
+    multi_row_steps: int = 0  # decode steps that ran more than one request at once
+    max_rows: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    steps_per_budget: dict[str, int] = field(default_factory=dict)
+    auto_choices: dict[str, int] = field(default_factory=dict)
+
+
+class Scheduler:
+    """Continuous batching per budget over one model; ``submit`` from any thread, ``start`` runs the loop."""
+
+    def __init__(
+        self,
+        model: Any,
+        max_batch: int = 32,
+        max_queue: int = 256,
+        target_latency_ms: float = 100.0,
+        window_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model.eval()
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        cfg = model.config
+        defaults = generation_defaults(model)
+        eos = defaults.get("eos_token_id", cfg.eos_token_id)
+        self.eos_ids = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+        self.specs: dict[str | None, Any] = {b: model.elastic[b]["arch"] for b in model.budgets} or {None: None}
+        sizes = {b: model.num_parameters(budget=b) for b in model.budgets}
+        self.latency = LatencyTracker(sizes, target_latency_ms, window_s, clock) if sizes else None
+        self.batches: dict[str | None, _Batch] = {b: _Batch(spec) for b, spec in self.specs.items()}
+        self.waiting: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.counters = Counters()
+        self._rr = 0
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.device = next(model.parameters()).device
+
+    # ------------------------------------------------------------- interface
+    def submit(self, req: Request) -> None:
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
+            self.waiting.append(req)
+            self.cond.notify()
+
+    def active(self) -> int:
+        """Requests holding a batch slot now."""
+        return sum(len(b.rows) for b in self.batches.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        c = self.counters
+        return {
+            "active": self.active(),
+            "queued": len(self.waiting),
+            "max_batch": self.max_batch,
+            "max_queue": self.max_queue,
+            "prefills": c.prefills,
+            "decode_steps": c.decode_steps,
+            "decode_rows": c.decode_rows,
+            "multi_row_steps": c.multi_row_steps,
+            "max_rows": c.max_rows,
+            "finished": c.finished,
+            "cancelled": c.cancelled,
+            "steps_per_budget": dict(c.steps_per_budget),
+            "auto_choices": dict(c.auto_choices),
+        }
+
+    def start(self) -> None:
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="nestlm-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stop = True
+            self.cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # ------------------------------------------------------------------ loop
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stop and not self.waiting and self.active() == 0:
+                    self.cond.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # a bug must not hang every client: fail what is running, keep serving
+                for b in self.batches.values():
+                    for r in b.rows:
+                        r.sink(("error", f"internal error: {type(e).__name__}: {e}"))
+                    b.rows, b.cache, b.last = [], None, None
+        for b in self.batches.values():
+            for r in b.rows:
+                r.sink(("error", "the server is shutting down"))
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One step boundary: admit what fits, then one decode step per budget with rows."""
+        self._admit()
+        names = [b for b, batch in self.batches.items() if batch.rows]
+        if not names:
+            return
+        k = self._rr % len(names)
+        self._rr += 1
+        for b in names[k:] + names[:k]:
+            self._decode(b)
+
+    def _admit(self) -> None:
+        """Take waiting requests into free slots; prefill those of one budget together."""
+        free = self.max_batch - self.active()
+        taken: list[Request] = []
+        with self.cond:
+            while self.waiting and len(taken) < free:
+                taken.append(self.waiting.popleft())
+        groups: dict[str | None, list[Request]] = {}
+        for req in taken:
+            if req.cancelled:
+                self.counters.cancelled += 1
+                req.sink(("done", "cancelled"))
+                continue
+            name = req.budget
+            if name == "auto":  # the load it joins: rows decoding now, those admitted before it, itself
+                load = self.active() + sum(len(g) for g in groups.values()) + 1
+                name = self.latency.choose(load) if self.latency is not None else None
+                self.counters.auto_choices[name] = self.counters.auto_choices.get(name, 0) + 1
+            req.chosen = name
+            if req.temperature > 0:
+                req.generator = torch.Generator(device=self.device)
+                seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+                req.generator.manual_seed(seed)
+            # echo needs every position's logits: such a request is prefilled alone
+            groups.setdefault((name, id(req)) if req.echo_logprobs else name, []).append(req)
+        for key, reqs in groups.items():
+            try:
+                self._prefill(key[0] if isinstance(key, tuple) else key, reqs)
+            except Exception as e:
+                for req in reqs:
+                    req.sink(("error", f"internal error: {type(e).__name__}: {e}"))
+
+    def _prefill(self, name: str | None, reqs: list[Request]) -> None:
+        """One forward over the prompts of ``reqs`` (left-padded, as ``model.generate`` takes a batch),
+        their first tokens, and their cache rows joined to the running batch of budget ``name``."""
+        batch = self.batches[name]
+        L = max(len(r.prompt) for r in reqs)
+        ids = torch.zeros(len(reqs), L, dtype=torch.long)
+        mask = torch.zeros(len(reqs), L, dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, L - len(r.prompt) :] = torch.tensor(r.prompt)
+            mask[i, L - len(r.prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = InferenceCache(self.model.config.n_layers, capacity=L + max(r.max_tokens for r in reqs))
+        echo = len(reqs) == 1 and reqs[0].echo_logprobs
+        out = self.model(
+            ids,
+            arch=batch.spec,
+            cache=cache,
+            attention_mask=mask if len(reqs) > 1 else None,
+            num_logits=None if echo else 1,
+        )
+        self.counters.prefills += len(reqs)
+        if echo:
+            req = reqs[0]
+            lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)  # (L-1, V): logits of tokens 1..L-1
+            info: list[Any] = [None]
+            for j, tok in enumerate(req.prompt[1:]):
+                info.append(_logprob_info(lp[j], tok, req.logprobs or 0))
+            req.sink(("prompt_logprobs", info))
+        logits = out.logits[:, -1]  # (B, V)
+        keep, toks = [], []
+        for i, req in enumerate(reqs):
+            if req.max_tokens == 0:  # echo only (scoring a prompt)
+                self._finish(req, "length")
+                continue
+            tok = self._sample(req, logits[i])
+            if not self._emit(req, tok, logits[i]):
+                keep.append(i)
+                toks.append(tok)
+        if not keep:
+            return
+        if len(keep) < len(reqs):
+            cache.reorder(torch.tensor(keep, device=self.device))
+            _trim_left(cache)
+        last = torch.tensor(toks, device=self.device)
+        if batch.cache is None:
+            batch.cache, batch.rows, batch.last = cache, [reqs[i] for i in keep], last
+        else:
+            batch.cache = _row_caches_join(batch.cache, cache)
+            batch.rows += [reqs[i] for i in keep]
+            batch.last = torch.cat([batch.last, last])
+        batch.last_step = time.monotonic()
+
+    def _decode(self, name: str | None) -> None:
+        batch = self.batches[name]
+        self._drop(batch, [i for i, r in enumerate(batch.rows) if r.cancelled], cancelled=True)
+        if not batch.rows:
+            return
+        n = len(batch.rows)
+        out = self.model(batch.last[:, None], arch=batch.spec, cache=batch.cache, num_logits=1)
+        logits = out.logits[:, -1]  # (B, V)
+        c = self.counters
+        c.decode_steps += 1
+        c.decode_rows += n
+        c.max_rows = max(c.max_rows, n)
+        c.multi_row_steps += n > 1
+        c.steps_per_budget[str(name)] = c.steps_per_budget.get(str(name), 0) + 1
+        now = time.monotonic()
+        if self.latency is not None and name is not None:
+            self.latency.record(name, now - batch.last_step, self.active())
+        batch.last_step = now
+        greedy = logits.argmax(dim=-1).tolist()
+        done = []
+        nxt = []
+        for i, req in enumerate(batch.rows):
+            tok = greedy[i] if req.temperature <= 0 else self._sample(req, logits[i])
+            nxt.append(tok)
+            if self._emit(req, tok, logits[i]):
+                done.append(i)
+        batch.last = torch.tensor(nxt, device=self.device)
+        self._drop(batch, done)
+
+    def _drop(self, batch: _Batch, index: list[int], cancelled: bool = False) -> None:
+        if not index:
+            return
+        for i in index:
+            if cancelled:
+                self.counters.cancelled += 1
+                batch.rows[i].sink(("done", "cancelled"))
+        keep = [i for i in range(len(batch.rows)) if i not in set(index)]
+        if not keep:
+            batch.rows, batch.cache, batch.last = [], None, None
+            return
+        idx = torch.tensor(keep, device=self.device)
+        batch.cache.reorder(idx)
+        _trim_left(batch.cache)
+        batch.rows = [batch.rows[i] for i in keep]
+        batch.last = batch.last[idx]
+
+    def _sample(self, req: Request, logits: torch.Tensor) -> int:
+        """The next token of one row from its logits (V,): greedy, or the request's own sampler."""
+        if req.temperature <= 0:
+            return int(logits.argmax())
+        return int(sample_next(logits[None], True, req.temperature, None, req.top_p, req.generator)[0])
+
+    def _emit(self, req: Request, tok: int, logits: torch.Tensor) -> bool:
+        """Send one token; True when the request finished with it (and has been told so)."""
+        if tok in self.eos_ids:  # the EOS token ends the text and is not part of it
+            self._finish(req, "stop")
+            return True
+        info = None
+        if req.logprobs is not None:
+            info = _logprob_info(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)
+        req.generated.append(tok)
+        req.sink(("token", tok, info))
+        if req.stop is not None and req.stop(req.generated):
+            self._finish(req, "stop")
+            return True
+        if len(req.generated) >= req.max_tokens:
+            self._finish(req, "length")
+            return True
+        return False
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.counters.finished += 1
+        req.sink(("done", reason))
+
+
+def _logprob_info(lp: torch.Tensor, tok: int, top: int) -> dict[str, Any]:
+    """logprob of ``tok`` under the log-probabilities ``lp`` (V,), and the ``top`` most likely tokens."""
+    out: dict[str, Any] = {"logprob": float(lp[tok]), "top": []}
+    if top > 0:
+        vals, ids = torch.topk(lp, min(top, lp.shape[-1]))
+        out["top"] = list(zip(ids.tolist(), vals.tolist(), strict=True))
+    return out
