@@ -1,0 +1,53 @@
+"""Held-out reasoning accuracy of a model, per variant and difficulty, with 95% intervals.
+
+    python benchmarks/parent_accuracy.py                      # the shipped parent, the README's table
+    python benchmarks/parent_accuracy.py --model DIR --budget 50 --spec short:1:500 long:1:100
+
+Each SPEC is VARIANT:DIFFICULTY:N: greedy exact match of the final answer on the first N
+held-out problems (test seeds, disjoint from every training seed) of that variant and difficulty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import nestlm
+from nestlm.eval.evaluate import reasoning_accuracy
+from nestlm.tokenizer import ByteTokenizer
+
+PARENT = Path(nestlm.__file__).resolve().parent / "assets" / "parent"
+DEFAULT = ["short:1:500", "short:2:200", "short:3:200", "long:1:100", "long:2:50", "long:3:50"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=str(PARENT))
+    ap.add_argument("--budget", default=None)
+    ap.add_argument("--spec", nargs="+", default=DEFAULT, help="VARIANT:DIFFICULTY:N ...")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write the figures to this file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = nestlm.load(args.model).eval()
+    tok = ByteTokenizer()
+    out = {}
+    print("| problems | difficulty | n | accuracy | 95% interval |\n|---|---|---|---|---|")
+    for spec in args.spec:
+        variant, d, n = spec.split(":")
+        t = time.time()
+        r = reasoning_accuracy(model, tok, n=int(n), variant=variant, difficulty=int(d), budget=args.budget)
+        lo, hi = r["ci95"]
+        out[f"{variant}/{d}"] = {"accuracy": r["accuracy"], "ci95": [lo, hi], "n": int(n), "seconds": time.time() - t}
+        print(f"| {variant} | {d} | {n} | {r['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
