@@ -1,7 +1,7 @@
 """A checkpoint written by an earlier nestlm still loads and gives the same logits.
 
 tests/data/elastic-v1 is a tiny elastic checkpoint (the ``tiny`` recipe shrunk, a few steps)
-written by nestlm before the checkpoint owner was rewritten; expected.safetensors holds
+written by nestlm before the checkpoint owner was rewritten; elastic-v1-expected.safetensors holds
 the logits that code computed from it.
 """
 
@@ -18,7 +18,7 @@ DATA = Path(__file__).resolve().parent.parent / "data" / "elastic-v1"
 
 
 def test_old_elastic_checkpoint_gives_the_same_logits(one_thread):
-    expected = load_file(str(DATA / "expected.safetensors"))
+    expected = load_file(str(DATA.parent / "elastic-v1-expected.safetensors"))
     model = nestlm.load(DATA).eval()
     assert model.budgets == ["full", "75", "50"]
     assert [model.num_parameters(budget=b) for b in model.budgets] == [39576, 30280, 19724]
