@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..elastic.importance import estimate_importance, reorder, require_reordered
+from ..elastic.training import DTYPES
 from ..errors import NestlmError
 from ..loading import load
 from ..model import HybridLM
@@ -21,8 +22,6 @@ from . import loader as loader_mod
 from . import sources
 from .distributed import DistInfo
 from .recipe import Recipe
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def device_and_dist(device: str, init: Callable[[torch.device], DistInfo]) -> tuple[torch.device, DistInfo]:

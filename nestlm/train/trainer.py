@@ -28,7 +28,7 @@ from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer
 from . import setup
-from .checkpointer import Checkpointer, TrainState, python_rng_from_json, python_rng_to_json
+from .checkpointer import METRICS, Checkpointer, TrainState, python_rng_from_json, python_rng_to_json
 from .distributed import (
     all_reduce_mean,
     average_gradients,
@@ -43,8 +43,6 @@ from .recipe import Recipe, stage_probs, stage_steps
 from .schedules import gumbel_schedule, set_lr
 
 RUN_FILE = "run.json"
-METRICS = "metrics.jsonl"
-DTYPES = el.DTYPES
 
 
 class TrainingError(NestlmError):
