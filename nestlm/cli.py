@@ -84,26 +84,16 @@ def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
-    import torch
-
     from .checkpoint import save_pretrained
-    from .elastic.importance import estimate_importance, reorder
+    from .elastic.importance import calibration_batches, estimate_importance, reorder
     from .loading import load
 
     _check_out(args.out)
     model = load(args.model).eval()
     tokens = _tokens_for(args.model, args.data, args.max_bytes)
-    block = args.seq_len
-    n_blocks = tokens.numel() // block
-    if n_blocks < 1:
-        raise NestlmError(
-            f"calibration data {args.data} has {tokens.numel()} tokens, fewer than one sequence of {block}; "
-            "give more data or a smaller --seq-len"
-        )
-    n = min(n_blocks, args.num_samples)
-    seqs = tokens[: n * block].view(n, block)
-    batches = list(torch.split(seqs, args.batch_size))
-    print(f"importance: {n} calibration sequences of {block} tokens from {args.data}")
+    batches = calibration_batches(tokens, args.seq_len, args.num_samples, args.batch_size, args.data)
+    n = sum(b.shape[0] for b in batches)
+    print(f"importance: {n} calibration sequences of {args.seq_len} tokens from {args.data}")
     imp = estimate_importance(model, batches, depth=not args.no_depth, depth_batches=args.depth_batches)
     reorder(model, imp)
     save_pretrained(model, args.out)

@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import require_new_dir, save_pretrained
 from .elastic.arch import Target, closest_homogeneous, count_parameters
-from .elastic.importance import estimate_importance, reorder
+from .elastic.importance import calibration_batches, estimate_importance, reorder
 from .errors import NestlmError
 from .loading import load
 
@@ -55,9 +55,7 @@ def run_demo(
 
     tok = ByteTokenizer()
     calib = data_mod.load_tokens("reasoning:short", tok, num_problems=400, seed=recipe.data.seed)
-    seq = 128
-    n = min(64 if not quick else 16, calib.numel() // seq)
-    batches = list(calib[: n * seq].view(n, seq).split(8))
+    batches = calibration_batches(calib, 128, 64 if not quick else 16, 8)
     imp = estimate_importance(parent, batches, depth_batches=2, progress=progress)
     reorder(parent, imp)
     ranked = out / "parent-ranked"

@@ -89,6 +89,24 @@ class _Accumulator(Tap):
         return self.sq[(layer, name)].sqrt()
 
 
+def calibration_batches(
+    tokens: torch.Tensor, seq_len: int, num_samples: int, batch_size: int, source: str = "the data"
+) -> list[torch.Tensor]:
+    """The first ``num_samples`` sequences of ``seq_len`` tokens of a token stream, in batches (B, T).
+
+    The one calibration set-up of ``nestlm importance`` and the demo (training's automatic
+    importance draws its batches from the run's own loader).
+    """
+    n_blocks = tokens.numel() // seq_len
+    if n_blocks < 1:
+        raise NestlmError(
+            f"calibration data {source} has {tokens.numel()} tokens, fewer than one sequence of {seq_len}; "
+            "give more data or a smaller --seq-len"
+        )
+    n = min(n_blocks, num_samples)
+    return list(tokens[: n * seq_len].view(n, seq_len).split(batch_size))
+
+
 def _materialize(batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     out = []
     for i, b in enumerate(batches):
