@@ -44,18 +44,14 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import nestlm  # noqa: E402
-from nestlm.config import ModelConfig  # noqa: E402
-from nestlm.elastic.arch import ArchSpec, closest_homogeneous, count_parameters, parse_target  # noqa: E402
+import nestlm
+from nestlm.config import ModelConfig
+from nestlm.elastic.arch import ArchSpec, closest_homogeneous, count_parameters, parse_target
 
 UNIT = "M-M*-M-"  # the default 14 layers are this twice: M-M*-M-M-M*-M-
 
@@ -198,7 +194,8 @@ def main(argv: list[str] | None = None) -> None:
         f"attention {a0.heads} heads / {a0.kv_heads} kv x {a0.head_dim}, ffn {f0.ffn}, vocab {config.vocab_size}"
     )
     print(
-        f"run: batch {args.batch} x seq {args.seq}, fp32, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"run: batch {args.batch} x seq {args.seq}, fp32, torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, "
         f"{args.rounds} rounds after {args.warmup} warm-up, medians"
     )
 

@@ -23,18 +23,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import nestlm  # noqa: E402
+import nestlm
 
 PATTERN = {"M": "mamba", "*": "attention", "-": "mlp"}
 

@@ -21,7 +21,8 @@ Tables:
    anywhere would count), against the sum of the sliced models' weights (one server per
    budget); beside it the resident memory (VmRSS) of the elastic server subprocess and of one
    server subprocess per sliced budget. Goal: one server's storage <= 1.02x the full weights.
-4. ``model: "auto"`` under a load step (1 client for --seconds / 3, then 16 for 2 x --seconds): p99 TPOT and the budgets that
+4. ``model: "auto"`` under a load step (1 client for --seconds / 3, then 16 for 2 x --seconds): p99 TPOT and the
+   budgets that
    answered, against the same load pinned to the full budget. The latency target is
    --target-factor times the 1-client full-budget TPOT of table 1. Goal: auto's p99 TPOT
    under the step is below the pinned server's.
@@ -47,11 +48,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import nestlm  # noqa: E402
-from nestlm.config import ModelConfig  # noqa: E402
-from nestlm.elastic.arch import ArchSpec, closest_homogeneous, parse_target  # noqa: E402
+import nestlm
+from nestlm.checkpoint import Budget
+from nestlm.config import ModelConfig
+from nestlm.elastic.arch import ArchSpec, closest_homogeneous, parse_target
 
 BUDGETS = (("full", 1.0), ("75", 0.75), ("50", 0.5))
 
@@ -99,9 +99,11 @@ def build_checkpoint(args: argparse.Namespace, root: Path) -> Path:
     model = nestlm.HybridLM(cfg).eval()
     model.reset_parameters(seed=0)
     model.elastic = {}
+    total = ArchSpec.full(cfg).num_parameters(cfg)
     for name, f in BUDGETS:
         spec = ArchSpec.full(cfg) if f == 1.0 else closest_homogeneous(cfg, parse_target(str(f)))
-        model.elastic[name] = {"arch": spec, "params": spec.num_parameters(cfg)}
+        n = spec.num_parameters(cfg)
+        model.elastic[name] = Budget(name=name, target=str(name), arch=spec, params=n, fraction=n / total)
     out = root / "elastic"
     model.save_pretrained(str(out))
     (out / "nestlm_tokenizer.json").write_text(json.dumps({"type": "bytes"}))
@@ -246,10 +248,12 @@ def mark(ok: bool) -> str:
 def concurrency_table(srv: ServerProc, args) -> dict[int, dict]:
     print("\n## 1. Concurrency (mixed budgets: each client cycles full, 75, 50)\n")
     print(
-        f"prompt {args.prompt_tokens} tokens, {args.max_tokens} output tokens per request, {args.seconds:.0f} s per row\n"
+        f"prompt {args.prompt_tokens} tokens, {args.max_tokens} output tokens per request, "
+        f"{args.seconds:.0f} s per row\n"
     )
     print(
-        "| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms | mean rows per decode step |"
+        "| clients | requests | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | TPOT p99 ms "
+        "| mean rows per decode step |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = {}
@@ -270,7 +274,8 @@ def concurrency_table(srv: ServerProc, args) -> dict[int, dict]:
         )
     ratio = rows[16]["tps"] / rows[1]["tps"]
     print(
-        f"\n16 clients / 1 client aggregate tokens/s: {ratio:.2f}x  (goal >= 3x: {mark(ratio >= 3)}; floor 2x: {mark(ratio >= 2)})"
+        f"\n16 clients / 1 client aggregate tokens/s: {ratio:.2f}x  "
+        f"(goal >= 3x: {mark(ratio >= 3)}; floor 2x: {mark(ratio >= 2)})"
     )
     return rows
 
@@ -314,7 +319,8 @@ def hf_table(srv: ServerProc, model_dir: Path, root: Path, args) -> None:
                 ours.append(one_request(c, srv.url, name, p, args.max_tokens)["total"])
         h, o = statistics.median(times), statistics.median(ours)
         print(
-            f"| {name} | {model.num_parameters(budget=name) / 1e6:.1f}M | {h:.3f} | {o:.3f} | {o / h:.2f} | {mark(o <= h)} |"
+            f"| {name} | {model.num_parameters(budget=name) / 1e6:.1f}M | {h:.3f} | {o:.3f} | {o / h:.2f} "
+            f"| {mark(o <= h)} |"
         )
 
 
@@ -382,14 +388,16 @@ def memory_table(srv: ServerProc, model_dir: Path, root: Path, args) -> None:
     print(f"| one server, every budget served | {one * mb:.1f} | {one / full_bytes:.3f} | {rss_one * mb:.0f} |")
     for name in per_budget:
         print(
-            f"| server of slice {name} | {per_budget[name] * mb:.1f} | {per_budget[name] / full_bytes:.3f} | {rss_each[name] * mb:.0f} |"
+            f"| server of slice {name} | {per_budget[name] * mb:.1f} | {per_budget[name] / full_bytes:.3f} "
+            f"| {rss_each[name] * mb:.0f} |"
         )
     tot = sum(per_budget.values())
     print(
         f"| one server per budget (sum) | {tot * mb:.1f} | {tot / full_bytes:.3f} | {sum(rss_each.values()) * mb:.0f} |"
     )
     print(
-        f"\none server's weight storage / full weights: {one / full_bytes:.3f} (goal <= 1.02: {mark(one / full_bytes <= 1.02)}); "
+        f"\none server's weight storage / full weights: {one / full_bytes:.3f} "
+        f"(goal <= 1.02: {mark(one / full_bytes <= 1.02)}); "
         f"one server per budget needs {tot / one:.2f}x the storage of one server"
     )
 

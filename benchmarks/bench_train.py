@@ -56,7 +56,7 @@ def elastic_step(model, teacher, routers, opt, x, arch, choice, target) -> None:
     t_logits = teacher_logits(teacher, x)
     s = routers.sample(0, tau=0.5, scale=5.0)
     s.choice = {k: v.clone() for k, v in choice.items()}
-    loss = kd_loss(model(x, arch=arch, gates=routers.hard_gates(s)).logits, t_logits)
+    loss = kd_loss(model(x, arch=arch, tap=routers.hard_tap(s)).logits, t_logits)
     bl, _ = routers.budget_loss(s, target)
     (loss + bl).backward()
     opt.step()

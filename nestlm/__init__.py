@@ -1,17 +1,19 @@
 """nestlm: train one hybrid Mamba-Attention LM with smaller models nested inside it."""
 
-from .checkpoint import load, save_pretrained
+from .checkpoint import Budget, save_pretrained
 from .config import LayerSpec, ModelConfig
 from .elastic.arch import ArchSpec, parse_target
 from .elastic.importance import Importance, estimate_importance, reorder
-from .errors import CheckpointError, NestlmError
+from .errors import CheckpointError, NestlmError, UnknownBudgetError
 from .interop import export_hf
+from .loading import load
 from .model import HybridLM, ModelOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArchSpec",
+    "Budget",
     "Importance",
     "estimate_importance",
     "parse_target",
@@ -22,6 +24,7 @@ __all__ = [
     "ModelConfig",
     "ModelOutput",
     "NestlmError",
+    "UnknownBudgetError",
     "export_hf",
     "load",
     "save_pretrained",

@@ -1,12 +1,18 @@
-"""nestlm checkpoint directories: safetensors weights + JSON config, written atomically.
+"""nestlm checkpoint directories: the one module that reads and writes their files.
 
 Layout of a nestlm directory:
-  config.json         {"model_type": "nestlm", "format_version": 1, "config": ModelConfig}
-  model.safetensors   the state dict (no lm_head when embeddings are tied)
-  elastic.json        (elastic checkpoints) every budget's target, frozen ArchSpec, count
-  tokenizer files     carried over from the source directory when present
+  config.json           {"model_type": "nestlm", "format_version": 1, "config": ModelConfig}
+  model.safetensors     the state dict (no lm_head when embeddings are tied)
+  importance.json       (ranked models) the Importance scores and layer order
+  elastic.json          (elastic checkpoints) every Budget: target, frozen ArchSpec, exact count
+  routers.safetensors   (elastic checkpoints) the trained routers' weights
+  tokenizer files       carried over from the source directory (see TOKENIZER_FILES)
 Every write goes to a temporary sibling directory that is renamed into place, so a
 reader never sees a half-written checkpoint and a failed write leaves nothing behind.
+
+This module never imports the model: it writes any object with ``state_dict()``,
+``config``, ``elastic``, ``importance`` and ``source_dir``, and reads a directory into a
+``NestlmFiles`` record that ``nestlm.loading.load`` turns into a HybridLM.
 """
 
 from __future__ import annotations
@@ -17,17 +23,26 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
+from .elastic.arch import ArchSpec
+from .elastic.importance import Importance
 from .errors import CheckpointError, NestlmError
+from .tokenizer import BYTE_TOKENIZER_FILE
 
 FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ELASTIC_FILE = "elastic.json"
+IMPORTANCE_FILE = "importance.json"
+ROUTERS_FILE = "routers.safetensors"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -37,18 +52,84 @@ TOKENIZER_FILES = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    "chat_template.json",
+    BYTE_TOKENIZER_FILE,  # nestlm's marker for the byte-level tokenizer
     "generation_config.json",  # generation defaults (EOS ids) that transformers' generate reads
 )
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One frozen budget of an elastic checkpoint (a record of elastic.json)."""
+
+    name: str
+    target: str  # as the recipe gave it: "0.5", "6e9", "12GB", "1.0"
+    arch: ArchSpec  # the frozen architecture
+    params: int  # its exact parameter count
+    fraction: float  # params / the parent's
+    target_description: str = ""
+    memory_bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "target_description": self.target_description,
+            "arch": self.arch.to_dict(),
+            "params": self.params,
+            "fraction": self.fraction,
+            "memory_bytes": self.memory_bytes,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict[str, Any], config: ModelConfig) -> Budget:
+        from .elastic.arch import count_parameters
+
+        arch = ArchSpec.from_dict(d["arch"], config)
+        params = int(d["params"]) if d.get("params") is not None else arch.num_parameters(config)
+        fraction = float(d["fraction"]) if d.get("fraction") is not None else params / count_parameters(config)
+        return cls(
+            name=name,
+            target=str(d.get("target", "")),
+            arch=arch,
+            params=params,
+            fraction=fraction,
+            target_description=str(d.get("target_description", "")),
+            memory_bytes=d.get("memory_bytes"),
+        )
+
+
+@dataclass
+class NestlmFiles:
+    """What a nestlm directory holds, read and checked (the model is built from it by nestlm.load)."""
+
+    config: ModelConfig
+    tensors: dict[str, torch.Tensor]
+    where: dict[str, str]  # tensor name -> file it came from
+    budgets: dict[str, Budget]
+    importance: Importance | None
+
+
+def require_new_dir(
+    path: str | os.PathLike, label: str = "--out", error: type[NestlmError] = NestlmError, not_empty: str | None = None
+) -> Path:
+    """The one check for "an output directory must be new": not a file, and empty if it exists."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise error(f"{label} {p} exists and is a file; give a directory")
+    if p.is_dir() and any(p.iterdir()):
+        raise error(not_empty or f"{label} {p} is not empty; choose a new directory (nothing is overwritten)")
+    return p
 
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"output {path} exists and is a file; give a directory path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise CheckpointError(f"output directory {path} is not empty; choose a new directory or remove it")
+    if overwrite:
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"output {path} exists and is a file; give a directory path")
+    else:
+        require_new_dir(path, "output directory", CheckpointError)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -83,6 +164,7 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dst: Path) -> None:
+    """Copy every tokenizer and generation-config file of directory ``src`` into ``dst``."""
     if not src:
         return
     for name in TOKENIZER_FILES:
@@ -121,7 +203,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         files = sorted(set(weight_map.values()))
     else:
         # model weights only: an elastic checkpoint keeps its routers in routers.safetensors
-        files = sorted(p.name for p in path.glob("*.safetensors") if p.name != "routers.safetensors")
+        files = sorted(p.name for p in path.glob("*.safetensors") if p.name != ROUTERS_FILE)
         if not files:
             raise CheckpointError(f"{path} has no *.safetensors weights (nor model.safetensors.index.json)")
     tensors: dict[str, torch.Tensor] = {}
@@ -159,92 +241,136 @@ def check_state_dict(
             raise CheckpointError(f"unexpected tensor {key!r} in {where(key)} (the config has no such weight)")
         if tuple(t.shape) != tuple(expected[key].shape):
             raise CheckpointError(
-                f"tensor {key!r} in {where(key)} has shape {tuple(t.shape)}, the config needs {tuple(expected[key].shape)}"
+                f"tensor {key!r} in {where(key)} has shape {tuple(t.shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
             )
 
 
-def save_pretrained(
-    model: Any, path: str | os.PathLike, overwrite: bool = False, extra: dict[str, Any] | None = None
+def _write_files(
+    model: Any,
+    d: Path,
+    routers: dict[str, torch.Tensor] | None,
+    tokenizer: Any,
+    extra: dict[str, Any] | None,
 ) -> None:
-    """Write ``model`` (a HybridLM) as a nestlm directory."""
+    """Every file of a nestlm directory into ``d`` (config.json last)."""
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    if getattr(model, "importance", None) is not None:
+        write_json(d / IMPORTANCE_FILE, model.importance.to_dict())
+    if getattr(model, "elastic", None):
+        write_json(d / ELASTIC_FILE, {name: b.to_dict() for name, b in model.elastic.items()})
+    if routers is not None:
+        write_routers(d, routers)
+    for name, data in (extra or {}).items():
+        write_json(d / name, data)
+    copy_tokenizer(getattr(model, "source_dir", None), d)
+    if tokenizer is not None and hasattr(tokenizer, "to_json") and not (d / BYTE_TOKENIZER_FILE).is_file():
+        write_json(d / BYTE_TOKENIZER_FILE, tokenizer.to_json())
+    write_json(
+        d / CONFIG_FILE, {"model_type": "nestlm", "format_version": FORMAT_VERSION, "config": model.config.to_dict()}
+    )
+
+
+def save_pretrained(
+    model: Any,
+    path: str | os.PathLike,
+    overwrite: bool = False,
+    extra: dict[str, Any] | None = None,
+    routers: dict[str, torch.Tensor] | None = None,
+    tokenizer: Any = None,
+) -> None:
+    """Write ``model`` (a HybridLM) as a nestlm directory, atomically.
+
+    Weights, config, importance, budgets, the routers' state dict (``routers``), and the
+    tokenizer files of the directory the model came from; ``tokenizer`` (a ByteTokenizer)
+    writes nestlm's byte-tokenizer marker when the source has none.
+    """
     with atomic_dir(path, overwrite=overwrite) as tmp:
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(
-            tmp / "config.json",
-            {"model_type": "nestlm", "format_version": FORMAT_VERSION, "config": model.config.to_dict()},
-        )
-        if getattr(model, "importance", None) is not None:
-            write_json(tmp / "importance.json", model.importance.to_dict())
-        if model.elastic:
-            write_json(tmp / "elastic.json", {name: _budget_to_json(b) for name, b in model.elastic.items()})
-        for name, data in (extra or {}).items():
-            write_json(tmp / name, data)
-        copy_tokenizer(model.source_dir, tmp)
+        _write_files(model, tmp, routers, tokenizer, extra)
 
 
-def _budget_to_json(b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(b)
-    out["arch"] = b["arch"].to_dict()
-    return out
+def save_into(
+    model: Any, path: str | os.PathLike, routers: dict[str, torch.Tensor] | None = None, tokenizer: Any = None
+) -> None:
+    """Write the model files into an existing directory (a training run's), config.json last.
 
-
-def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
-    """Load a nestlm directory (plain, elastic or sliced) or a Hugging Face NemotronH directory."""
-    from .model import HybridLM
-
+    Each file is renamed into place from a temporary sibling directory, so a reader that
+    finds config.json finds a complete model.
+    """
     path = Path(path)
-    raw = read_config_json(path)
-    model_type = raw.get("model_type")
-    if model_type == "nemotron_h":
-        from .interop.nemotron_h import load_hf
+    tmp = path / ".final-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _write_files(model, tmp, routers, tokenizer, None)
+        _default_permissions(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        names.remove(CONFIG_FILE)
+        for n in names + [CONFIG_FILE]:  # config.json last: a reader sees a complete model or none
+            os.replace(tmp / n, path / n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
-        model = load_hf(path, raw)
-    elif model_type == "nestlm":
-        if not isinstance(raw.get("config"), dict):
-            raise CheckpointError(f"{path / 'config.json'} has no 'config' object (the nestlm ModelConfig)")
-        try:
-            cfg = ModelConfig.from_dict(raw["config"])
-        except (ConfigError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-        tensors, where = read_safetensors(path)
-        with torch.device("meta"):
-            model = HybridLM(cfg)
-        check_state_dict(model, tensors, lambda k: where[k])
-        model.load_state_dict(tensors, assign=True)
-        model.elastic = _read_elastic(path, cfg)
-        if (path / "importance.json").is_file():
-            from .elastic.importance import Importance
 
-            try:
-                model.importance = Importance.load(path / "importance.json")
-            except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
-                raise CheckpointError(f"{path / 'importance.json'} is not a valid importance file: {e!r}") from None
-    else:
+def write_routers(d: Path, state: dict[str, torch.Tensor]) -> None:
+    """The routers' state dict as routers.safetensors in directory ``d``."""
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(Path(d) / ROUTERS_FILE))
+
+
+def read_routers(d: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The routers' state dict of directory ``d`` (an elastic checkpoint or a training checkpoint), or None."""
+    f = Path(d) / ROUTERS_FILE
+    if not f.is_file():
+        return None
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
-            f"{path / 'config.json'} has model_type {model_type!r}; nestlm reads 'nestlm' and 'nemotron_h' (NemotronH) models"
-        )
-    model.source_dir = str(path)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model.to(device)
+            f"{f} is not a readable safetensors file: {str(e).splitlines()[0] if str(e) else e!r}"
+        ) from None
 
 
-def _read_elastic(path: Path, cfg: ModelConfig) -> dict[str, Any]:
-    f = path / "elastic.json"
+def read_nestlm_config(path: Path, raw: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig of a nestlm directory (``raw``: its config.json, if already read)."""
+    raw = read_config_json(path) if raw is None else raw
+    if not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{path / CONFIG_FILE} has no 'config' object (the nestlm ModelConfig)")
+    try:
+        return ModelConfig.from_dict(raw["config"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from None
+
+
+def read_nestlm(path: Path, raw: dict[str, Any]) -> NestlmFiles:
+    """Read and check a nestlm directory whose config.json is ``raw``."""
+    cfg = read_nestlm_config(path, raw)
+    tensors, where = read_safetensors(path)
+    return NestlmFiles(cfg, tensors, where, read_budgets(path, cfg), read_importance(path))
+
+
+def read_importance(path: Path) -> Importance | None:
+    f = path / IMPORTANCE_FILE
+    if not f.is_file():
+        return None
+    try:
+        return Importance.from_dict(json.loads(f.read_text()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{f} is not a valid importance file: {e!r}") from None
+
+
+def read_budgets(path: str | os.PathLike, cfg: ModelConfig | None = None) -> dict[str, Budget]:
+    """The frozen budgets of elastic.json ({} when the directory has none); ``cfg`` read from config.json if None."""
+    path = Path(path)
+    f = path / ELASTIC_FILE
     if not f.is_file():
         return {}
-    from .elastic.arch import ArchSpec
-
+    if cfg is None:
+        cfg = read_nestlm_config(path)
     try:
         data = json.loads(f.read_text())
-        out = {}
-        for name, b in data.items():
-            b = dict(b)
-            b["arch"] = ArchSpec.from_dict(b["arch"], cfg)
-            out[name] = b
+        return {name: Budget.from_dict(name, b, cfg) for name, b in data.items()}
     except NestlmError as e:
         raise CheckpointError(f"{f}: {e}") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{f} is not a valid elastic.json: {e!r}") from None
-    return out

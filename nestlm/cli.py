@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .checkpoint import ELASTIC_FILE, IMPORTANCE_FILE, require_new_dir
 from .errors import NestlmError
 
 
@@ -30,7 +31,7 @@ def load_tokenizer(model_dir: str, required: bool = True) -> Any:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .checkpoint import load
+    from .loading import load
 
     model = load(args.model).eval()
     tok = load_tokenizer(args.model)
@@ -73,7 +74,7 @@ def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
     """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
     from pathlib import Path
 
-    from .train import data as data_mod
+    from .train import sources as data_mod
 
     if data != "stdlib" and not data.startswith("reasoning") and not Path(data).exists():
         raise NestlmError(f"data {data} does not exist; give a text file, a directory, .jsonl, .parquet or stdlib")
@@ -83,29 +84,20 @@ def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
-    import torch
-
-    from .checkpoint import load, save_pretrained
-    from .elastic.importance import estimate_importance, reorder
+    from .checkpoint import save_pretrained
+    from .elastic.importance import calibration_batches, estimate_importance, reorder
+    from .loading import load
 
     _check_out(args.out)
     model = load(args.model).eval()
     tokens = _tokens_for(args.model, args.data, args.max_bytes)
-    block = args.seq_len
-    n_blocks = tokens.numel() // block
-    if n_blocks < 1:
-        raise NestlmError(
-            f"calibration data {args.data} has {tokens.numel()} tokens, fewer than one sequence of {block}; "
-            "give more data or a smaller --seq-len"
-        )
-    n = min(n_blocks, args.num_samples)
-    seqs = tokens[: n * block].view(n, block)
-    batches = list(torch.split(seqs, args.batch_size))
-    print(f"importance: {n} calibration sequences of {block} tokens from {args.data}")
+    batches = calibration_batches(tokens, args.seq_len, args.num_samples, args.batch_size, args.data)
+    n = sum(b.shape[0] for b in batches)
+    print(f"importance: {n} calibration sequences of {args.seq_len} tokens from {args.data}")
     imp = estimate_importance(model, batches, depth=not args.no_depth, depth_batches=args.depth_batches)
     reorder(model, imp)
     save_pretrained(model, args.out)
-    print(f"reordered checkpoint + importance.json written to {args.out}")
+    print(f"reordered checkpoint + {IMPORTANCE_FILE} written to {args.out}")
     print(f"layers, least important first: {imp.layer_order}")
     return 0
 
@@ -114,7 +106,7 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("importance", help="rank hidden channels, heads, neurons and layers; reorder the weights")
     p.add_argument("--model", required=True, help="nestlm or Hugging Face NemotronH model directory")
     p.add_argument("--data", required=True, help="text file, directory, .jsonl (text or input_ids), .parquet, stdlib")
-    p.add_argument("--out", required=True, help="new directory for the reordered checkpoint + importance.json")
+    p.add_argument("--out", required=True, help=f"new directory for the reordered checkpoint + {IMPORTANCE_FILE}")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (the paper uses 1024)")
@@ -125,10 +117,11 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .checkpoint import load, save_pretrained
+    from .checkpoint import save_pretrained
     from .elastic.arch import closest_homogeneous, count_parameters, parse_target
     from .elastic.importance import require_reordered
     from .interop import export_hf
+    from .loading import load
 
     _check_out(args.out)
     model = load(args.model)
@@ -155,8 +148,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_slice(args: argparse.Namespace) -> int:
-    from .checkpoint import load, save_pretrained
+    from .checkpoint import save_pretrained
     from .interop import export_hf
+    from .loading import load
 
     _check_out(args.out)
     model = load(args.model)
@@ -178,7 +172,7 @@ def cmd_slice(args: argparse.Namespace) -> int:
 def _add_slice(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slice", help="cut one budget out of an elastic checkpoint as a standalone model")
     p.add_argument("--model", required=True, help="elastic checkpoint directory")
-    p.add_argument("--budget", required=True, help="budget name (see elastic.json)")
+    p.add_argument("--budget", required=True, help=f"budget name (see {ELASTIC_FILE})")
     p.add_argument("--out", required=True)
     p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
     p.set_defaults(func=cmd_slice)
@@ -187,20 +181,15 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from .checkpoint import read_budgets
     from .train.recipe import load_recipe
     from .train.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
     out = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
-    elastic = Path(out) / "elastic.json"
-    if elastic.is_file():  # the frozen budgets, one line each
-        import json
-
-        for name, b in json.loads(elastic.read_text()).items():
-            from .elastic.arch import ArchSpec
-
-            desc = ArchSpec.from_dict(b["arch"]).describe()
-            print(f"  budget {name:>6}: {b['params']:,} params ({b['fraction']:.1%}; target {b['target']})  {desc}")
+    for name, b in read_budgets(out).items():  # the frozen budgets, one line each
+        desc = b.arch.describe()
+        print(f"  budget {name:>6}: {b.params:,} params ({b.fraction:.1%}; target {b.target})  {desc}")
     print(f"done: {out} (metrics in {Path(out) / 'metrics.jsonl'})")
     return 0
 
@@ -220,10 +209,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .checkpoint import load
     from .eval.evaluate import reasoning_accuracy, reasoning_tokens
     from .eval.perplexity import perplexity
     from .eval.report import print_table, write_report
+    from .loading import load
     from .tokenizer import ByteTokenizer
 
     out = Path(args.out)
@@ -298,7 +287,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from .serve import API_KEY_ENV, build_api, run
+    from .serve.server import API_KEY_ENV, build_api, run
 
     for name in ("port", "max_batch", "max_queue", "max_context"):
         v = getattr(args, name)
@@ -341,13 +330,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_out(out: str) -> None:
-    from pathlib import Path
-
-    p = Path(out)
-    if p.exists() and not p.is_dir():
-        raise NestlmError(f"--out {out} is a file; give a directory")
-    if p.is_dir() and any(p.iterdir()):
-        raise NestlmError(f"--out {out} is not empty; choose a new directory (nothing is overwritten)")
+    require_new_dir(out, "--out")
 
 
 # subcommand -> function that adds its parser; each parser sets func=...
@@ -366,7 +349,9 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nestlm",
-        description="Train one hybrid Mamba-Attention LM with smaller models nested inside it; slice or serve any of them.",
+        description=(
+            "Train one hybrid Mamba-Attention LM with smaller models nested inside it; slice or serve any of them."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS.values():
@@ -387,11 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     except NestlmError as e:
         print(f"nestlm: error: {e}", file=sys.stderr)
         return 2
-    except KeyError as e:  # unknown budget names and the like carry their message in args[0]
-        if e.args and isinstance(e.args[0], str) and " " in e.args[0]:
-            print(f"nestlm: error: {e.args[0]}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print("nestlm: interrupted", file=sys.stderr)
         return 130

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load, save_pretrained
+from .checkpoint import require_new_dir, save_pretrained
 from .elastic.arch import Target, closest_homogeneous, count_parameters
-from .elastic.importance import estimate_importance, reorder
+from .elastic.importance import calibration_batches, estimate_importance, reorder
 from .errors import NestlmError
+from .loading import load
 
 PARENT_DIR = Path(__file__).resolve().parent / "assets" / "parent"
 
@@ -35,11 +36,7 @@ def run_demo(
     from .train.recipe import load_recipe
     from .train.trainer import train
 
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise NestlmError(f"--out {out} is a file; give a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise NestlmError(f"--out {out} is not empty; choose a new directory (nothing is overwritten)")
+    out = require_new_dir(out, "--out")
     parent_dir = Path(parent) if parent is not None else PARENT_DIR
     if not (parent_dir / "config.json").is_file():
         raise NestlmError(f"the parent model is missing from {parent_dir}; reinstall nestlm")
@@ -54,13 +51,11 @@ def run_demo(
     t = time.time()
     parent = load(parent_dir).eval()
     from .tokenizer import ByteTokenizer
-    from .train import data as data_mod
+    from .train import sources as data_mod
 
     tok = ByteTokenizer()
     calib = data_mod.load_tokens("reasoning:short", tok, num_problems=400, seed=recipe.data.seed)
-    seq = 128
-    n = min(64 if not quick else 16, calib.numel() // seq)
-    batches = list(calib[: n * seq].view(n, seq).split(8))
+    batches = calibration_batches(calib, 128, 64 if not quick else 16, 8)
     imp = estimate_importance(parent, batches, depth_batches=2, progress=progress)
     reorder(parent, imp)
     ranked = out / "parent-ranked"
@@ -87,12 +82,13 @@ def run_demo(
         save_pretrained(small, path)
         models.append({"name": f"elastic-{name}", "kind": "elastic", "path": str(path), "budget": name})
         print(
-            f"  {name:>6}: {model.elastic[name]['arch'].describe()}  ({sum(p.numel() for p in small.parameters()):,} params)"
+            f"  {name:>6}: {model.budget(name).arch.describe()}  "
+            f"({sum(p.numel() for p in small.parameters()):,} params)"
         )
 
     # 4. the one-shot pruned baseline at the same sizes
     for name in model.budgets:
-        n_params = model.elastic[name]["params"]
+        n_params = model.budget(name).params
         if n_params >= total:
             continue
         spec = closest_homogeneous(parent.config, Target("params", n_params))

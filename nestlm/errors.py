@@ -7,3 +7,10 @@ class NestlmError(Exception):
 
 class CheckpointError(NestlmError):
     """A checkpoint directory or file is missing, malformed or inconsistent."""
+
+
+class UnknownBudgetError(NestlmError, KeyError):
+    """A budget name that the model does not have; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""

@@ -14,7 +14,19 @@ order that makes every such sub-network a prefix:
   * hidden channels, MLP neurons and head channels in importance order (after
     ``nestlm.reorder``) so that the most important come first.
 Two rarer choices (a Mamba head_dim below the full one; fewer KV heads together with
-fewer query heads per KV group) are not prefixes; they gather the rows they need.
+fewer query heads per KV group) are not prefixes; they gather the rows they need. Which
+rows, ``nestlm.elastic.index`` says, for this forward and for slicing alike.
+
+Training reaches inside the forward through one object, a ``Tap`` (``forward(tap=...)``):
+importance estimation reads named activations, router training replaces them with soft
+masks and multiplies block outputs by straight-through gates. A Tap is passed down to
+the blocks explicitly rather than installed as forward hooks or a wrapper (DESIGN.md rules
+both out): the path is visible in the code, costs nothing when ``tap`` is None (inference),
+and keeps inference's forward signature free of training arguments.
+
+Imports run one way: this file imports config, cache, ssd and the index helpers only; the
+thin conveniences at the bottom (generate, save_pretrained, slice) call modules that never
+import this one back.
 """
 
 from __future__ import annotations
@@ -32,19 +44,19 @@ import torch.utils.checkpoint
 
 from .cache import AttentionState, InferenceCache, MambaState
 from .config import LayerSpec, ModelConfig
+from .elastic.index import head_channels, query_channels
+from .errors import UnknownBudgetError
 from .ssd import causal_conv1d, ssd_scan, ssd_step
+from .tap import Tap
 
 if TYPE_CHECKING:
+    from .checkpoint import Budget
     from .elastic.arch import ArchSpec
+    from .elastic.importance import Importance
 
 
-# A probe sees named activations (importance scoring) and may return a replacement
-# (the soft channel masks of router training); None keeps the activation.
-Probe = Callable[[str, torch.Tensor], torch.Tensor | None]
-
-
-def _tapped(new: torch.Tensor | None, old: torch.Tensor) -> torch.Tensor:
-    return old if new is None else new
+# What a mixer sees of the Tap: its block's ``activation`` with the layer bound.
+Probe = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -61,13 +73,6 @@ def _take(w: torch.Tensor, dim: int, sel: int | torch.Tensor) -> torch.Tensor:
     if isinstance(sel, int):
         return w if sel == w.shape[dim] else w.narrow(dim, 0, sel)
     return w.index_select(dim, sel.to(w.device))
-
-
-def _head_channels(n_heads: int, full_dim: int, dim: int) -> int | torch.Tensor:
-    """Channels of the first n_heads heads keeping the first ``dim`` of ``full_dim`` each."""
-    if dim == full_dim:
-        return n_heads * full_dim
-    return (torch.arange(n_heads)[:, None] * full_dim + torch.arange(dim)[None]).reshape(-1)
 
 
 # --------------------------------------------------------------------------- norms
@@ -147,7 +152,7 @@ class Mamba2Mixer(nn.Module):
         P = self.P if active is None else active.head_dim
         G, N = self.G, self.N
         HP = H * P
-        ch = _head_channels(H, self.P, P)  # active x (and z) channels within the full d_inner
+        ch = head_channels(H, self.P, P)  # active x (and z) channels within the full d_inner
         W = _take(self.in_proj.weight, 1, D)  # (rows, D)
         bias = self.in_proj.bias
         xbc_in = None
@@ -169,7 +174,7 @@ class Mamba2Mixer(nn.Module):
         if pad_mask is not None:  # padding must not enter the conv window or the state
             x, bc = x * pad_mask[..., None], bc * pad_mask[..., None]
         if probe is not None:
-            x = _tapped(probe("mamba_x", x), x)  # (B, L, H*P): the x part of in_proj's output
+            x = probe("mamba_x", x)  # (B, L, H*P): the x part of in_proj's output
 
         # causal conv over [x, B, C]; x channels and B/C channels are separate slices of one conv
         cw = self.conv1d.weight[:, 0]  # (d_inner + d_bc, K)
@@ -265,12 +270,7 @@ class Attention(nn.Module):
         nq = self.nq if active is None else active.heads
         nkv = self.nkv if active is None else active.kv_heads
         hd = self.hd
-        if nkv == self.nkv:  # query heads [0, nq): a prefix (rank-major within KV groups)
-            qsel: int | torch.Tensor = nq * hd
-        else:  # fewer KV groups too: query head r*nkv + g of the slice is r*n_kv_full + g here
-            r, g = torch.arange(nq // nkv)[:, None], torch.arange(nkv)[None]
-            heads = (r * self.nkv + g).reshape(-1)
-            qsel = (heads[:, None] * hd + torch.arange(hd)[None]).reshape(-1)
+        qsel = query_channels(self.nkv, hd, nq, nkv)  # a prefix unless fewer KV groups are kept too
 
         def lin(m: nn.Linear, rows: int | torch.Tensor) -> torch.Tensor:
             w = _take(_take(m.weight, 1, D), 0, rows)
@@ -293,7 +293,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(Bsz, L, nq * hd)  # (B, L, nq*hd)
         if probe is not None:
-            y = _tapped(probe("attn_out", y), y)  # the input of o_proj: every head's output
+            y = probe("attn_out", y)  # the input of o_proj: every head's output
         ow = _take(_take(self.o_proj.weight, 0, D), 1, qsel)
         return F.linear(y, ow, None if self.o_proj.bias is None else self.o_proj.bias[:D]), state
 
@@ -319,7 +319,7 @@ class MLP(nn.Module):
         h = lin(self.up_proj)
         h = F.silu(lin(self.gate_proj)) * h if self.act == "swiglu" else torch.relu(h).square()
         if probe is not None:
-            h = _tapped(probe("mlp_act", h), h)  # (B, L, ffn): neuron activations
+            h = probe("mlp_act", h)  # (B, L, ffn): neuron activations
         db = None if self.down_proj.bias is None else self.down_proj.bias[:D]
         return F.linear(h, _take(_take(self.down_proj.weight, 0, D), 1, f), db)
 
@@ -341,12 +341,14 @@ class Block(nn.Module):
         ctx: _StepContext,
         active: LayerSpec | None,
         state: AttentionState | MambaState | None,
-        probe: Probe | None = None,
-        gate: torch.Tensor | None = None,
+        layer: int = 0,
     ) -> tuple[torch.Tensor, AttentionState | MambaState | None]:
+        tap = ctx.tap
+        reads = tap is not None and type(tap).activation is not Tap.activation  # gates only: the plain path
+        probe = functools.partial(tap.activation, layer) if reads else None
         x = self.norm(h.to(self.norm.weight.dtype), ctx.hidden)
         if probe is not None:
-            x = _tapped(probe("norm", x), x)
+            x = probe("norm", x)
         if self.kind == "mamba":
             out, state = self.mixer(x, active, ctx.hidden, state, ctx.pad_mask, decode=ctx.use_cache, probe=probe)
         elif self.kind == "attention":
@@ -363,6 +365,7 @@ class Block(nn.Module):
             )
         else:
             out = self.mixer(x, active, probe=probe)
+        gate = None if tap is None else tap.block_gate(layer)
         if gate is not None:
             out = out * gate
         return h + out.to(h.dtype), state
@@ -378,6 +381,7 @@ class _StepContext:
     positions: torch.Tensor | None
     use_cache: bool
     capacity: int
+    tap: Tap | None = None
 
 
 class HybridLM(nn.Module):
@@ -394,9 +398,9 @@ class HybridLM(nn.Module):
         self.layers = nn.ModuleList(Block(config, spec) for spec in config.layers)
         self.norm_f = RMSNorm(config.hidden_size, config.norm_eps)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.elastic: dict[str, Any] = {}  # budget name -> {"arch": ArchSpec, ...} (elastic checkpoints)
+        self.elastic: dict[str, Budget] = {}  # budget name -> its frozen Budget (elastic checkpoints)
         self.source_dir: str | None = None  # where it was loaded from (tokenizer files live there)
-        self.importance: Any = None  # elastic.importance.Importance once ranked (importance.json)
+        self.importance: Importance | None = None  # set once ranked (nestlm.reorder, or loaded)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         self.reset_parameters()
 
@@ -443,6 +447,13 @@ class HybridLM(nn.Module):
         """Names of the frozen budgets of an elastic checkpoint ([] for a plain model)."""
         return list(self.elastic)
 
+    def budget(self, name: str) -> Budget:
+        """The frozen Budget record (target, ArchSpec, exact parameter count) of budget ``name``."""
+        if name not in self.elastic:
+            known = ", ".join(self.budgets) or "none: this is not an elastic checkpoint"
+            raise UnknownBudgetError(f"unknown budget {name!r}; known budgets: {known}")
+        return self.elastic[name]
+
     def output_weight(self) -> torch.Tensor:
         return self.embeddings.weight if self.lm_head is None else self.lm_head.weight
 
@@ -451,10 +462,7 @@ class HybridLM(nn.Module):
         if budget is not None:
             if arch is not None:
                 raise ValueError("give either arch= or budget=, not both")
-            if budget not in self.elastic:
-                known = ", ".join(self.budgets) or "none: this is not an elastic checkpoint"
-                raise KeyError(f"unknown budget {budget!r}; known budgets: {known}")
-            return self.elastic[budget]["arch"]
+            return self.budget(budget).arch
         return None if arch is None else arch.validate(self.config)  # a bad spec must not run silently
 
     def num_parameters(self, budget: str | None = None, arch: ArchSpec | None = None) -> int:
@@ -474,21 +482,14 @@ class HybridLM(nn.Module):
         budget: str | None = None,
         num_logits: int | None = None,
         return_hidden: bool = False,
-        probe: Callable[[int, str, torch.Tensor], torch.Tensor | None] | None = None,
-        gates: dict[str, Any] | None = None,
+        tap: Tap | None = None,
     ) -> ModelOutput:
         """Logits for ``input_ids`` (B, L).
 
         cache: an InferenceCache to read and extend (prefill when empty, then decode).
         attention_mask: (B, L) or (B, cached + L), 1 for real tokens, 0 for left padding.
         num_logits: compute logits only for the last ``num_logits`` positions.
-        probe: called as probe(layer, name, tensor) with the activations importance
-            estimation scores (pre-norm outputs, Mamba x, attention head outputs, MLP
-            activations); it may return a replacement (soft masks). None on every other path.
-        gates: router training only: {"hidden": scalar, "layers": [scalar or None per layer]}
-            multiplying the embedding output and each block's output. In hard mode these are
-            straight-through factors equal to 1.0, so the forward is exactly the sliced one
-            while the task loss reaches the router.
+        tap: training only (importance scores, router masks and gates); see ``Tap``.
         """
         spec = self.resolve_arch(arch, budget)
         cfg = self.config
@@ -537,22 +538,20 @@ class HybridLM(nn.Module):
         h = F.embedding(input_ids, self.embeddings.weight[:, :hidden])  # (B, L, hidden)
         if cfg.residual_in_fp32:
             h = h.float()
-        layer_gates = gates.get("layers") if gates else None
-        if gates and gates.get("hidden") is not None:
-            h = h * gates["hidden"]
+        emb_gate = None if tap is None else tap.embedding_gate()
+        if emb_gate is not None:
+            h = h * emb_gate
         ctx = _StepContext(
-            hidden, pad_mask, attn_mask, positions, cache is not None, cache.capacity if cache is not None else 0
+            hidden, pad_mask, attn_mask, positions, cache is not None, cache.capacity if cache is not None else 0, tap
         )
         for i, block in enumerate(self.layers):
             if spec is not None and actives[i] is None:
                 continue  # a dropped layer is the identity
             st = cache.layers[i] if cache is not None else None
-            rec = functools.partial(probe, i) if probe is not None else None
-            gate = layer_gates[i] if layer_gates is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                h, st = torch.utils.checkpoint.checkpoint(block, h, ctx, actives[i], st, rec, gate, use_reentrant=False)
+                h, st = torch.utils.checkpoint.checkpoint(block, h, ctx, actives[i], st, i, use_reentrant=False)
             else:
-                h, st = block(h, ctx, actives[i], st, rec, gate)
+                h, st = block(h, ctx, actives[i], st, i)
             if cache is not None and block.kind != "mlp":
                 cache.layers[i] = st
         if cache is not None:
@@ -581,5 +580,5 @@ class HybridLM(nn.Module):
         from .elastic.slicing import slice_model
 
         if isinstance(spec, str):
-            spec = self.resolve_arch(budget=spec)
+            spec = self.budget(spec).arch
         return slice_model(self, spec)

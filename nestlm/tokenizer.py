@@ -12,6 +12,8 @@ from typing import Protocol
 
 from .errors import NestlmError
 
+BYTE_TOKENIZER_FILE = "nestlm_tokenizer.json"  # {"type": "bytes"}: the model reads UTF-8 bytes
+
 
 class Tokenizer(Protocol):
     eos_token_id: int | None
@@ -69,7 +71,7 @@ def load_tokenizer(model_dir: str | Path | None, required: bool = True) -> Token
         d = Path(model_dir)
         if (d / "tokenizer.json").is_file():
             return HFTokenizer(d / "tokenizer.json")
-        if (d / "nestlm_tokenizer.json").is_file():
+        if (d / BYTE_TOKENIZER_FILE).is_file():
             return ByteTokenizer()
     if required:
         raise NestlmError(

@@ -64,7 +64,8 @@ class ArchSpec:
                 d = dict(ls)
                 if d.get("kind", parent.kind) != parent.kind:
                     raise ArchError(
-                        f"layer {i} ({parent.kind}): per-layer spec says kind {d['kind']!r}; a layer's kind cannot change"
+                        f"layer {i} ({parent.kind}): per-layer spec says kind {d['kind']!r}; "
+                        "a layer's kind cannot change"
                     )
                 out.append(
                     _layer_spec(i, parent.kind, lambda d=d, parent=parent: LayerSpec.from_dict(parent.to_dict() | d))

@@ -1,6 +1,6 @@
 """Importance: calibration scores for every elastic axis, and the permutation into importance order.
 
-Width scores come from forward passes only (the model's ``probe`` argument hands
+Width scores come from forward passes only (the model's ``tap`` argument hands
 over the activations); aggregation as Minitron does it: mean over the sequence,
 L2 over the batch.
   hidden channel  sum over layers of |pre-norm output|
@@ -19,21 +19,18 @@ the function of the full model does not change.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..errors import NestlmError
+from ..tap import Tap
 from .arch import ArchSpec
 
 if TYPE_CHECKING:
     from ..model import HybridLM
-
-IMPORTANCE_FILE = "importance.json"
 
 
 @dataclass
@@ -70,21 +67,15 @@ class Importance:
             reordered=d.get("reordered", False),
         )
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
 
-    @classmethod
-    def load(cls, path: str | Path) -> Importance:
-        return cls.from_dict(json.loads(Path(path).read_text()))
-
-
-class _Accumulator:
+class _Accumulator(Tap):
     """Sum over samples of (mean over sequence of |activation|)^2, per unit."""
 
     def __init__(self) -> None:
         self.sq: dict[tuple[int, str], torch.Tensor] = {}
 
-    def __call__(self, layer: int, name: str, t: torch.Tensor) -> None:
+    def activation(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        out = t
         t = t.detach().float()
         if name == "attn_out":  # (B, L, nq*hd) -> per-head norm (B, L, nq)
             t = t.view(*t.shape[:2], -1, self._head_dim[layer]).norm(dim=-1)
@@ -92,9 +83,28 @@ class _Accumulator:
         s = a.pow(2).sum(dim=0)  # squares summed over the batch (L2 at the end)
         key = (layer, name)
         self.sq[key] = self.sq[key] + s if key in self.sq else s
+        return out
 
     def score(self, layer: int, name: str) -> torch.Tensor:
         return self.sq[(layer, name)].sqrt()
+
+
+def calibration_batches(
+    tokens: torch.Tensor, seq_len: int, num_samples: int, batch_size: int, source: str = "the data"
+) -> list[torch.Tensor]:
+    """The first ``num_samples`` sequences of ``seq_len`` tokens of a token stream, in batches (B, T).
+
+    The one calibration set-up of ``nestlm importance`` and the demo (training's automatic
+    importance draws its batches from the run's own loader).
+    """
+    n_blocks = tokens.numel() // seq_len
+    if n_blocks < 1:
+        raise NestlmError(
+            f"calibration data {source} has {tokens.numel()} tokens, fewer than one sequence of {seq_len}; "
+            "give more data or a smaller --seq-len"
+        )
+    n = min(n_blocks, num_samples)
+    return list(tokens[: n * seq_len].view(n, seq_len).split(batch_size))
 
 
 def _materialize(batches: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -134,7 +144,7 @@ def estimate_importance(
     device = model.embeddings.weight.device
     n = 0
     for b in tqdm(data, desc="importance: width", disable=not progress, unit="batch"):
-        model(b.to(device), probe=acc, num_logits=1)
+        model(b.to(device), tap=acc, num_logits=1)
         n += b.shape[0]
 
     hidden = sum(acc.score(i, "norm") for i in range(cfg.n_layers))
@@ -301,7 +311,7 @@ def require_reordered(model: HybridLM, what: str) -> Importance:
     if imp is None or not imp.reordered:
         src = model.source_dir or "this model"
         raise NestlmError(
-            f"{what} needs a model reordered by importance, and {src} has no {IMPORTANCE_FILE}; "
+            f"{what} needs a model reordered by importance, and {src} has no importance ranking; "
             f"run `nestlm importance --model {src} --data DATA --out DIR` first and use DIR"
         )
     return imp

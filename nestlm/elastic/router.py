@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from ..tap import Tap
 from .arch import DTYPE_BYTES, ArchError, ArchSpec, Target, block_cache_bytes, block_parameters
 
 AXES = ("hidden", "mamba_heads", "attn_heads", "mlp", "depth")
@@ -249,6 +250,14 @@ class ElasticRouters(nn.Module):
         keep = self.keep_probs(sample)
         return {"hidden": None, "layers": [keep[i] for i in range(self.config.n_layers)]}
 
+    def hard_tap(self, sample: RouterSample) -> Tap:
+        """The Tap of hard mode: the straight-through gates, no masks (the sub-network runs sliced)."""
+        return _GateTap(self.hard_gates(sample))
+
+    def soft_tap(self, sample: RouterSample) -> Tap:
+        """The Tap of soft mode: the full width under soft masks, depth as soft gates."""
+        return _MaskTap(self.soft_gates(sample), self.soft_probe(sample))
+
     # ------------------------------------------------------------------------- costs
     def keep_probs(self, sample: RouterSample) -> torch.Tensor:
         """Probability that each layer is kept under the depth distribution (ones without depth)."""
@@ -370,6 +379,31 @@ class ElasticRouters(nn.Module):
             if ok(ch) or (cost(ch) > goal) != over:
                 break
         return self.arch(ch)
+
+
+class _GateTap(Tap):
+    """Router gates on the embedding and block outputs (hard mode, and depth in soft mode)."""
+
+    def __init__(self, gates: dict[str, Any]) -> None:
+        self.gates = gates
+
+    def embedding_gate(self) -> torch.Tensor | None:
+        return self.gates["hidden"]
+
+    def block_gate(self, layer: int) -> torch.Tensor | None:
+        return self.gates["layers"][layer]
+
+
+class _MaskTap(_GateTap):
+    """Soft mode: the gates, plus masks sum_i pi_i * mask_i on the elastic activations."""
+
+    def __init__(self, gates: dict[str, Any], probe: Any) -> None:
+        super().__init__(gates)
+        self.probe = probe
+
+    def activation(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        new = self.probe(layer, name, t)
+        return t if new is None else new
 
 
 def gumbel_schedule(step: int, total: int, tau: tuple[float, float], scale: tuple[float, float]) -> tuple[float, float]:

@@ -14,6 +14,8 @@ import torch
 
 from ..config import LayerSpec
 from .arch import ArchSpec
+from .index import as_index, query_channels
+from .index import head_channels as _head_channels
 
 if TYPE_CHECKING:
     from ..model import HybridLM
@@ -27,14 +29,7 @@ def _prefix(n: int) -> Sel:
 
 def head_channels(n_heads: int, full_dim: int, dim: int) -> Sel:
     """Channels of the first ``n_heads`` heads of width ``full_dim``, keeping ``dim`` of each."""
-    return (torch.arange(n_heads)[:, None] * full_dim + torch.arange(dim)[None]).reshape(-1)
-
-
-def query_heads(parent: LayerSpec, active: LayerSpec) -> Sel:
-    """Parent query heads kept, in the slice's rank-major order (slice head r*kv' + g = parent r*kv + g)."""
-    r = torch.arange(active.heads // active.kv_heads)[:, None]
-    g = torch.arange(active.kv_heads)[None]
-    return (r * parent.kv_heads + g).reshape(-1)
+    return as_index(_head_channels(n_heads, full_dim, dim))
 
 
 def layer_rules(parent: LayerSpec, active: LayerSpec, hidden: int) -> dict[str, tuple[Sel | None, ...]]:
@@ -60,8 +55,7 @@ def layer_rules(parent: LayerSpec, active: LayerSpec, hidden: int) -> dict[str, 
             "mixer.out_proj.bias": (D,),
         }
     elif parent.kind == "attention":
-        q = head_channels(parent.heads, parent.head_dim, parent.head_dim).view(parent.heads, -1)
-        q = q[query_heads(parent, active)].reshape(-1)
+        q = as_index(query_channels(parent.kv_heads, parent.head_dim, active.heads, active.kv_heads))
         kv = _prefix(active.kv_heads * parent.head_dim)
         rules |= {
             "mixer.q_proj.weight": (q, D),
@@ -91,13 +85,11 @@ def _index(t: torch.Tensor, sels: tuple[Sel | None, ...]) -> torch.Tensor:
 @torch.no_grad()
 def slice_model(model: HybridLM, spec: ArchSpec) -> HybridLM:
     """A standalone HybridLM holding exactly the weights that ``spec`` keeps."""
-    from ..model import HybridLM
-
     cfg = model.config
     spec.validate(cfg)
     small_cfg = spec.to_config(cfg)
     with torch.device("meta"):
-        small = HybridLM(small_cfg)
+        small = type(model)(small_cfg)
     parent_sd = model.state_dict()
     D = _prefix(spec.hidden)
     sd: dict[str, torch.Tensor] = {

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from ..tasks import reasoning
 from ..tokenizer import ByteTokenizer, Tokenizer
-from . import reasoning
 from .perplexity import perplexity
 
 
@@ -99,7 +99,7 @@ def evaluate_models(
     n_reasoning: int = 64,
 ) -> list[dict[str, Any]]:
     """Rows (name, kind, params, fraction, loss, ppl, accuracy) for standalone model directories."""
-    from ..checkpoint import load
+    from ..loading import load
 
     tok = ByteTokenizer()
     tokens = reasoning_tokens(tok, 150 if quick else n_ppl_problems)

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..checkpoint import atomic_dir, check_state_dict, copy_tokenizer, read_safetensors, write_json
 from ..config import ConfigError, LayerSpec, ModelConfig
 from ..errors import CheckpointError
+from ..model import HybridLM
 
 HF_KIND = {
     "linear_attention": "mamba",
@@ -168,10 +169,8 @@ def permute_heads(cfg: ModelConfig, sd: dict[str, torch.Tensor], to_nestlm: bool
     return {k: v.contiguous() for k, v in sd.items()}
 
 
-def load_hf(path: Path, raw: dict[str, Any] | None = None) -> Any:
+def load_hf(path: Path, raw: dict[str, Any] | None = None) -> HybridLM:
     """Load a Hugging Face NemotronH directory (config.json + single or sharded safetensors)."""
-    from ..model import HybridLM
-
     path = Path(path)
     if raw is None:
         raw = json.loads((path / "config.json").read_text())

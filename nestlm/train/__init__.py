@@ -1,5 +1,5 @@
-"""Training: data pipeline (data.py), losses, recipes, the elastic trainer and its stages, distributed setup.
+"""Training: data sources and loader, losses, recipes, schedules, the checkpointer, the trainer, distributed setup.
 
-Submodules are imported on use (``from nestlm.train import data``) so that importing this
+Submodules are imported on use (``from nestlm.train import sources``) so that importing this
 package stays cheap.
 """

@@ -301,7 +301,8 @@ def stage_probs(recipe: Recipe, stage: StageSection) -> list[float]:
     if isinstance(bp, list):
         if len(bp) != len(names):
             raise RecipeError(
-                f"stage {stage.name!r}: budget_probs has {len(bp)} entries for {len(names)} budgets ({', '.join(names)})"
+                f"stage {stage.name!r}: budget_probs has {len(bp)} entries for {len(names)} budgets "
+                f"({', '.join(names)})"
             )
         probs = [float(p) for p in bp]
     elif isinstance(bp, dict):

@@ -105,7 +105,10 @@ def _break(kind: str, d: Path) -> str:
         return "unexpected tensor 'layers.0.mixer.extra' in model.safetensors (as 'backbone.layers.0.mixer.extra')"
     if kind == "wrong-shape":
         _edit_tensors(d, lambda t: t.__setitem__("backbone.layers.1.mixer.up_proj.weight", torch.zeros(7, 48)))
-        return "tensor 'layers.1.mixer.up_proj.weight' in model.safetensors (as 'backbone.layers.1.mixer.up_proj.weight') has shape (7, 48), the config needs (56, 48)"
+        return (
+            "tensor 'layers.1.mixer.up_proj.weight' in model.safetensors "
+            "(as 'backbone.layers.1.mixer.up_proj.weight') has shape (7, 48), the config needs (56, 48)"
+        )
     if kind == "truncated":
         data = f.read_bytes()
         f.write_bytes(data[: len(data) // 2])

@@ -19,8 +19,8 @@ import torch
 import uvicorn
 
 import nestlm
-from nestlm.serve import build_api
 from nestlm.serve.app import create_app
+from nestlm.serve.server import build_api
 from nestlm.tokenizer import ByteTokenizer
 from tests.unit.test_scheduler import CHAT_TEMPLATE, FakeClock, elastic_model, solo, write_model_dir
 

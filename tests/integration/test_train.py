@@ -51,7 +51,7 @@ def test_budgets_within_tolerance_and_kd_falls(tiny_run: Path) -> None:
     with torch.no_grad():
         teacher = parent(x).logits
         for name in model.budgets:
-            arch = model.elastic[name]["arch"]
+            arch = model.budget(name).arch
             before = float(kd_loss(parent(x, arch=arch).logits, teacher))
             after = float(kd_loss(model(x, arch=arch).logits, teacher))
             if name == "full":

@@ -43,7 +43,7 @@ def test_modes_train_and_freeze(tmp_path: Path, overrides: list[str]) -> None:
         with torch.no_grad():
             assert (model.slice(name)(ids).logits - model(ids, budget=name).logits).abs().max() <= 1e-5
     if "elastic.axes.depth=[0,1,2]" in overrides:
-        assert all(model.elastic[n]["arch"].layers.count(None) <= 2 for n in model.budgets)
+        assert all(model.budget(n).arch.layers.count(None) <= 2 for n in model.budgets)
 
 
 def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:

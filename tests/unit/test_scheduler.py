@@ -10,11 +10,15 @@ import pytest
 import torch
 
 import nestlm
+from nestlm.checkpoint import Budget
 from nestlm.config import ModelConfig
 from nestlm.elastic.arch import ArchSpec, closest_homogeneous, parse_target
 from nestlm.serve.scheduler import LatencyTracker, QueueFull, Request, Scheduler
 
-CHAT_TEMPLATE = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def elastic_model(rope: bool = True, eos: int | None = 2) -> nestlm.HybridLM:
@@ -39,11 +43,11 @@ def elastic_model(rope: bool = True, eos: int | None = 2) -> nestlm.HybridLM:
     )
     model = nestlm.HybridLM(cfg).eval()
     model.reset_parameters(seed=0)
-    model.elastic = {"full": {"arch": ArchSpec.full(cfg)}}
-    for name in ("75", "50"):
-        model.elastic[name] = {"arch": closest_homogeneous(cfg, parse_target(str(int(name) / 100)))}
-    for b in model.elastic.values():
-        b["params"] = b["arch"].num_parameters(cfg)
+    total = ArchSpec.full(cfg).num_parameters(cfg)
+    for name, target in (("full", "1.0"), ("75", "0.75"), ("50", "0.5")):
+        spec = ArchSpec.full(cfg) if name == "full" else closest_homogeneous(cfg, parse_target(target))
+        n = spec.num_parameters(cfg)
+        model.elastic[name] = Budget(name=name, target=target, arch=spec, params=n, fraction=n / total)
     return model
 
 
@@ -204,7 +208,7 @@ def test_joined_cache_decode_equals_uncached_forward(rope: bool, one_thread) -> 
     from nestlm.serve.scheduler import _row_caches_join, _trim_left
 
     model = elastic_model(rope=rope)
-    spec = model.elastic["75"]["arch"]
+    spec = model.budget("75").arch
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 259, (n,), generator=g).tolist() for n in (23, 5, 14)]
     cache = None

@@ -1,0 +1,139 @@
+"""The elastic pieces of a training run: budgets and their sampler, the routers, the loss mix, freezing.
+
+One optimizer step trains one budget, drawn with the stage's probabilities from a seeded
+generator (the same on every rank). The full budget runs the whole model with no masks;
+any other budget samples its routers (Gumbel-Softmax) and, in hard mode, runs its
+sub-network *sliced*. Loss = KL(teacher || student) + lambda * budget loss. At the end,
+each budget's argmax choices are frozen into a ``Budget`` record.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..checkpoint import Budget
+from ..config import ModelConfig
+from ..errors import NestlmError
+from ..train.losses import ce_loss, kd_loss
+from .arch import ArchSpec, Target, count_parameters, parse_target
+from .router import ElasticRouters, RouterSample, resolve_choices
+
+if TYPE_CHECKING:
+    from ..train.recipe import ElasticSection
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def memory_kw(e: ElasticSection) -> dict[str, Any]:
+    """The dtype, batch and context that memory targets are counted at."""
+    m = e.memory
+    return {"dtype": DTYPES[m.dtype], "batch": m.batch, "context": m.context}
+
+
+def parse_budgets(e: ElasticSection) -> dict[str, Target]:
+    return {name: parse_target(t) for name, t in e.budgets.items()}
+
+
+def make_routers(cfg: ModelConfig, e: ElasticSection, n_budgets: int, layer_order: list[int] | None) -> ElasticRouters:
+    return ElasticRouters(
+        cfg,
+        resolve_choices(cfg, e.axes),
+        n_budgets=n_budgets,
+        layer_order=layer_order,
+        d_router=e.d_router,
+        heterogeneous=e.heterogeneous,
+    )
+
+
+def check_reachable(cfg: ModelConfig, targets: dict[str, Target], e: ElasticSection, layer_order: Any) -> None:
+    """Every parameter target lies between the smallest choice the axes allow and the parent."""
+    total = count_parameters(cfg)
+    for name, t in targets.items():
+        if t.kind == "memory":
+            continue
+        p = t.params(cfg)
+        if p > total * 1.0001:
+            raise NestlmError(f"budget {name!r} asks for {p:.4g} parameters; the parent has only {total:.4g}")
+        choices = resolve_choices(cfg, e.axes)
+        smallest = ArchSpec.full(cfg)
+        if choices:
+            routers = ElasticRouters(cfg, choices, 1, layer_order=layer_order)
+            smallest = routers.arch({a: torch.tensor([len(v) - 1]) for a, v in choices.items()})
+        low = smallest.num_parameters(cfg)
+        if p < low * (1 - e.tolerance):
+            raise NestlmError(
+                f"budget {name!r} ({t}) = {p:.4g} parameters is below the smallest choice the axes allow "
+                f"({low:.4g}); add smaller choices to elastic.axes or raise the budget"
+            )
+
+
+class BudgetSampler:
+    """Draws the budget of each step with the stage's probabilities; its state resumes exactly."""
+
+    def __init__(self, names: list[str], seed: int) -> None:
+        self.names = names
+        self.rng = random.Random(seed)
+
+    def draw(self, probs: list[float]) -> str:
+        return self.rng.choices(self.names, weights=probs, k=1)[0]
+
+
+def student_loss(
+    forward: Callable[..., torch.Tensor],
+    model: torch.nn.Module,
+    routers: ElasticRouters | None,
+    sample: RouterSample | None,
+    arch: ArchSpec | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t_logits: torch.Tensor,
+    e: ElasticSection,
+) -> torch.Tensor:
+    """The distillation loss of one micro-batch at the step's budget (+ CE for a trainable teacher)."""
+    if sample is None:  # the full budget: no masks
+        s_logits = forward(model, x)
+        loss = kd_loss(s_logits, t_logits, e.kd_temperature, y)
+        if e.trainable_teacher:
+            loss = loss + ce_loss(s_logits, y)
+        return loss
+    if e.mask == "hard":
+        s_logits = forward(model, x, arch=arch, tap=routers.hard_tap(sample))
+    else:
+        s_logits = forward(model, x, tap=routers.soft_tap(sample))
+    return kd_loss(s_logits, t_logits, e.kd_temperature, y)
+
+
+def freeze_budgets(
+    cfg: ModelConfig,
+    names: list[str],
+    targets: dict[str, Target],
+    routed: list[str],
+    routers: ElasticRouters | None,
+    e: ElasticSection,
+    elastic: bool,
+) -> dict[str, Budget]:
+    """Each budget's frozen architecture (within tolerance of its target) as a Budget record."""
+    total = count_parameters(cfg)
+    out = {}
+    for name in names:
+        t = targets.get(name, Target("fraction", 1.0))
+        if name in routed:
+            spec = routers.freeze(routed.index(name), t, e.tolerance, scale=e.logit_scale[1], **memory_kw(e))
+        else:
+            spec = ArchSpec.full(cfg)
+        n = spec.num_parameters(cfg)
+        m = e.memory
+        out[name] = Budget(
+            name=name,
+            target=str(e.budgets.get(name, 1.0)) if elastic else "1.0",
+            target_description=str(t),
+            arch=spec,
+            params=n,
+            fraction=n / total,
+            memory_bytes=spec.memory_bytes(cfg, DTYPES[m.dtype], m.batch, m.context),
+        )
+    return out

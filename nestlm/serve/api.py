@@ -1,0 +1,393 @@
+"""The server's request side: validation of every field (OpenAI-shaped errors), the chat
+template, and :class:`Api`, which turns a validated request into scheduler requests.
+
+No request field names a file: nothing here reads or writes one but the model directory's
+own tokenizer config, read once at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from .scheduler import QueueFull, Scheduler
+from .scheduler import Request as GenRequest
+
+MAX_STOPS = 4
+MAX_LOGPROBS = 20
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ApiError(Exception):
+    """A request the API refuses: HTTP status and the OpenAI error fields."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.kind = kind or {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
+            status, "invalid_request_error"
+        )
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def load_chat_template(model_dir: str | Path | None) -> str | None:
+    """The chat template of a model directory: tokenizer_config.json's ``chat_template`` or chat_template.jinja."""
+    if model_dir is None:
+        return None
+    d = Path(model_dir)
+    cfg = d / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            t = json.loads(cfg.read_text()).get("chat_template")
+        except (OSError, ValueError, AttributeError):
+            t = None
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+            named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
+            t = named.get("default") or next(iter(named.values()), None)
+        if isinstance(t, str) and t:
+            return t
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    return None
+
+
+def _special_tokens(model_dir: str | Path | None) -> dict[str, str]:
+    """bos_token / eos_token strings of tokenizer_config.json, which templates refer to."""
+    out: dict[str, str] = {}
+    f = Path(model_dir) / "tokenizer_config.json" if model_dir else None
+    if f is not None and f.is_file():
+        try:
+            raw = json.loads(f.read_text())
+        except (OSError, ValueError):
+            return out
+        for k in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            v = raw.get(k) if isinstance(raw, dict) else None
+            if isinstance(v, dict):
+                v = v.get("content")
+            if isinstance(v, str):
+                out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------ validation
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class Params:
+    """A validated generation request: prompts as token ids and every sampling field."""
+
+    model: str
+    prompts: list[list[int]]
+    prompt_texts: list[str | None]
+    max_tokens: int
+    temperature: float
+    top_p: float | None
+    stop: list[str]
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    logprobs: int | None
+    echo: bool
+
+
+class Api:
+    """Request validation, tokenization and response shapes for one served model."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokenizer: Any,
+        model_dir: str | Path | None,
+        max_context: int,
+        served_name: str,
+        api_key: str | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.tok = tokenizer
+        self.model_dir = model_dir
+        self.max_context = max_context
+        self.api_key = api_key or None
+        model = scheduler.model
+        self.vocab = model.config.vocab_size
+        self.budgets = list(model.budgets)
+        self.ids = self.budgets or [served_name]
+        self.chat_template = load_chat_template(model_dir)
+        self.special = _special_tokens(model_dir)
+        self.created = int(time.time())
+
+    # ---------------------------------------------------------- fields
+    def resolve_model(self, body: dict[str, Any]) -> str:
+        m = body.get("model")
+        if m is None:
+            raise ApiError(400, "you must give 'model': one of " + ", ".join(self.ids + ["auto"]), "model")
+        if not isinstance(m, str):
+            raise ApiError(400, f"'model' must be a string, got {type(m).__name__}", "model")
+        if m not in self.ids and m != "auto":
+            raise ApiError(
+                404,
+                f"the model {m!r} does not exist; known models: {', '.join(self.ids + ['auto'])}",
+                "model",
+                "model_not_found",
+            )
+        return m
+
+    def encode(self, text: str) -> list[int]:
+        if self.tok is None:
+            raise ApiError(400, "the model directory has no tokenizer; give the prompt as token ids", "prompt")
+        return list(self.tok.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(list(ids)) if self.tok is not None else ""
+
+    def prompts_of(self, prompt: Any) -> tuple[list[list[int]], list[str | None]]:
+        """A prompt as OpenAI takes it: a string, a list of strings, token ids, or a list of token id lists."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+            prompt = [prompt]
+        if not isinstance(prompt, list) or not prompt:
+            raise ApiError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt")
+        ids, texts = [], []
+        for p in prompt:
+            if isinstance(p, str):
+                if not p:
+                    raise ApiError(400, "'prompt' is empty; give some text", "prompt")
+                ids.append(self.encode(p))
+                texts.append(p)
+            elif isinstance(p, list) and all(_is_int(t) for t in p):
+                ids.append(list(p))
+                texts.append(None)
+            else:
+                raise ApiError(
+                    400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt"
+                )
+            if not ids[-1]:
+                raise ApiError(400, "'prompt' is empty after tokenization; give some text", "prompt")
+            bad = [t for t in ids[-1] if not 0 <= t < self.vocab]
+            if bad:
+                raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
+        return ids, texts
+
+    def chat_prompt(self, messages: Any) -> list[int]:
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+        clean = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
+            role, content = m.get("role"), m.get("content")
+            if role not in CHAT_ROLES:
+                raise ApiError(
+                    400,
+                    f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {role!r}",
+                    f"messages[{i}].role",
+                )
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                if not all(
+                    isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content
+                ):
+                    raise ApiError(400, f"messages[{i}].content parts must be text parts", f"messages[{i}].content")
+                content = "".join(c["text"] for c in content)
+            if content is None and role == "assistant":
+                content = ""
+            if not isinstance(content, str):
+                raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+            clean.append({"role": role, "content": content})
+        if self.chat_template is None:
+            raise ApiError(
+                400,
+                "this model has no chat template (none in its tokenizer_config.json); use /v1/completions",
+                "messages",
+                "no_chat_template",
+            )
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[clean], chat_template=self.chat_template, add_generation_prompt=True, **self.special
+            )
+        except Exception as e:  # a template may raise on a conversation it does not accept
+            raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
+        ids = self.encode(rendered[0])
+        if not ids:
+            raise ApiError(400, "the chat prompt is empty after tokenization", "messages")
+        return ids
+
+    def params(self, body: Any, chat: bool) -> Params:
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = self.resolve_model(body)
+        if chat:
+            if "messages" not in body:
+                raise ApiError(400, "you must give 'messages'", "messages")
+            prompts, texts = [self.chat_prompt(body["messages"])], [None]
+        else:
+            if "prompt" not in body:
+                raise ApiError(400, "you must give 'prompt'", "prompt")
+            prompts, texts = self.prompts_of(body["prompt"])
+        echo = body.get("echo", False) if not chat else False
+        if not isinstance(echo, bool):
+            raise ApiError(400, "'echo' must be true or false", "echo")
+        n = body.get("n", 1)
+        if n is not None and (not _is_int(n) or n != 1):
+            raise ApiError(400, "only n=1 is supported", "n")
+
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        mt = body.get(key)
+        longest = max(len(p) for p in prompts)
+        if longest > self.max_context:
+            raise ApiError(
+                400,
+                f"the prompt has {longest} tokens; this server's maximum context is {self.max_context}",
+                "messages" if chat else "prompt",
+                "context_length_exceeded",
+            )
+        if mt is None:
+            mt = self.max_context - longest if chat else min(16, self.max_context - longest)
+        elif not _is_int(mt):
+            raise ApiError(400, f"'{key}' must be an integer", key)
+        elif mt < (0 if echo else 1):
+            raise ApiError(400, f"'{key}' must be >= 1 (0 only with echo=true), got {mt}", key)
+        if longest + mt > self.max_context:
+            raise ApiError(
+                400,
+                f"prompt ({longest} tokens) + {key} ({mt}) exceeds this server's maximum context of {self.max_context}",
+                key,
+                "context_length_exceeded",
+            )
+
+        temperature = body.get("temperature", 1.0)
+        if temperature is None:
+            temperature = 1.0
+        if not _is_num(temperature) or temperature < 0:
+            raise ApiError(400, f"'temperature' must be a number >= 0, got {temperature!r}", "temperature")
+        top_p = body.get("top_p", 1.0)
+        if top_p is None:
+            top_p = 1.0
+        if not _is_num(top_p) or not 0 < top_p <= 1:
+            raise ApiError(400, f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p")
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
+            raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+        seed = body.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise ApiError(400, "'seed' must be an integer", "seed")
+        stream = body.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise ApiError(400, "'stream' must be true or false", "stream")
+        so = body.get("stream_options")
+        include_usage = False
+        if so is not None:
+            if not stream:
+                raise ApiError(400, "'stream_options' is only allowed with stream=true", "stream_options")
+            if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
+                raise ApiError(400, "'stream_options' must be {\"include_usage\": true|false}", "stream_options")
+            include_usage = bool(so.get("include_usage", False))
+        logprobs: int | None = None
+        if chat:
+            lp = body.get("logprobs", False)
+            if lp is not None and not isinstance(lp, bool):
+                raise ApiError(400, "'logprobs' must be true or false", "logprobs")
+            top = body.get("top_logprobs")
+            if top is not None and (not _is_int(top) or not 0 <= top <= MAX_LOGPROBS):
+                raise ApiError(400, f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs")
+            if top is not None and not lp:
+                raise ApiError(400, "'top_logprobs' needs logprobs=true", "top_logprobs")
+            logprobs = (top or 0) if lp else None
+        else:
+            lp = body.get("logprobs")
+            if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
+                raise ApiError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "logprobs")
+            logprobs = lp
+        if mt == 0 and stream:
+            raise ApiError(400, "max_tokens=0 (echo only) cannot stream", "max_tokens")
+        return Params(
+            model,
+            prompts,
+            texts,
+            mt,
+            float(temperature),
+            float(top_p),
+            stop,
+            seed,
+            stream,
+            include_usage,
+            logprobs,
+            echo,
+        )
+
+    # --------------------------------------------------------- running
+    def submit(self, p: Params, queue: asyncio.Queue) -> list[GenRequest]:
+        loop = asyncio.get_running_loop()
+        reqs = []
+        for i, ids in enumerate(p.prompts):
+
+            def sink(ev: tuple, i: int = i) -> None:
+                try:
+                    loop.call_soon_threadsafe(queue.put_nowait, (i, ev))
+                except RuntimeError:  # the event loop is gone (server shutting down)
+                    pass
+
+            stop_fn = None
+            if p.stop:
+                stops = p.stop
+
+                def stop_fn(gen: list[int], stops: list[str] = stops) -> bool:
+                    text = self.decode(gen)
+                    return any(s in text for s in stops)
+
+            budget = None if not self.budgets else p.model
+            reqs.append(
+                GenRequest(
+                    prompt=ids,
+                    budget=budget,
+                    max_tokens=p.max_tokens,
+                    sink=sink,
+                    temperature=p.temperature,
+                    top_p=p.top_p if p.top_p < 1 else None,
+                    seed=p.seed,
+                    logprobs=p.logprobs,
+                    echo_logprobs=p.echo and p.logprobs is not None,
+                    stop=stop_fn,
+                )
+            )
+        try:
+            for r in reqs:
+                self.scheduler.submit(r)
+        except QueueFull as e:
+            for r in reqs:
+                r.cancel()
+            raise ApiError(429, str(e), None, "queue_full") from None
+        return reqs
+
+    def answered_by(self, reqs: list[GenRequest], p: Params) -> str:
+        if not self.budgets:
+            return self.ids[0]
+        return reqs[0].chosen or p.model

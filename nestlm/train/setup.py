@@ -1,0 +1,203 @@
+"""What a run needs before its loop: device, parent model, tokenizer, data loaders, optimizer, logging.
+
+Kept apart from the loop (trainer.py) so that the loop reads like its loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ModelConfig
+from ..elastic.importance import estimate_importance, reorder, require_reordered
+from ..elastic.training import DTYPES
+from ..errors import NestlmError
+from ..loading import load
+from ..model import HybridLM
+from ..tokenizer import ByteTokenizer, load_tokenizer
+from . import loader as loader_mod
+from . import sources
+from .distributed import DistInfo
+from .recipe import Recipe
+
+
+def device_and_dist(device: str, init: Callable[[torch.device], DistInfo]) -> tuple[torch.device, DistInfo]:
+    """The run's device ("auto": CUDA when present) and its process group (one GPU per rank)."""
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dist = init(dev)
+    if dist.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(dev)
+    return dev, dist
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return None if dtype == "float32" else DTYPES[dtype]
+
+
+def build_parent(r: Recipe) -> HybridLM:
+    """The parent: loaded from model.path, or initialised from model.init (a pattern plus widths)."""
+    if r.model.path is not None:
+        return load(r.model.path)
+    init = dict(r.model.init or {})
+    pattern = init.pop("pattern", None)
+    if pattern is None:
+        raise NestlmError("model.init needs a 'pattern' (e.g. 'M-M*-M-') plus vocab_size and hidden_size")
+    if r.data.tokenizer == "bytes":
+        init.setdefault("vocab_size", ByteTokenizer.vocab_size)
+        init.setdefault("eos_token_id", ByteTokenizer.eos_token_id)
+        init.setdefault("pad_token_id", ByteTokenizer.pad_token_id)
+    try:
+        cfg = ModelConfig.from_pattern(pattern, **init)
+    except TypeError as e:
+        raise NestlmError(f"model.init: {e}") from None
+    model = HybridLM(cfg)
+    model.reset_parameters(seed=r.model.seed)
+    return model
+
+
+def model_tokenizer(model: HybridLM) -> Any:
+    return load_tokenizer(model.source_dir)
+
+
+class StageData:
+    """The data of every stage: tokens read once per source, a resumable loader per stage."""
+
+    def __init__(self, recipe: Recipe, tokenizer: Any, dist: DistInfo) -> None:
+        self.recipe, self.tokenizer, self.dist = recipe, tokenizer, dist
+        self.tokens: dict[str, torch.Tensor] = {}
+        d = recipe.data
+        if d.packing == "stream":  # read the data now: a bad source fails before anything is written
+            self.tokens[d.train] = self._load_tokens(d.train)
+        else:
+            sources.load_documents(d.train, tokenizer, d.max_bytes, 1, d.seed, completion_only=d.loss == "completion")
+
+    def _load_tokens(self, source: str) -> torch.Tensor:
+        d = self.recipe.data
+        return sources.load_tokens(
+            source, self.tokenizer, max_bytes=d.max_bytes, num_problems=d.num_problems, seed=d.seed
+        )
+
+    def loader(self, stage_idx: int, whole_batch: bool = False) -> loader_mod.BlockLoader:
+        stage = self.recipe.stages[stage_idx]
+        d = self.recipe.data
+        src = stage.data or d.train
+        if d.packing == "rows":  # whole documents per row (see train/loader.py)
+            docs = sources.load_documents(
+                src, self.tokenizer, d.max_bytes, d.num_problems, d.seed, completion_only=d.loss == "completion"
+            )
+            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+            packed: Any = loader_mod.PackedRows(docs, stage.seq_len, d.val_fraction, src, pad_id=pad)
+        else:
+            if src not in self.tokens:
+                self.tokens[src] = self._load_tokens(src)
+            packed = self.tokens[src]
+        return loader_mod.BlockLoader(
+            packed,
+            seq_len=stage.seq_len,
+            batch_size=stage.batch_size,
+            seed=d.seed + stage_idx,
+            val_fraction=d.val_fraction,
+            rank=0 if whole_batch else self.dist.rank,
+            world=1 if whole_batch else self.dist.world,
+            name=src,
+        )
+
+
+def needs_ranking(model: HybridLM, e: Any) -> bool:
+    """Whether elastic training must first rank and reorder the parent: it was never reordered and
+    some budget is nested (KD of one model at its full size, e.g. a pruned student, needs no ranking)."""
+    from ..elastic.arch import parse_target
+
+    only_full = all((t := parse_target(v)).kind == "fraction" and t.value >= 1.0 for v in e.budgets.values())
+    return not only_full and (model.importance is None or not model.importance.reordered)
+
+
+def frozen_teacher(model: HybridLM, recipe: Recipe) -> HybridLM:
+    """The frozen teacher of KD: the directory ``model.teacher`` names, or a copy of the parent itself."""
+    import copy
+
+    if recipe.model.teacher is None:
+        return copy.deepcopy(model).eval().requires_grad_(False)
+    teacher = load(recipe.model.teacher).eval().requires_grad_(False)
+    if teacher.config.vocab_size != model.config.vocab_size:
+        raise NestlmError(
+            f"model.teacher {recipe.model.teacher} has vocabulary {teacher.config.vocab_size}, "
+            f"the student {model.config.vocab_size}; distillation needs the same vocabulary"
+        )
+    return teacher
+
+
+def auto_importance(model: HybridLM, recipe: Recipe, data: StageData, progress: bool) -> None:
+    """Rank and reorder a parent that was never ranked (or refuse, without elastic.auto_importance)."""
+    e = recipe.elastic
+    if not e.auto_importance:
+        require_reordered(model, "elastic training")
+    loader = data.loader(0, whole_batch=True)  # every rank ranks on the same data
+    batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
+    imp = estimate_importance(model, batches, progress=progress)
+    reorder(model, imp)
+
+
+def optimizer(model: HybridLM, routers: torch.nn.Module | None, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW over the model, and the routers at router_lr_mult times the LR (no weight decay)."""
+    tr, e = recipe.train, recipe.elastic
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": tr.lr, "base_lr": tr.lr}]
+    if routers is not None:
+        rlr = tr.lr * e.router_lr_mult
+        groups.append(
+            {"params": list(routers.parameters()), "lr": rlr, "base_lr": rlr, "weight_decay": 0.0, "eps": e.router_eps}
+        )
+    return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
+
+
+def clip_gradients(opt: torch.optim.Optimizer, max_norm: float, device: torch.device) -> torch.Tensor:
+    """Clip by the global norm over the model (FSDP2 DTensors when sharded) and the routers together."""
+    total = torch.zeros((), device=device)
+    groups = []
+    for g in opt.param_groups:
+        params = [p for p in g["params"] if p.grad is not None]
+        if not params:
+            continue
+        n = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(n, "full_tensor"):  # a DTensor under FSDP2
+            n = n.full_tensor()
+        total = total + n.float().pow(2)
+        groups.append(params)
+    total = total.sqrt()
+    for params in groups:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def open_tensorboard(enabled: bool, out: Path) -> Any:
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is an optional extra; metrics.jsonl always has everything
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def tensorboard_log(tb: Any, rec: dict[str, Any]) -> None:
+    if tb is None:
+        return
+    for k, v in rec.items():
+        if isinstance(v, (int, float)) and k != "step":
+            tag = f"{k}/{rec['budget']}" if k in ("loss", "kd", "budget_loss") and "budget" in rec else k
+            tb.add_scalar(tag, v, rec["step"])
+
+
+def progress_fields(ema: dict[str, float], tokens_per_s: float, m: dict[str, Any]) -> dict[str, str]:
+    """The progress bar's postfix: the smoothed loss per budget, throughput, temperature."""
+    return {
+        **{f"{k}": f"{v:.3f}" for k, v in ema.items()},
+        "tok/s": f"{tokens_per_s:.0f}",
+        **({"tau": f"{m['tau']:.2f}"} if "tau" in m else {}),
+    }
