@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -138,7 +139,7 @@ def test_eval_every_budget_equals_each_slice_alone(
 
 
 @pytest.fixture
-def local_tasks_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def local_tasks_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The harness CLI indexes its thousands of built-in task files (a minute on 2 cores); here only the local ones."""
     from lm_eval.tasks import manager
 
@@ -151,7 +152,7 @@ def local_tasks_only(monkeypatch: pytest.MonkeyPatch) -> None:
     import lm_eval.utils
 
     logging.getLogger("lm_eval").handlers.clear()
-    monkeypatch.setattr(lm_eval.utils, "_LOGGING_CONFIGURED", False)
+    lm_eval.utils._LOGGING_CONFIGURED = False
 
 
 def test_harness_command_prints_the_harness_table(
@@ -201,9 +202,15 @@ def test_bad_input(elastic: Path, tmp_path: Path, local_tasks_only, capsys: pyte
     assert "is not a directory" in err
     assert not out.exists()
     harness = ["harness", "--model", "nestlm", "--tasks", "nestlm_mc", "--include_path", str(TASKS), "--limit", "1"]
-    assert "unknown budget '7b'" in _err(capsys, [*harness, "--model_args", f"path={elastic},budget=7b"])
-    assert "unknown model_args colour" in _err(capsys, [*harness, "--model_args", f"path={elastic},colour=red"])
-    assert "does not exist" in _err(capsys, [*harness, "--model_args", f"path={tmp_path / 'none'}"])
+    for model_args, msg in (
+        (f"path={elastic},budget=7b", "unknown budget '7b'; known budgets: full, 75, 50"),
+        (f"path={elastic},colour=red", "unknown model_args colour"),
+        (f"path={tmp_path / 'none'}", "does not exist"),
+    ):
+        assert main([*harness, "--model_args", model_args]) == 2
+        err = capsys.readouterr().err.strip()  # the harness's own log lines, then nestlm's one-line error
+        assert err.splitlines()[-1].startswith("nestlm: error:") and msg in err.splitlines()[-1]
+        assert "Traceback" not in err
 
 
 def test_a_missing_harness_is_one_line(
