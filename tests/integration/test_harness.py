@@ -221,3 +221,22 @@ def test_a_missing_harness_is_one_line(
     err = _err(capsys, ["eval", "--model", str(elastic), "--tasks", "nestlm_mc", "--out", str(tmp_path / "o")])
     assert 'pip install -e ".[eval]"' in err and not (tmp_path / "o").exists()
     assert 'pip install -e ".[eval]"' in _err(capsys, ["harness", "--model", "nestlm", "--tasks", "x"])
+
+
+def test_rolling_loglikelihood_equals_hf_backend(tmp_path: Path, one_thread) -> None:
+    """Whole-text scores in several windows (max_length 16): the same windows and sums as the hf backend."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    import nestlm
+    from nestlm.eval.harness import NestlmLM
+
+    export = tmp_path / "parent-hf"
+    nestlm.export_hf(nestlm.load(Path(nestlm.__file__).parent / "assets" / "parent"), export)
+    texts = ["x = 3\nx = x + 4\nx = 7\n", "The quick brown fox jumps over the lazy dog. " * 3, "h\u00e9llo \u20ac"]
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    ours = NestlmLM(path=str(export), max_length=16, batch_size=2).loglikelihood_rolling(reqs, disable_tqdm=True)
+    ref = HFLM(pretrained=str(export), max_length=16, batch_size=2, device="cpu", dtype="float32")
+    ref = ref.loglikelihood_rolling(reqs, disable_tqdm=True)
+    assert len(ours) == 3 and all(abs(a - b) <= 1e-4 for a, b in zip(ours, ref, strict=True)), (ours, ref)
+    assert ours[1] < ours[0] < 0  # the long text spans many windows
