@@ -218,8 +218,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NestlmError(f"--out {out} is a file; give a directory for the report")
-    if args.data != "reasoning" and not Path(args.data).exists() and args.data != "stdlib":
+    if args.data not in ("reasoning", "stdlib", "none") and not Path(args.data).exists():
         raise NestlmError(f"--data {args.data} does not exist; give a text file, directory, .jsonl, or 'reasoning'")
+    harness = None
+    if args.tasks:  # lm-evaluation-harness tasks: checked (installed, known) before any work
+        from .eval.harness_run import TaskRunner
+
+        harness = TaskRunner.from_args(args)
     model = load(args.model).eval()
     if args.budget in (None, "all"):
         budgets = model.budgets or [None]
@@ -229,37 +234,42 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model, required=False) or ByteTokenizer()
     if args.data == "reasoning":
         tokens = reasoning_tokens(tok, args.num_problems)
-    else:
+    elif args.data != "none":
         tokens = _tokens_for(args.model, args.data, args.max_bytes)
     total = model.num_parameters()
     rows = []
     for b in budgets:
         n = model.num_parameters(budget=b)
-        ppl = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, budget=b)
-        row = {
-            "name": b or "model",
-            "kind": "elastic" if b else "model",
-            "params": n,
-            "fraction": n / total,
-            "loss": ppl["loss"],
-            "ppl": ppl["ppl"],
-        }
+        row = {"name": b or "model", "kind": "elastic" if b else "model", "params": n, "fraction": n / total}
+        if args.data != "none":
+            ppl = perplexity(model, tokens, seq_len=args.seq_len, batch_size=args.batch_size, budget=b)
+            row.update(loss=ppl["loss"], ppl=ppl["ppl"])
         if args.data == "reasoning":
             row["accuracy"] = reasoning_accuracy(model, tok, n=args.num_reasoning, budget=b)["accuracy"]
+        if harness is not None:
+            row["tasks"] = harness.scores(model, args.model, b)
         rows.append(row)
-    paths = write_report(rows, out, extra={"model": args.model, "data": args.data}, title=f"nestlm eval: {args.model}")
+    extra = {"model": args.model, "data": args.data, **(harness.describe() if harness else {})}
+    paths = write_report(rows, out, extra=extra, title=f"nestlm eval: {args.model}")
     print_table(rows, title=f"{args.model} on {args.data}")
     print(f"report: {paths['markdown']}  json: {paths['json']}  plot: {paths['plot']}")
     return 0
 
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="perplexity (and reasoning accuracy) per budget")
+    p = sub.add_parser("eval", help="perplexity, reasoning accuracy and lm-evaluation-harness tasks per budget")
     p.add_argument("--model", required=True)
     p.add_argument("--budget", default="all", help="a budget name, or 'all' (default)")
     p.add_argument(
-        "--data", default="reasoning", help="held-out text (file, dir, .jsonl) or 'reasoning' (synthetic, test seeds)"
+        "--data",
+        default="reasoning",
+        help="held-out text (file, dir, .jsonl), 'reasoning' (synthetic, test seeds) or 'none' (tasks only)",
     )
+    p.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, comma-separated (needs .[eval])")
+    p.add_argument("--limit", type=float, default=None, help="harness: documents per task (a fraction if < 1)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="harness: few-shot examples per prompt")
+    p.add_argument("--include-path", default=None, help="harness: a directory of local task YAML files")
+    p.add_argument("--apply-chat-template", action="store_true", help="harness: prompts through the chat template")
     p.add_argument("--out", default="nestlm-eval", help="directory for eval.json, report.md and quality.png")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -267,6 +277,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-reasoning", type=int, default=64, help="problems solved by greedy decoding (reasoning)")
     p.add_argument("--max-bytes", type=int, default=None)
     p.set_defaults(func=cmd_eval)
+
+
+def cmd_harness(args: argparse.Namespace) -> int:
+    from .harness import main as harness_main
+
+    return harness_main([])  # main() passes `nestlm harness ARGS...` on before parsing; here only via a parser
+
+
+def _add_harness(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "harness", help="lm-evaluation-harness's own command line with the nestlm backend (arguments passed through)"
+    )
+    p.set_defaults(func=cmd_harness)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -341,6 +364,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "slice": _add_slice,
     "eval": _add_eval,
     "generate": _add_generate,
+    "harness": _add_harness,
     "demo": _add_demo,
     "serve": _add_serve,
 }
@@ -360,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["harness"]:  # every argument belongs to the harness's own parser
+        from .harness import main as harness_main
+
+        return harness_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after options: `nestlm train R --out D train.lr=1e-3`

@@ -8,6 +8,7 @@ attention keys or the Mamba state, so each row generates what it would alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,11 +81,14 @@ def generate(
     budget: str | None = None,
     arch: Any = None,
     seed: int | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Return (B, L + new) token ids: the prompt followed by what was generated.
 
     Rows that emit an EOS token are padded with ``pad_token_id`` afterwards, and
     generation stops once every row has finished (as transformers does).
+    ``stop``, when given, is called after each step with the new tokens so far (B, n)
+    and returns a bool (B,) of rows that are done too (stop strings, for instance).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -112,6 +116,8 @@ def generate(
         tokens.append(nxt[:, None])
         if len(eos_ids):
             unfinished &= ~torch.isin(nxt, eos_ids)
+        if stop is not None:
+            unfinished &= ~stop(torch.cat(tokens[1:], dim=1)).to(unfinished.device)
         if not bool(unfinished.any()) or step == max_new_tokens - 1:
             break
         out = model(nxt[:, None], arch=spec, cache=cache, num_logits=1)

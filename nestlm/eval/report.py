@@ -25,15 +25,31 @@ COLUMNS = [
 ]
 
 
+def task_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The lm-evaluation-harness columns (``task/metric``) of the rows, in first-seen order."""
+    return list(dict.fromkeys(k for r in rows for k in (r.get("tasks") or {})))
+
+
+def _value(r: dict[str, Any], key: str) -> Any:
+    """A row's value of a fixed column, or of a harness column ``tasks:task/metric``."""
+    return (r.get("tasks") or {}).get(key[6:]) if key.startswith("tasks:") else r.get(key)
+
+
 def _cols(rows: list[dict[str, Any]]) -> list[tuple[str, str, Any]]:
-    return [c for c in COLUMNS if any(c[0] in r and r[c[0]] is not None for r in rows)]
+    fixed = [c for c in COLUMNS if any(c[0] in r and r[c[0]] is not None for r in rows)]
+    return fixed + [("tasks:" + k, k, lambda v: f"{v:.4f}") for k in task_keys(rows)]
+
+
+def _cell(r: dict[str, Any], c: tuple[str, str, Any]) -> str:
+    v = _value(r, c[0])
+    return c[2](v) if v is not None else ""
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     cols = _cols(rows)
     lines = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(c[2](r[c[0]]) if r.get(c[0]) is not None else "" for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r, c) for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -46,7 +62,7 @@ def print_table(rows: list[dict[str, Any]], title: str = "nestlm evaluation") ->
     for _, head, _ in cols:
         table.add_column(head, justify="left" if head in ("model", "kind") else "right", no_wrap=head == "model")
     for r in rows:
-        table.add_row(*[c[2](r[c[0]]) if r.get(c[0]) is not None else "" for c in cols])
+        table.add_row(*[_cell(r, c) for c in cols])
     Console().print(table)
 
 
@@ -57,15 +73,19 @@ def plot(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2 if any(r.get("accuracy") is not None for r in rows) else 1, figsize=(10, 4))
-    axes = axes if hasattr(axes, "__len__") else [axes]
-    metrics = [metric] + (["accuracy"] if len(axes) > 1 else [])
+    metrics = [m for m in (metric, "accuracy") if any(r.get(m) is not None for r in rows)]
+    metrics += ["tasks:" + k for k in task_keys(rows)]  # one panel per harness task metric
+    metrics = metrics or [metric]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
+    axes = axes[0]
     markers = {"elastic": "o", "pruned": "x", "parent": "*", "model": "s"}
     for ax, m in zip(axes, metrics, strict=True):
         kinds = sorted({r.get("kind", "model") for r in rows})
         for kind in kinds:
             pts = sorted(
-                (r["params"], r[m], r["name"]) for r in rows if r.get("kind", "model") == kind and r.get(m) is not None
+                (r["params"], _value(r, m), r["name"])
+                for r in rows
+                if r.get("kind", "model") == kind and _value(r, m) is not None
             )
             if not pts:
                 continue
@@ -74,7 +94,8 @@ def plot(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> N
             for x, y, n in pts:
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel("parameters")
-        ax.set_ylabel({"ppl": "held-out perplexity (lower is better)", "accuracy": "reasoning exact match"}.get(m, m))
+        labels = {"ppl": "held-out perplexity (lower is better)", "accuracy": "reasoning exact match"}
+        ax.set_ylabel(labels.get(m, m.removeprefix("tasks:")))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("nestlm: quality vs size")

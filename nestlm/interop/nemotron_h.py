@@ -21,6 +21,7 @@ from ..checkpoint import atomic_dir, check_state_dict, copy_tokenizer, read_safe
 from ..config import ConfigError, LayerSpec, ModelConfig
 from ..errors import CheckpointError
 from ..model import HybridLM
+from ..tokenizer import write_hf_tokenizer
 
 HF_KIND = {
     "linear_attention": "mamba",
@@ -274,7 +275,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
-    """Write ``model`` in Hugging Face NemotronH format (loads with plain transformers)."""
+    """Write ``model`` in Hugging Face NemotronH format (loads with plain transformers, tokenizer included)."""
     cfg = model.config
     raw = hf_config_dict(cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -287,4 +288,5 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_file(files, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", raw)
-        copy_tokenizer(model.source_dir, tmp)
+        copy_tokenizer(model.source_dir, tmp)  # generation_config.json and the source's HF tokenizer files
+        write_hf_tokenizer(model.source_dir, tmp)  # a byte-level source: tokenizer.json + tokenizer_config.json
