@@ -190,17 +190,14 @@ def _budget_to_json(b: dict[str, Any]) -> dict[str, Any]:
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> Any:
-    """Load a nestlm directory (plain, elastic or sliced) or a Hugging Face NemotronH directory."""
+    """Load a nestlm directory (plain, elastic or sliced) or a Hugging Face directory: NemotronH,
+    llama, mistral, qwen2 or qwen3."""
     from .model import HybridLM
 
     path = Path(path)
     raw = read_config_json(path)
     model_type = raw.get("model_type")
-    if model_type == "nemotron_h":
-        from .interop.nemotron_h import load_hf
-
-        model = load_hf(path, raw)
-    elif model_type == "nestlm":
+    if model_type == "nestlm":
         if not isinstance(raw.get("config"), dict):
             raise CheckpointError(f"{path / 'config.json'} has no 'config' object (the nestlm ModelConfig)")
         try:
@@ -220,10 +217,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str 
                 model.importance = Importance.load(path / "importance.json")
             except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
                 raise CheckpointError(f"{path / 'importance.json'} is not a valid importance file: {e!r}") from None
-    else:
-        raise CheckpointError(
-            f"{path / 'config.json'} has model_type {model_type!r}; nestlm reads 'nestlm' and 'nemotron_h' (NemotronH) models"
-        )
+    else:  # Hugging Face formats; unknown model types are refused there, in one line
+        from .interop import load_hf
+
+        model = load_hf(path, raw)
     model.source_dir = str(path)
     if dtype is not None:
         model = model.to(dtype)

@@ -13,6 +13,8 @@ from typing import Any
 
 from .errors import NestlmError
 
+MODEL_DIR_HELP = "nestlm or Hugging Face (NemotronH, llama, mistral, qwen2, qwen3) model directory"
+
 
 def load_tokenizer(model_dir: str, required: bool = True) -> Any:
     """The model directory's tokenizer; an unreadable tokenizer.json is a one-line error, not a traceback."""
@@ -58,7 +60,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("--model", required=True, help="nestlm or Hugging Face NemotronH model directory")
+    p.add_argument("--model", required=True, help=MODEL_DIR_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--budget", default=None, help="budget name of an elastic checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -112,7 +114,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
 
 def _add_importance(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("importance", help="rank hidden channels, heads, neurons and layers; reorder the weights")
-    p.add_argument("--model", required=True, help="nestlm or Hugging Face NemotronH model directory")
+    p.add_argument("--model", required=True, help=MODEL_DIR_HELP)
     p.add_argument("--data", required=True, help="text file, directory, .jsonl (text or input_ids), .parquet, stdlib")
     p.add_argument("--out", required=True, help="new directory for the reordered checkpoint + importance.json")
     p.add_argument("--seq-len", type=int, default=512)
@@ -163,7 +165,7 @@ def cmd_slice(args: argparse.Namespace) -> int:
     spec = model.resolve_arch(budget=args.budget)
     small = model.slice(spec)
     if args.format == "hf":
-        from .interop.nemotron_h import hf_config_dict
+        from .interop import hf_config_dict
 
         hf_config_dict(small.config)  # raises a clear error for heterogeneous slices before anything is written
         export_hf(small, args.out)

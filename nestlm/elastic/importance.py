@@ -274,6 +274,7 @@ def reorder(model: HybridLM, imp: Importance) -> HybridLM:
                 perm_(mx.q_proj.bias, 0, qch)
                 perm_(mx.k_proj.bias, 0, kvch)
                 perm_(mx.v_proj.bias, 0, kvch)
+            if mx.o_proj.bias is not None:
                 perm_(mx.o_proj.bias, 0, ph)
             perm_(mx.o_proj.weight, 1, qch)
             perm_(mx.o_proj.weight, 0, ph)
