@@ -254,6 +254,12 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
                 f"differ (a heterogeneous slice); save it in nestlm format instead (--format nestlm / save_pretrained)"
             )
     a, m = cfg.layers[0], cfg.layers[1]
+    if model_type == "llama" and cfg.hidden_size % a.heads:
+        raise CheckpointError(
+            f"transformers' LlamaConfig needs hidden_size divisible by num_attention_heads, and this model has "
+            f"{cfg.hidden_size} and {a.heads}; choose a hidden size that is a multiple of the heads, or save it in "
+            "nestlm format instead (--format nestlm / save_pretrained)"
+        )
     out = copy.deepcopy(src)
     n = len(kinds) // 2
     out.update(
