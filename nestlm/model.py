@@ -225,17 +225,14 @@ class Mamba2Mixer(nn.Module):
         return out, new_state
 
 
-def rope_inv_freq(hd: int, theta: float, scaling: dict[str, Any] | None, device: Any = None) -> torch.Tensor:
-    """RoPE inverse frequencies (hd/2,), with Llama 3.x scaling when ``scaling`` is given.
-
-    llama3: wavelengths above original_len / low_freq_factor are divided by ``factor``, those
-    below original_len / high_freq_factor kept, and the band between interpolated smoothly.
-    """
+@functools.lru_cache(maxsize=32)
+def _inv_freq(hd: int, theta: float, scaling: tuple[tuple[str, Any], ...] | None, device: torch.device) -> torch.Tensor:
     inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
     if scaling is None:
         return inv
-    factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_len = scaling["original_max_position_embeddings"]
+    s = dict(scaling)
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
     smooth = (old_len / wavelen - lo) / (hi - lo)
@@ -244,13 +241,28 @@ def rope_inv_freq(hd: int, theta: float, scaling: dict[str, Any] | None, device:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float, scaling: dict[str, Any] | None = None) -> torch.Tensor:
-    """Rotary embedding (rotate-half form). x: (B, H, L, hd); pos: (B, L), one position per row."""
-    hd = x.shape[-1]
-    inv = rope_inv_freq(hd, theta, scaling, x.device)
-    ang = pos.float()[..., None] * inv  # (B, L, hd/2)
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None]  # (B, 1, L, hd)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+def rope_inv_freq(hd: int, theta: float, scaling: dict[str, Any] | None, device: Any = None) -> torch.Tensor:
+    """RoPE inverse frequencies (hd/2,), with Llama 3.x scaling when ``scaling`` is given (computed once).
+
+    llama3: wavelengths above original_len / low_freq_factor are divided by ``factor``, those
+    below original_len / high_freq_factor kept, and the band between interpolated smoothly.
+    """
+    key = None if scaling is None else tuple(sorted(scaling.items()))
+    with torch.inference_mode(False):  # a cached plain tensor, usable by training after generate
+        return _inv_freq(hd, float(theta), key, torch.device(device or "cpu"))
+
+
+def rope_cos_sin(
+    pos: torch.Tensor, hd: int, theta: float, scaling: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, L, hd) for positions ``pos`` (B, L): one position per row."""
+    ang = pos.float()[..., None] * rope_inv_freq(hd, theta, scaling, pos.device)  # (B, L, hd/2)
+    ang = torch.cat([ang, ang], -1)[:, None]
+    return ang.cos(), ang.sin()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form). x: (B, H, L, hd); cos, sin: (B, 1, L, hd)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
@@ -304,8 +316,8 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            q = rope(q, positions, self.rope_theta, self.rope_scaling)
-            k = rope(k, positions, self.rope_theta, self.rope_scaling)
+            cos, sin = rope_cos_sin(positions, hd, self.rope_theta, self.rope_scaling)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         if state is None and make_state:
             shape = (Bsz, nkv, max(capacity, L), hd)
             state = AttentionState(k.new_zeros(shape), v.new_zeros(shape))
