@@ -154,3 +154,31 @@ def test_mistral_window_as_long_as_the_context_loads(tmp_path) -> None:
     ids = _ids(97, 1, 20, seed=2)
     with torch.no_grad():
         assert (hf(ids).logits - ours(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("drop", ["rope_scaling", "qk_norm", "o_bias"])
+def test_the_tolerance_catches_a_missing_feature(tmp_path, drop: str) -> None:
+    """Each family feature moves the logits far beyond 1e-4: without it, parity would fail."""
+    name = {
+        "rope_scaling": "llama-gqa-untied-llama3-rope_scaling",
+        "qk_norm": "qwen3-gqa-qknorm-head_dim",
+        "o_bias": "llama-mha-tied-biases-llama3-rope_parameters",
+    }[drop]
+    path = make_shape(tmp_path / "m", name, seed=1)
+    ours = nestlm.load(path).eval()
+    ids = _ids(97, 2, 40, seed=4)
+    with torch.no_grad():
+        want = ours(ids).logits
+        if drop == "rope_scaling":
+            for b in ours.layers:
+                if b.kind == "attention":
+                    b.mixer.rope_scaling = None
+        elif drop == "qk_norm":
+            for b in ours.layers:
+                if b.kind == "attention":
+                    b.mixer.q_norm.weight.fill_(1.0)
+        else:
+            for b in ours.layers:
+                if b.kind == "attention":
+                    b.mixer.o_proj.bias.zero_()
+        assert (ours(ids).logits - want).abs().max().item() > 1e-2
