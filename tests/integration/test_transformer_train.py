@@ -72,6 +72,13 @@ def test_llama_parent_end_to_end(tmp_path: Path, capsys) -> None:
     stages = {json.loads(line).get("stage") for line in (run / "metrics.jsonl").read_text().splitlines()}
     assert {"short", "long"} <= stages
 
+    # the evaluation path on the Llama parent's elastic checkpoint: one row per budget
+    report = tmp_path / "eval"
+    argv = ["eval", "--model", str(run), "--data", str(data), "--out", str(report), "--seq-len", "64"]
+    assert main(argv + ["--batch-size", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "full" in printed and "60" in printed and (report / "eval.json").is_file()
+
     out = tmp_path / "small-hf"
     assert main(["slice", "--model", str(run), "--budget", "60", "--out", str(out), "--format", "hf"]) == 0
     raw = json.loads((out / "config.json").read_text())
