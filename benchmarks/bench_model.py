@@ -1,7 +1,9 @@
-"""nestlm vs transformers' NemotronH: training-step and decode throughput on one config.
+"""nestlm vs transformers (NemotronH, or Llama with --model llama): training-step and decode throughput.
 
-Builds a NemotronH model with transformers from a NemotronHConfig, saves it to a
-temporary directory and loads the same weights with ``nestlm.load``. Then, in one run,
+Builds a NemotronH model with transformers from a NemotronHConfig (or, with ``--model
+llama``, a Transformer: LlamaForCausalLM from a LlamaConfig with ``--layers`` layers of
+GQA attention + SwiGLU MLP), saves it to a temporary directory and loads the same weights
+with ``nestlm.load``. Then, in one run,
 on the same data:
 
 * checks that both models agree (max |logits difference| on the training batch, and
@@ -17,6 +19,7 @@ untimed ones, with
 
     .venv/bin/python benchmarks/bench_model.py            # default CPU-sized config
     .venv/bin/python benchmarks/bench_model.py --quick    # a smaller config, seconds
+    .venv/bin/python benchmarks/bench_model.py --model llama --quick
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ PATTERN = {"M": "mamba", "*": "attention", "-": "mlp"}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=["nemotron_h", "llama"], default="nemotron_h", help="the transformers class")
+    p.add_argument("--layers", type=int, default=4, help="Transformer layers (--model llama; --pattern otherwise)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--pattern", default="M-M*-M-M-", help="layer pattern: M mamba, * attention, - MLP")
     p.add_argument("--mamba-heads", type=int, default=16)
@@ -70,6 +75,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_hf(args: argparse.Namespace):
     import transformers
 
+    if args.model == "llama":
+        cfg = transformers.LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.ffn,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.attn_heads,
+            num_key_value_heads=args.kv_heads,
+            max_position_embeddings=max(4096, args.seq + args.prompt + args.new_tokens),
+            tie_word_embeddings=False,
+            use_cache=True,
+            eos_token_id=None,
+            bos_token_id=None,
+        )
+        torch.manual_seed(args.seed)
+        hf = transformers.LlamaForCausalLM(cfg)
+        with torch.no_grad():  # norms at 1 would hide a wrong mapping
+            for name, prm in hf.named_parameters():
+                if name.endswith("norm.weight"):
+                    prm.copy_(1 + 0.2 * torch.randn(prm.shape))
+        return hf
     kinds = [PATTERN[c] for c in args.pattern]
     cfg = transformers.NemotronHConfig(
         vocab_size=args.vocab,
@@ -133,11 +159,17 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
     prompts = {b: torch.randint(3, args.vocab, (b, args.prompt), generator=gen) for b in batches}
 
-    print(
-        f"config: hidden {args.hidden}, pattern {args.pattern!r}, mamba {args.mamba_heads}x{args.mamba_head_dim} "
-        f"(groups {args.groups}, d_state {args.d_state}, chunk {args.chunk}), attention {args.attn_heads}/"
-        f"{args.kv_heads} heads, ffn {args.ffn}, vocab {args.vocab}; {n_params / 1e6:.1f}M parameters"
-    )
+    if args.model == "llama":
+        print(
+            f"config: Llama, hidden {args.hidden}, {args.layers} layers, attention {args.attn_heads}/{args.kv_heads} "
+            f"heads, SwiGLU ffn {args.ffn}, vocab {args.vocab}; {n_params / 1e6:.1f}M parameters"
+        )
+    else:
+        print(
+            f"config: hidden {args.hidden}, pattern {args.pattern!r}, mamba {args.mamba_heads}x{args.mamba_head_dim} "
+            f"(groups {args.groups}, d_state {args.d_state}, chunk {args.chunk}), attention {args.attn_heads}/"
+            f"{args.kv_heads} heads, ffn {args.ffn}, vocab {args.vocab}; {n_params / 1e6:.1f}M parameters"
+        )
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; train batch {args.batch} x seq {args.seq}; "
         f"decode prompt {args.prompt} + {args.new_tokens} new tokens; median of {args.steps} after {args.warmup} warmup"

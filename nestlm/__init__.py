@@ -5,7 +5,7 @@ from .config import LayerSpec, ModelConfig
 from .elastic.arch import ArchSpec, parse_target
 from .elastic.importance import Importance, estimate_importance, reorder
 from .errors import CheckpointError, NestlmError, UnknownBudgetError
-from .interop import export_hf
+from .interop.formats import export_hf
 from .loading import load
 from .model import HybridLM, ModelOutput
 

@@ -14,6 +14,8 @@ from typing import Any
 from .checkpoint import ELASTIC_FILE, IMPORTANCE_FILE, require_new_dir
 from .errors import NestlmError
 
+MODEL_DIR_HELP = "nestlm or Hugging Face (NemotronH, llama, mistral, qwen2, qwen3) model directory"
+
 
 def load_tokenizer(model_dir: str, required: bool = True) -> Any:
     """The model directory's tokenizer; an unreadable tokenizer.json is a one-line error, not a traceback."""
@@ -59,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
-    p.add_argument("--model", required=True, help="nestlm or Hugging Face NemotronH model directory")
+    p.add_argument("--model", required=True, help=MODEL_DIR_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--budget", default=None, help="budget name of an elastic checkpoint")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -104,7 +106,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
 
 def _add_importance(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("importance", help="rank hidden channels, heads, neurons and layers; reorder the weights")
-    p.add_argument("--model", required=True, help="nestlm or Hugging Face NemotronH model directory")
+    p.add_argument("--model", required=True, help=MODEL_DIR_HELP)
     p.add_argument("--data", required=True, help="text file, directory, .jsonl (text or input_ids), .parquet, stdlib")
     p.add_argument("--out", required=True, help=f"new directory for the reordered checkpoint + {IMPORTANCE_FILE}")
     p.add_argument("--seq-len", type=int, default=512)
@@ -120,7 +122,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .checkpoint import save_pretrained
     from .elastic.arch import closest_homogeneous, count_parameters, parse_target
     from .elastic.importance import require_reordered
-    from .interop import export_hf
+    from .interop.formats import export_hf
     from .loading import load
 
     _check_out(args.out)
@@ -149,7 +151,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 def cmd_slice(args: argparse.Namespace) -> int:
     from .checkpoint import save_pretrained
-    from .interop import export_hf
+    from .interop.formats import export_hf
     from .loading import load
 
     _check_out(args.out)
@@ -157,7 +159,7 @@ def cmd_slice(args: argparse.Namespace) -> int:
     spec = model.resolve_arch(budget=args.budget)
     small = model.slice(spec)
     if args.format == "hf":
-        from .interop.nemotron_h import hf_config_dict
+        from .interop.formats import hf_config_dict
 
         hf_config_dict(small.config)  # raises a clear error for heterogeneous slices before anything is written
         export_hf(small, args.out)
@@ -197,7 +199,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="elastic (or plain) training from a YAML recipe")
     p.add_argument(
-        "recipe", help="recipe YAML path, or the name of a shipped recipe (tiny, nemotron-nano-12b-v2-elastic)"
+        "recipe",
+        help="recipe YAML path, or the name of a shipped recipe (tiny, nemotron-nano-12b-v2-elastic, qwen3-8b-elastic)",
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 stages.0.steps=5")
     p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, final model)")

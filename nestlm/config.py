@@ -100,8 +100,13 @@ class ModelConfig:
     tie_embeddings: bool = False
     mlp_act: str = "relu2"  # "relu2" (squared ReLU, Nemotron-H) or "swiglu"
     mlp_bias: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v (and o, unless attention_out_bias says otherwise)
+    attention_out_bias: bool | None = None  # o_proj bias; None: same as attention_bias (Qwen2: qkv only)
+    attention_qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     rope_theta: float | None = None  # None: no positional embedding (Nemotron-H)
+    # RoPE frequency scaling: None, or {"rope_type": "llama3", "factor", "low_freq_factor",
+    # "high_freq_factor", "original_max_position_embeddings"} (Llama 3.x)
+    rope_scaling: dict[str, Any] | None = None
     mamba_conv_kernel: int = 4
     mamba_chunk_size: int = 128
     mamba_conv_bias: bool = True
@@ -141,6 +146,7 @@ class ModelConfig:
         "tie_embeddings",
         "mlp_bias",
         "attention_bias",
+        "attention_qk_norm",
         "mamba_conv_bias",
         "mamba_proj_bias",
         "residual_in_fp32",
@@ -166,6 +172,16 @@ class ModelConfig:
                 raise ConfigError(f"{name} must be a number, got {v!r}")
         if self.rope_theta is not None and not is_number(self.rope_theta):
             raise ConfigError(f"rope_theta must be a number or null, got {self.rope_theta!r}")
+        if self.attention_out_bias is not None and not isinstance(self.attention_out_bias, bool):
+            raise ConfigError(f"attention_out_bias must be true, false or null, got {self.attention_out_bias!r}")
+        rs = self.rope_scaling
+        if rs is not None:
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            if not isinstance(rs, dict) or rs.get("rope_type") != "llama3":
+                raise ConfigError(f"rope_scaling must be null or a llama3 scaling dict (rope_type: llama3), got {rs!r}")
+            for k in keys:
+                if not is_number(rs.get(k)):
+                    raise ConfigError(f"rope_scaling needs a number {k!r} (llama3 scaling: {', '.join(keys)})")
         for name in ("pad_token_id", "bos_token_id"):
             v = getattr(self, name)
             if v is not None and not is_int(v):
@@ -179,6 +195,10 @@ class ModelConfig:
             raise ConfigError(f"hf_config must be a dict (a config.json) or null, got {type(self.hf_config).__name__}")
 
     # ------------------------------------------------------------------ sugar
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias if self.attention_out_bias is None else self.attention_out_bias
+
     @property
     def n_layers(self) -> int:
         return len(self.layers)

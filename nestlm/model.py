@@ -230,13 +230,44 @@ class Mamba2Mixer(nn.Module):
         return out, new_state
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half form). x: (B, H, L, hd); pos: (B, L)."""
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
-    ang = pos.float()[..., None] * inv  # (B, L, hd/2)
-    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None]  # (B, 1, L, hd)
-    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None]
+@functools.lru_cache(maxsize=32)
+def _inv_freq(hd: int, theta: float, scaling: tuple[tuple[str, Any], ...] | None, device: torch.device) -> torch.Tensor:
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float32) / hd))
+    if scaling is None:
+        return inv
+    s = dict(scaling)
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / lo, inv / factor, inv)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_inv_freq(hd: int, theta: float, scaling: dict[str, Any] | None, device: Any = None) -> torch.Tensor:
+    """RoPE inverse frequencies (hd/2,), with Llama 3.x scaling when ``scaling`` is given (computed once).
+
+    llama3: wavelengths above original_len / low_freq_factor are divided by ``factor``, those
+    below original_len / high_freq_factor kept, and the band between interpolated smoothly.
+    """
+    key = None if scaling is None else tuple(sorted(scaling.items()))
+    with torch.inference_mode(False):  # a cached plain tensor, usable by training after generate
+        return _inv_freq(hd, float(theta), key, torch.device(device or "cpu"))
+
+
+def rope_cos_sin(
+    pos: torch.Tensor, hd: int, theta: float, scaling: dict[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, L, hd) for positions ``pos`` (B, L): one position per row."""
+    ang = pos.float()[..., None] * rope_inv_freq(hd, theta, scaling, pos.device)  # (B, L, hd/2)
+    ang = torch.cat([ang, ang], -1)[:, None]
+    return ang.cos(), ang.sin()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half form). x: (B, H, L, hd); cos, sin: (B, 1, L, hd)."""
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
 
@@ -247,12 +278,15 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
         super().__init__()
         self.nq, self.nkv, self.hd = spec.heads, spec.kv_heads, spec.head_dim
-        self.rope_theta = cfg.rope_theta
+        self.rope_theta, self.rope_scaling = cfg.rope_theta, cfg.rope_scaling
         b = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.nq * self.hd, bias=b)
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=b)
-        self.o_proj = nn.Linear(self.nq * self.hd, cfg.hidden_size, bias=b)
+        self.o_proj = nn.Linear(self.nq * self.hd, cfg.hidden_size, bias=cfg.o_proj_bias)
+        if cfg.attention_qk_norm:  # Qwen3: RMSNorm over each head's channels, shared by all heads
+            self.q_norm = RMSNorm(self.hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.norm_eps)
 
     def forward(
         self,
@@ -279,8 +313,11 @@ class Attention(nn.Module):
         q = lin(self.q_proj, qsel).view(Bsz, L, nq, hd).transpose(1, 2)  # (B, nq, L, hd)
         k = lin(self.k_proj, nkv * hd).view(Bsz, L, nkv, hd).transpose(1, 2)  # (B, nkv, L, hd)
         v = lin(self.v_proj, nkv * hd).view(Bsz, L, nkv, hd).transpose(1, 2)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            q, k = rope(q, positions, self.rope_theta), rope(k, positions, self.rope_theta)
+            cos, sin = rope_cos_sin(positions, hd, self.rope_theta, self.rope_scaling)
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         if state is None and make_state:
             shape = (Bsz, nkv, max(capacity, L), hd)
             state = AttentionState(k.new_zeros(shape), v.new_zeros(shape))
@@ -426,6 +463,8 @@ class HybridLM(nn.Module):
                     normal_(m.weight)
                     if m.bias is not None:
                         m.bias.zero_()
+                elif isinstance(m, RMSNorm):  # q/k norms
+                    m.weight.fill_(1.0)
             mx = block.mixer
             if isinstance(mx, Mamba2Mixer):
                 bound = 1.0 / math.sqrt(mx.K)

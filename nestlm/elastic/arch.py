@@ -254,7 +254,11 @@ def block_parameters(
         q, kv = heads * head_dim, kv_heads * head_dim
         n = n + D * (q + 2 * kv) + q * D
         if config.attention_bias:
-            n = n + q + 2 * kv + D
+            n = n + q + 2 * kv
+        if config.o_proj_bias:
+            n = n + D
+        if config.attention_qk_norm:  # q_norm, k_norm: one weight per head channel, shared by the heads
+            n = n + 2 * head_dim
     else:
         mats = 3 if config.mlp_act == "swiglu" else 2
         n = n + mats * D * ffn

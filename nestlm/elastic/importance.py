@@ -6,7 +6,9 @@ L2 over the batch.
   hidden channel  sum over layers of |pre-norm output|
   MLP neuron      |activation| of the neuron (after the squared ReLU / SwiGLU gate)
   attention head  ||head output||_2 (the input of o_proj), ranked within its KV group;
-                  a KV group scores the L2 of its query heads
+                  a KV group scores the L2 of its query heads. Whole heads move, never the
+                  channels inside one: RoPE pairs channel i with i + head_dim/2, and q/k
+                  norms (Qwen3) share one weight per channel across heads
   Mamba channel   |x part of in_proj|; a head scores the L2 of its channels, and heads
                   are ranked within their group (B and C are per group, never pruned)
   depth           s_j = sum (M_full - M_-j)^2 / sum M_full^2 over logits M with layer j
@@ -284,6 +286,7 @@ def reorder(model: HybridLM, imp: Importance) -> HybridLM:
                 perm_(mx.q_proj.bias, 0, qch)
                 perm_(mx.k_proj.bias, 0, kvch)
                 perm_(mx.v_proj.bias, 0, kvch)
+            if mx.o_proj.bias is not None:
                 perm_(mx.o_proj.bias, 0, ph)
             perm_(mx.o_proj.weight, 1, qch)
             perm_(mx.o_proj.weight, 0, ph)

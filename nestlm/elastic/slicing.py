@@ -66,6 +66,9 @@ def layer_rules(parent: LayerSpec, active: LayerSpec, hidden: int) -> dict[str, 
             "mixer.v_proj.bias": (kv,),
             "mixer.o_proj.weight": (D, q),
             "mixer.o_proj.bias": (D,),
+            # q/k norms act on one head's channels, which are never sliced (head_dim is not elastic)
+            "mixer.q_norm.weight": (None,),
+            "mixer.k_norm.weight": (None,),
         }
     else:
         F = _prefix(active.ffn)

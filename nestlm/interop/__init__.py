@@ -1,5 +1,7 @@
-"""Hugging Face formats <-> nestlm."""
+"""Hugging Face formats <-> nestlm.
 
-from .nemotron_h import export_hf, load_hf
-
-__all__ = ["export_hf", "load_hf"]
+``formats`` maps a ``model_type`` to its reader and writer (``load_hf``, ``export_hf``,
+``hf_config_dict``); ``nemotron_h`` and ``llama`` (llama, mistral, qwen2, qwen3) are the
+families. This package file imports none of them, so that importing one family never runs
+the others (and no import cycle runs through the package).
+"""

@@ -28,7 +28,7 @@ class RecipeError(NestlmError):
 class ModelSection:
     """The parent: a checkpoint directory, or a random init from a pattern (tiny recipes)."""
 
-    path: str | None = None  # nestlm or Hugging Face NemotronH directory
+    path: str | None = None  # nestlm or Hugging Face (NemotronH, llama, mistral, qwen2, qwen3) directory
     init: dict[str, Any] | None = None  # ModelConfig.from_pattern arguments: pattern, vocab_size, hidden_size, ...
     seed: int = 0  # random init seed
     # The frozen teacher of elastic (KD) training: a model directory with the same vocabulary, or

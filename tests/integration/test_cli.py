@@ -81,8 +81,8 @@ def _break(kind: str, d: Path) -> str:
         shutil.rmtree(d)
         return f"{d} does not exist"
     if kind == "model-type":
-        _edit_config(d, model_type="llama")
-        return f"{d / 'config.json'} has model_type 'llama'"
+        _edit_config(d, model_type="gpt2")
+        return f"{d / 'config.json'} has model_type 'gpt2'"
     if kind == "moe-layer":
         _edit_config(d, layers_block_type=["linear_attention", "moe"])
         return f"{d / 'config.json'}: layer type 'moe' is not supported"
