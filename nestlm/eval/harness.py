@@ -72,7 +72,7 @@ class NestlmLM(TemplateLM):
                 f"unknown model_args {', '.join(sorted(unknown))} for --model nestlm; it takes path, budget, "
                 "batch_size, device, dtype, max_length, tokenizer, add_bos_token"
             )
-        from ..checkpoint import load
+        from ..loading import load
         from ..tokenizer import load_hf_tokenizer
 
         path = path or pretrained

@@ -223,6 +223,7 @@ def test_a_missing_harness_is_one_line(
 ) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval raises ImportError
     monkeypatch.delitem(sys.modules, "nestlm.eval.harness", raising=False)
+    monkeypatch.delitem(sys.modules, "nestlm.eval.harness_run", raising=False)
     err = _err(capsys, ["eval", "--model", str(elastic), "--tasks", "nestlm_mc", "--out", str(tmp_path / "o")])
     assert 'pip install -e ".[eval]"' in err and not (tmp_path / "o").exists()
     assert 'pip install -e ".[eval]"' in _err(capsys, ["harness", "--model", "nestlm", "--tasks", "x"])

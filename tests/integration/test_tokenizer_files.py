@@ -61,6 +61,14 @@ def _assert_carries(out: Path, src: Path, names: list[str] | None = None) -> Non
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
 
 
+def _assert_carries_hf(out: Path, src: Path) -> None:
+    """An HF export of a byte-level source: every file carried, but tokenizer_config.json, which
+    export_hf writes for transformers (beside a tokenizer.json) with the source's EOS and chat template."""
+    _assert_carries(out, src, [n for n in TOKENIZER_FILES if n != "tokenizer_config.json"])
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == "</s>" and cfg.get("chat_template") and (out / "tokenizer.json").is_file()
+
+
 def _generate(model_dir: Path, capsys: pytest.CaptureFixture, budget: str | None = None) -> None:
     capsys.readouterr()
     args = ["generate", "--model", str(model_dir), "--prompt", "1 + 1 =", "--max-new-tokens", "3"]
@@ -89,7 +97,7 @@ def test_prune_output_carries_the_tokenizer(
     assert (
         main(["prune", "--model", str(ranked), "--budget", "0.7", "--out", str(tmp_path / "h"), "--format", "hf"]) == 0
     )
-    _assert_carries(tmp_path / "h", source)
+    _assert_carries_hf(tmp_path / "h", source)
 
 
 def test_slice_output_carries_the_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -103,7 +111,7 @@ def test_slice_output_carries_the_tokenizer(tmp_path: Path, capsys: pytest.Captu
     _assert_carries(tmp_path / "s50", src)
     _generate(tmp_path / "s50", capsys)
     assert main(["slice", "--model", str(src), "--budget", "75", "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
-    _assert_carries(tmp_path / "hf", src)
+    _assert_carries_hf(tmp_path / "hf", src)
     assert nestlm.load(tmp_path / "hf").num_parameters() == nestlm.load(src).num_parameters(budget="75")
 
 
@@ -112,7 +120,7 @@ def test_save_pretrained_and_export_carry_the_tokenizer(source: Path, tmp_path: 
     model.save_pretrained(str(tmp_path / "again"))
     _assert_carries(tmp_path / "again", source)
     nestlm.export_hf(model, tmp_path / "hf")
-    _assert_carries(tmp_path / "hf", source)
+    _assert_carries_hf(tmp_path / "hf", source)
 
 
 def test_train_outputs_carry_the_tokenizer(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
