@@ -246,3 +246,28 @@ def test_rolling_loglikelihood_equals_hf_backend(tmp_path: Path, one_thread) -> 
     ref = ref.loglikelihood_rolling(reqs, disable_tqdm=True)
     assert len(ours) == 3 and all(abs(a - b) <= 1e-4 for a, b in zip(ours, ref, strict=True)), (ours, ref)
     assert ours[1] < ours[0] < 0  # the long text spans many windows
+
+
+def test_server_scored_by_local_completions_equals_nestlm_backend(slices: dict[str, Path], one_thread) -> None:
+    """A real client of our API: the harness's own ``local-completions`` backend scores the
+    multiple-choice task through ``nestlm serve`` with the loglikelihoods of the in-process backend."""
+    from nestlm.serve.server import build_api
+    from tests.integration.test_serve import Server
+
+    export = slices["50"]
+    server = Server(build_api(export, max_context=512))
+    try:
+        (name,) = [m.id for m in server.client().models.list()]
+        args = (
+            f"base_url={server.url}/v1/completions,model={name},tokenizer_backend=huggingface,"
+            f"tokenizer={export},num_concurrent=1,max_retries=1,tokenized_requests=True"
+        )
+        via_server = _run("local-completions", args, ["nestlm_mc"], limit=6)
+    finally:
+        server.close()
+    ours = _run("nestlm", f"path={export}", ["nestlm_mc"], limit=6)
+    a, b = _responses(via_server, "nestlm_mc"), _responses(ours, "nestlm_mc")
+    assert len(a) == 6 and all(len(r) == 4 for r in a)
+    for doc_a, doc_b in zip(a, b, strict=True):
+        for (lp, greedy), (lp_ref, greedy_ref) in ((x[0], y[0]) for x, y in zip(doc_a, doc_b, strict=True)):
+            assert abs(lp - lp_ref) <= 1e-4 and greedy == greedy_ref

@@ -110,9 +110,27 @@ def test_slice_output_carries_the_tokenizer(tmp_path: Path, capsys: pytest.Captu
     assert main(["slice", "--model", str(src), "--budget", "50", "--out", str(tmp_path / "s50")]) == 0
     _assert_carries(tmp_path / "s50", src)
     _generate(tmp_path / "s50", capsys)
+    _serve_one_completion(tmp_path / "s50")
     assert main(["slice", "--model", str(src), "--budget", "75", "--out", str(tmp_path / "hf"), "--format", "hf"]) == 0
     _assert_carries_hf(tmp_path / "hf", src)
     assert nestlm.load(tmp_path / "hf").num_parameters() == nestlm.load(src).num_parameters(budget="75")
+
+
+def _serve_one_completion(model_dir: Path) -> None:
+    """nestlm serve on a sliced directory: its tokenizer and chat template answer a request."""
+    from nestlm.serve.server import build_api
+    from tests.integration.test_serve import Server
+
+    server = Server(build_api(model_dir, max_context=128))
+    try:
+        c = server.client()
+        (name,) = [m.id for m in c.models.list()]
+        r = c.completions.create(model=name, prompt="1 + 1 =", max_tokens=3, temperature=0)
+        assert r.usage.prompt_tokens == len("1 + 1 =") and r.choices[0].finish_reason in ("stop", "length")
+        chat = c.chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert chat.choices[0].finish_reason in ("stop", "length")
+    finally:
+        server.close()
 
 
 def test_save_pretrained_and_export_carry_the_tokenizer(source: Path, tmp_path: Path) -> None:
