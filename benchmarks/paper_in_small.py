@@ -341,8 +341,8 @@ def plot(out: Path, tables: dict[str, Any]) -> None:
                 continue
             xs.append(j + (i - 1.5) * width)
             ys.append(100 * c["acc"])
-            errs[0].append(100 * (c["acc"] - c["lo"]))
-            errs[1].append(100 * (c["hi"] - c["acc"]))
+            errs[0].append(max(0.0, 100 * (c["acc"] - c["lo"])))  # (float noise at 0% and 100%)
+            errs[1].append(max(0.0, 100 * (c["hi"] - c["acc"])))
         ax.bar(xs, ys, width, yerr=errs, capsize=3, label=meth)
     ax.set_xticks(range(len(rows)), [r["budget"] for r in rows])
     ax.set_xlabel("budget")

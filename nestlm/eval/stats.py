@@ -27,7 +27,9 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval holds p by construction; min/max only keep float rounding from putting
+    # the lower end a hair above 0% (or the upper below 100%)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def paired_difference(
