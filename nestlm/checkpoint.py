@@ -35,7 +35,7 @@ from .config import ConfigError, ModelConfig
 from .elastic.arch import ArchSpec
 from .elastic.importance import Importance
 from .errors import CheckpointError, NestlmError
-from .tokenizer import BYTE_TOKENIZER_FILE
+from .tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILES
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -44,14 +44,7 @@ ELASTIC_FILE = "elastic.json"
 IMPORTANCE_FILE = "importance.json"
 ROUTERS_FILE = "routers.safetensors"
 TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
+    *HF_TOKENIZER_FILES,  # the Hugging Face tokenizer files (one list, in tokenizer.py)
     "chat_template.json",
     BYTE_TOKENIZER_FILE,  # nestlm's marker for the byte-level tokenizer
     "generation_config.json",  # generation defaults (EOS ids) that transformers' generate reads
