@@ -44,8 +44,8 @@ import yaml
 
 import nestlm
 from nestlm.eval import reasoning
-from nestlm.eval.evaluate import reasoning_outcomes, reasoning_tokens
-from nestlm.eval.perplexity import perplexity
+from nestlm.eval.evaluate import reasoning_outcomes
+from nestlm.eval.perplexity import solution_perplexity
 from nestlm.eval.stats import paired_difference, verdict, wilson_interval
 from nestlm.tokenizer import ByteTokenizer
 from nestlm.train.recipe import load_recipe
@@ -85,9 +85,12 @@ def study_recipe(scale: float, quick: bool, device: str, seed: int) -> dict[str,
     return r
 
 
-def train_runs(out: Path, ranked: Path, scale: float, quick: bool, device: str, seed: int) -> dict[str, Any]:
+def train_runs(
+    out: Path, ranked: Path, scale: float, quick: bool, device: str, seed: int, threads: int = 2
+) -> dict[str, Any]:
     """The elastic runs (two-stage weighted, uniform stage 2, stage 1 only) of one seed."""
     base = study_recipe(scale, quick, device, seed)
+    base["train"]["threads"] = threads
     base["model"]["path"] = str(ranked)
     variants = {"elastic": base}
     uni = json.loads(json.dumps(base))
@@ -144,7 +147,7 @@ class Evaluator:
         self.sets = {"short": reasoning.test_problems(n, "short", 1)}
         if long_n:
             self.sets["long"] = reasoning.test_problems(long_n, "long", 1)
-        self.ppl_tokens = reasoning_tokens(self.tok, max(50, n))
+        self.ppl_problems = reasoning.test_problems(max(50, n), "short", 1)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens  # None: a cap that every reference solution fits
 
@@ -152,7 +155,7 @@ class Evaluator:
         model = nestlm.load(path).eval().to(self.device)
         b = budget if model.budgets else None
         out: dict[str, Any] = {"params": model.num_parameters(budget=b)}
-        ppl = perplexity(model, self.ppl_tokens.to(self.device), seq_len=256, batch_size=8, budget=b)
+        ppl = solution_perplexity(model, self.tok, self.ppl_problems, budget=b)  # solutions given questions
         out["ppl"] = ppl["ppl"]
         for v in variants:
             if v not in self.sets:
@@ -364,12 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300, help="held-out short problems per cell")
     ap.add_argument("--n-long", type=int, default=300, help="held-out long problems per cell (claims 2 and 3)")
     ap.add_argument("--parent", default=str(PARENT), help="the parent model directory")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training and scoring")
+    ap.add_argument("--batch-size", type=int, default=None, help="generation batch (default: 48 on CPU, 64 on GPU)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"paper_in_small: --out {out} exists and is not an empty directory; give a new one")
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     n, n_long = (24, 8) if args.quick else (args.n, args.n_long)
 
@@ -383,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator(
         n,
         n_long,
-        batch_size=16 if args.device == "cpu" else 64,
+        batch_size=args.batch_size or (48 if args.device == "cpu" else 64),
         device=args.device,
         max_new_tokens=48 if args.quick else None,
     )
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[study] scoring the parent", flush=True)
     models["parent"] = ev(ranked, None, ("short", "long"))
     for seed in range(args.seeds):
-        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed)
+        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads)
         kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed)
         for name, r in runs.items():
             tokens[name] = tokens.get(name, 0) + r["tokens"]

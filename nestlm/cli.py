@@ -298,7 +298,7 @@ def _add_harness(sub: argparse._SubParsersAction) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, progress=not args.no_progress)
+    run_demo(args.out, quick=args.quick, progress=not args.no_progress, overrides=args.overrides)
     return 0
 
 
@@ -307,6 +307,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="nestlm-demo", help="new directory for everything the demo writes")
     p.add_argument("--quick", action="store_true", help="a few steps only (a smoke test, not the real numbers)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of nestlm/recipes/demo.yaml, e.g. train.lr=2e-4")
     p.set_defaults(func=cmd_demo)
 
 
@@ -395,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may come after options: `nestlm train R --out D train.lr=1e-3`
-        if getattr(args, "command", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
+        takes = getattr(args, "command", None) in ("train", "demo")
+        if takes and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -29,7 +29,11 @@ def _stage(msg: str) -> None:
 
 
 def run_demo(
-    out: str | Path = "nestlm-demo", quick: bool = False, progress: bool = True, parent: str | Path | None = None
+    out: str | Path = "nestlm-demo",
+    quick: bool = False,
+    progress: bool = True,
+    parent: str | Path | None = None,
+    overrides: list[str] | None = None,
 ) -> dict[str, Any]:
     from .eval.evaluate import evaluate_models
     from .eval.report import print_table, write_report
@@ -44,7 +48,7 @@ def run_demo(
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     t_start = time.time()
     timings: dict[str, float] = {}
-    recipe = load_recipe("demo", ["stages.0.steps=6", "stages.1.steps=4"] if quick else [])
+    recipe = load_recipe("demo", (["stages.0.steps=6", "stages.1.steps=4"] if quick else []) + list(overrides or []))
 
     # 1. importance on the shipped parent
     _stage(f"1/5 importance ranking of the parent ({parent_dir})")
@@ -126,7 +130,7 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
     if parent and full:
         notes.append(
             f"- full budget vs parent: held-out ppl {full['ppl']:.3f} vs {parent['ppl']:.3f} "
-            f"({(full['ppl'] / parent['ppl'] - 1):+.1%})"
+            f"({(full['ppl'] / parent['ppl'] - 1):+.1%}); accuracy {_paired(full, parent)}"
         )
     for r in rows:
         if r["kind"] != "elastic":
@@ -137,6 +141,16 @@ def _verdicts(rows: list[dict[str, Any]]) -> list[str]:
         better = r["ppl"] < p["ppl"]
         notes.append(
             f"- {r['name']} ({r['params']:,} params) vs one-shot pruned ({p['params']:,}): ppl {r['ppl']:.3f} vs "
-            f"{p['ppl']:.3f}: {'elastic is better' if better else 'elastic is NOT better'}"
+            f"{p['ppl']:.3f}: {'elastic is better' if better else 'elastic is NOT better'}; accuracy {_paired(r, p)}"
         )
     return notes
+
+
+def _paired(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Accuracy of ``a`` minus ``b`` on the same problems, with its paired 95% interval."""
+    from .eval.stats import paired_difference
+
+    if not a.get("correct") or len(a["correct"]) != len(b.get("correct") or []):
+        return "not compared"
+    d = paired_difference(a["correct"], b["correct"])
+    return f"{100 * d['diff']:+.1f} points [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] (paired, same problems)"

@@ -8,7 +8,7 @@ import torch
 
 from ..tasks import reasoning
 from ..tokenizer import ByteTokenizer, Tokenizer
-from .perplexity import perplexity
+from .perplexity import solution_perplexity
 
 
 def reasoning_tokens(tok: Tokenizer, n: int, variant: str = "short") -> torch.Tensor:
@@ -96,18 +96,19 @@ def evaluate_models(
     quick: bool = False,
     progress: bool = True,
     n_ppl_problems: int = 600,
-    n_reasoning: int = 64,
+    n_reasoning: int = 200,
 ) -> list[dict[str, Any]]:
-    """Rows (name, kind, params, fraction, loss, ppl, accuracy) for standalone model directories."""
+    """Rows (name, kind, params, fraction, loss, ppl, accuracy with its 95% Wilson interval) for standalone
+    model directories; every model is scored on the same ``n_reasoning`` held-out problems."""
     from ..loading import load
 
     tok = ByteTokenizer()
-    tokens = reasoning_tokens(tok, 150 if quick else n_ppl_problems)
+    ppl_problems = reasoning.test_problems(150 if quick else n_ppl_problems, "short", 1)
     rows = []
     for m in models:
         model = load(m["path"]).eval()
         n = sum(p.numel() for p in model.parameters())
-        ppl = perplexity(model, tokens, seq_len=256, batch_size=8)
+        ppl = solution_perplexity(model, tok, ppl_problems)  # per byte of the solution, given the question
         acc = reasoning_accuracy(model, tok, n=16 if quick else n_reasoning, progress=progress)
         row = {
             "name": m["name"],
@@ -117,11 +118,19 @@ def evaluate_models(
             "loss": ppl["loss"],
             "ppl": ppl["ppl"],
             "accuracy": acc["accuracy"],
+            "accuracy_ci": list(acc["ci95"]),
+            "accuracy_n": acc["n"],
+            "correct": acc["correct"],
             "path": m["path"],
         }
         if "budget" in m:
             row["budget"] = m["budget"]
         rows.append(row)
         if progress:
-            print(f"  {m['name']:>14}: {n:,} params, ppl {ppl['ppl']:.3f}, reasoning {acc['accuracy']:.1%}", flush=True)
+            lo, hi = acc["ci95"]
+            print(
+                f"  {m['name']:>14}: {n:,} params, ppl {ppl['ppl']:.3f}, "
+                f"reasoning {acc['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] (n={acc['n']})",
+                flush=True,
+            )
     return rows

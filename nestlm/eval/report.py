@@ -22,6 +22,8 @@ COLUMNS = [
     ("ppl", "held-out ppl", lambda v: f"{v:.3f}"),
     ("loss", "loss (nats)", lambda v: f"{v:.4f}"),
     ("accuracy", "reasoning acc", lambda v: f"{v:.1%}"),
+    ("accuracy_ci", "95% interval", lambda v: f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]"),
+    ("accuracy_n", "problems", str),
 ]
 
 

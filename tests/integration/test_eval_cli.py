@@ -78,3 +78,8 @@ def test_demo_refuses_a_file_and_a_busy_directory(tmp_path: Path, capsys: pytest
     (d / "keep").write_text("x")
     assert "not empty" in _err(capsys, ["demo", "--out", str(d)])
     assert (d / "keep").read_text() == "x"
+
+
+def test_demo_refuses_an_unknown_override_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert "unknown key recipe.train.nope" in _err(capsys, ["demo", "--out", str(tmp_path / "d"), "train.nope=1"])
+    assert not (tmp_path / "d").exists()
