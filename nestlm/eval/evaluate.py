@@ -95,7 +95,7 @@ def evaluate_models(
     total_params: int | None = None,
     quick: bool = False,
     progress: bool = True,
-    n_ppl_problems: int = 600,
+    n_ppl_problems: int = 200,
     n_reasoning: int = 200,
 ) -> list[dict[str, Any]]:
     """Rows (name, kind, params, fraction, loss, ppl, accuracy with its 95% Wilson interval) for standalone
@@ -109,7 +109,7 @@ def evaluate_models(
         model = load(m["path"]).eval()
         n = sum(p.numel() for p in model.parameters())
         ppl = solution_perplexity(model, tok, ppl_problems)  # per byte of the solution, given the question
-        acc = reasoning_accuracy(model, tok, n=16 if quick else n_reasoning, progress=progress)
+        acc = reasoning_accuracy(model, tok, n=16 if quick else n_reasoning, batch_size=48, progress=progress)
         row = {
             "name": m["name"],
             "kind": m["kind"],
