@@ -349,6 +349,7 @@ def closest_homogeneous(
     attns = [ls for ls in config.layers if ls.kind == "attention"]
     mlps = [ls for ls in config.layers if ls.kind == "mlp"]
     m0, a0, f0 = (mambas[0] if mambas else None), (attns[0] if attns else None), (mlps[0] if mlps else None)
+    e0 = next((ls for ls in config.layers if ls.kind == "moe"), None)
     if not full.is_homogeneous():
         raise ArchError("one-shot pruning needs a parent with the same widths in every layer of a kind")
     D = config.hidden_size
@@ -369,6 +370,9 @@ def closest_homogeneous(
             kw["mamba_heads"] = _round_to(s * m0.heads, m0.groups, m0.groups, m0.heads)
         if a0 is not None:
             kw["attn_heads"] = _round_to(s * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads)
+        if e0 is not None:  # MoE: the routed experts and the shared expert narrower by the same factor
+            kw["expert_ffn"] = _round_to(s * e0.ffn, 1, 1, e0.ffn)
+            kw["shared_ffn"] = _round_to(s * e0.shared_ffn, 1, 1, e0.shared_ffn)
         if f0 is not None:  # cost is linear in the MLP width: solve for it
             f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
             c_lo = cost(full.replace(**kw, mlp=f_lo))
@@ -392,6 +396,8 @@ def closest_homogeneous(
                 mamba_heads=_round_to(min_width * m0.heads, m0.groups, m0.groups, m0.heads) if m0 else None,
                 attn_heads=_round_to(min_width * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads) if a0 else None,
                 mlp=_round_to(min_width * f0.ffn, fstep, fstep, f0.ffn) if f0 else None,
+                expert_ffn=_round_to(min_width * e0.ffn, 1, 1, e0.ffn) if e0 else None,
+                shared_ffn=_round_to(min_width * e0.shared_ffn, 1, 1, e0.shared_ffn) if e0 else None,
             )
         )
         unit = "bytes" if target.kind == "memory" else "parameters"
