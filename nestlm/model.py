@@ -396,6 +396,34 @@ def route(
     return index, w * scaling
 
 
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these expert weights (E, out, in): whole, 16-byte rows.
+
+    CPU kernels take any float dtype; CUDA ones bf16 on sm80+. Nested (sliced) weights are views
+    with gaps and go through the per-expert loop instead.
+    """
+    if not hasattr(F, "grouped_mm") or not w.is_contiguous() or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cuda":
+        return w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (8, 0)
+    b = w.element_size()
+    return x.device.type == "cpu" and all(n * b % 16 == 0 for n in w.shape[1:]) and w.data_ptr() % 16 == 0
+
+
+def _expert_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of xs (S, in), sorted by expert with ``counts`` (E,) rows each, times their expert's w (E, out, in)."""
+    if _grouped_mm_ok(xs, w):
+        return F.grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    ys, start = [], 0
+    for e, n in enumerate(counts.tolist()):  # one host sync, then one GEMM per expert with tokens
+        if n:
+            ys.append(F.linear(xs[start : start + n], w[e]))
+            start += n
+    if not ys:
+        return xs.new_zeros(0, w.shape[1])
+    return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
 def run_experts(
     x: torch.Tensor,
     up: torch.Tensor,
@@ -406,9 +434,10 @@ def run_experts(
 ) -> torch.Tensor:
     """sum_k w[t,k] * down_e(relu2(up_e(x_t))) with e = index[t,k]; x (T, D), up (E, F, D), down (E, D, F).
 
-    Token-expert pairs are sorted by expert so that each expert runs one GEMM over its
-    contiguous rows (one host sync for the counts, no loop over tokens); the weighted rows are
-    summed back per token in fp32. Returns (T, D) in fp32.
+    Token-expert pairs are sorted by expert so that each expert's rows are contiguous, and both
+    projections run as one grouped GEMM (torch.nn.functional.grouped_mm; a loop over experts
+    where it cannot run); no loop over tokens. The weighted rows are summed back per token in
+    fp32. Returns (T, D) in fp32.
     ``probe`` (importance) sees per-expert sums: "moe_expert_act" (E, F) of |activation| over the
     tokens routed to each expert, "moe_reap" (2, E) of routing weight * ||expert output|| and of
     token counts (the REAP score is their ratio).
@@ -416,30 +445,19 @@ def run_experts(
     T, k = index.shape
     flat = index.reshape(-1)  # (T*k,)
     order = flat.argsort()
+    sorted_e = flat[order]
     token = order // k  # the token of each sorted pair
-    counts = torch.bincount(flat, minlength=up.shape[0]).tolist()
+    counts = torch.bincount(flat, minlength=up.shape[0])  # (E,)
     xs = x.index_select(0, token)  # (T*k, D), grouped by expert
-    ys = []
-    act = None if probe is None else x.new_zeros(up.shape[:2], dtype=torch.float32)  # (E, F)
-    start = 0
-    for e, n in enumerate(counts):
-        if n:
-            h = torch.relu(F.linear(xs[start : start + n], up[e])).square()
-            if act is not None:
-                act[e] = h.detach().float().abs().sum(0)
-            ys.append(F.linear(h, down[e]))
-            start += n
-    if not ys:  # no tokens
-        return x.new_zeros(T, down.shape[1], dtype=torch.float32)
-    y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (T*k, D)
-    y = y.float() * w.reshape(-1)[order, None]
+    h = torch.relu(_expert_linear(xs, up, counts)).square()  # (T*k, F)
+    y = _expert_linear(h, down, counts).float() * w.reshape(-1)[order, None]  # (T*k, D)
     if probe is not None:
-        sorted_e = flat[order]
-        reap = x.new_zeros(2, up.shape[0], dtype=torch.float32)
-        reap[0].index_add_(0, sorted_e, y.detach().norm(dim=-1))  # |w| * ||out||: w >= 0
-        reap[1].index_add_(0, sorted_e, torch.ones_like(sorted_e, dtype=torch.float32))
-        probe("moe_reap", reap)
-        probe("moe_expert_act", act)
+        stats = torch.zeros(up.shape[0], up.shape[1] + 2, dtype=torch.float32, device=x.device)
+        stats[:, :-2].index_add_(0, sorted_e, h.detach().float().abs())
+        stats[:, -2].index_add_(0, sorted_e, y.detach().norm(dim=-1))  # |w| * ||out||: w >= 0
+        stats[:, -1].index_add_(0, sorted_e, torch.ones_like(sorted_e, dtype=torch.float32))
+        probe("moe_reap", stats[:, -2:].t().contiguous())
+        probe("moe_expert_act", stats[:, :-2].contiguous())
     return torch.zeros(T, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, token, y)
 
 
