@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from nestlm.config import ModelConfig
-from nestlm.elastic.arch import ArchSpec
+from nestlm.elastic.arch import ArchSpec, Target
 from nestlm.model import HybridLM
+from tests.unit.test_router import CFG, _combos, _one_hot, _routers
 
 # 52 layers: 23 Mamba2, 23 MoE, 6 attention (NVIDIA-Nemotron-3-Nano-30B-A3B's config.json values)
 NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
@@ -36,3 +37,17 @@ def test_nano_counts_on_the_meta_device() -> None:
     assert small.active_parameters(cfg) == (
         full.active_parameters(cfg) - 23 * 6 * 2 * 2688 * (1856 - 1024) - 23 * 64 * 2688
     )
+
+
+def test_router_costs_of_a_moe_parent_are_exact() -> None:
+    """Routers over the existing axes of a parent with MoE layers (kept at full width) count exactly."""
+    cfg = ModelConfig.from_pattern("M*E-E", experts=6, expert_ffn=12, shared_ffn=10, moe_top_k=2, **CFG)
+    routers = _routers(cfg)
+    kw = dict(dtype=torch.bfloat16, batch=2, context=64)
+    for choice in _combos(routers, {a: 1 for a in routers.choices})[::5]:
+        sample = _one_hot(routers, choice)
+        spec = routers.arch(sample.choice)
+        assert int(round(float(routers.expected_cost(sample, Target("params", 1e4))))) == spec.num_parameters(cfg)
+        assert int(round(float(routers.expected_cost(sample, Target("memory", 1e6), **kw)))) == spec.memory_bytes(
+            cfg, **kw
+        )
