@@ -1,4 +1,5 @@
-"""nestlm vs transformers (NemotronH, or Llama with --model llama): training-step and decode throughput.
+"""nestlm vs transformers (NemotronH, NemotronH MoE with --model nemotron_h_moe, or Llama with --model
+llama): training-step and decode throughput.
 
 Builds a NemotronH model with transformers from a NemotronHConfig (or, with ``--model
 llama``, a Transformer: LlamaForCausalLM from a LlamaConfig with ``--layers`` layers of
@@ -12,7 +13,11 @@ on the same data:
 * times a training step (forward + cross-entropy loss + backward; no optimizer);
 * times cached greedy decoding (``generate``), prefill included, at batch 1 and 4;
 
-and prints a table of tokens/s and the ratio nestlm / transformers. Every timing is
+and prints a table of tokens/s and the ratio nestlm / transformers. With ``--model nemotron_h_moe``
+(pattern ``--moe-pattern``, routed experts, top-k, expert and shared widths from their flags) it
+also times the MoE layer alone (forward + backward), and every MoE row twice: against transformers'
+default experts implementation (named in the row; ``grouped_mm`` in transformers 5) and against
+``eager`` (its per-expert loop), switched with ``set_experts_implementation``. Every timing is
 the median over ``--steps`` repetitions (nestlm and HF interleaved) after ``--warmup``
 untimed ones, with
 ``torch.set_num_threads(--threads)``.
@@ -20,6 +25,7 @@ untimed ones, with
     .venv/bin/python benchmarks/bench_model.py            # default CPU-sized config
     .venv/bin/python benchmarks/bench_model.py --quick    # a smaller config, seconds
     .venv/bin/python benchmarks/bench_model.py --model llama --quick
+    .venv/bin/python benchmarks/bench_model.py --model nemotron_h_moe --quick
 """
 
 from __future__ import annotations
@@ -35,12 +41,17 @@ import torch.nn.functional as F
 
 import nestlm
 
-PATTERN = {"M": "mamba", "*": "attention", "-": "mlp"}
+PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=["nemotron_h", "llama"], default="nemotron_h", help="the transformers class")
+    p.add_argument(
+        "--model",
+        choices=["nemotron_h", "nemotron_h_moe", "llama"],
+        default="nemotron_h",
+        help="the transformers class",
+    )
     p.add_argument("--layers", type=int, default=4, help="Transformer layers (--model llama; --pattern otherwise)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--pattern", default="M-M*-M-M-", help="layer pattern: M mamba, * attention, - MLP")
@@ -52,6 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--ffn", type=int, default=1536)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--moe-pattern", default="ME*EME", help="layer pattern of --model nemotron_h_moe (E: MoE)")
+    p.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=4, help="experts per token")
+    p.add_argument("--expert-ffn", type=int, default=256, help="width of each routed expert")
+    p.add_argument("--shared-ffn", type=int, default=512, help="width of the shared expert")
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--seq", type=int, default=512, help="training sequence length")
     p.add_argument("--batch", type=int, default=2, help="training batch size")
@@ -96,8 +112,19 @@ def build_hf(args: argparse.Namespace):
                 if name.endswith("norm.weight"):
                     prm.copy_(1 + 0.2 * torch.randn(prm.shape))
         return hf
-    kinds = [PATTERN[c] for c in args.pattern]
+    moe = args.model == "nemotron_h_moe"
+    kinds = [PATTERN[c] for c in (args.moe_pattern if moe else args.pattern)]
+    extra = {}
+    if moe:
+        extra = dict(
+            n_routed_experts=args.experts,
+            num_experts_per_tok=args.top_k,
+            moe_intermediate_size=args.expert_ffn,
+            moe_shared_expert_intermediate_size=args.shared_ffn,
+            routed_scaling_factor=2.5,
+        )
     cfg = transformers.NemotronHConfig(
+        **extra,
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         layers_block_type=kinds,
@@ -121,7 +148,36 @@ def build_hf(args: argparse.Namespace):
                 prm.copy_(1 + 0.2 * torch.randn(prm.shape))
             elif name.endswith(".D") or name.endswith("dt_bias") or name.endswith("conv1d.bias"):
                 prm.copy_(torch.randn(prm.shape) * 0.5)
+            elif name.endswith("gate.weight"):  # separated router scores: a real choice of experts
+                prm.mul_(20)
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.copy_(torch.randn(buf.shape) * 0.05)
     return hf
+
+
+def moe_layer_rows(args: argparse.Namespace, hf, ours, experts_impl: str) -> list[tuple[str, float, float]]:
+    """The first MoE layer alone, forward + backward, on normed-size random input (B x seq tokens)."""
+    i = next(j for j, ls in enumerate(ours.config.layers) if ls.kind == "moe")
+    a, b = hf.model.layers[i].mixer, ours.layers[i].mixer
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    x = torch.randn(args.batch, args.seq, args.hidden, generator=gen)
+    g = torch.randn(args.batch, args.seq, args.hidden, generator=gen)
+    with torch.no_grad():
+        diff = (a(x) - b(x)).abs().max().item()
+    print(f"parity: MoE layer {i} max |nestlm - HF ({experts_impl})| = {diff:.2e}")
+
+    def step(m) -> Callable[[], None]:
+        def run() -> None:
+            m.zero_grad(set_to_none=True)
+            xx = x.clone().requires_grad_(True)
+            (m(xx) * g).sum().backward()
+
+        return run
+
+    t_hf, t_ours = median_times([step(a), step(b)], args.steps, args.warmup)
+    ntok = args.batch * args.seq
+    return [(f"MoE layer fwd+bwd (B={args.batch}, L={args.seq}) vs HF {experts_impl}", ntok / t_hf, ntok / t_ours)]
 
 
 def median_times(fns: list[Callable[[], object]], steps: int, warmup: int) -> list[float]:
@@ -159,7 +215,14 @@ def main(argv: list[str] | None = None) -> None:
     batches = [int(b) for b in args.decode_batches.split(",") if b.strip()]
     prompts = {b: torch.randint(3, args.vocab, (b, args.prompt), generator=gen) for b in batches}
 
-    if args.model == "llama":
+    if args.model == "nemotron_h_moe":
+        print(
+            f"config: NemotronH MoE, hidden {args.hidden}, pattern {args.moe_pattern!r}, {args.experts} routed experts "
+            f"x {args.expert_ffn} (top {args.top_k}), shared expert {args.shared_ffn}, mamba {args.mamba_heads}x"
+            f"{args.mamba_head_dim}, attention {args.attn_heads}/{args.kv_heads}, vocab {args.vocab}; "
+            f"{n_params / 1e6:.1f}M parameters"
+        )
+    elif args.model == "llama":
         print(
             f"config: Llama, hidden {args.hidden}, {args.layers} layers, attention {args.attn_heads}/{args.kv_heads} "
             f"heads, SwiGLU ffn {args.ffn}, vocab {args.vocab}; {n_params / 1e6:.1f}M parameters"
@@ -197,31 +260,41 @@ def main(argv: list[str] | None = None) -> None:
         print(f"parity: greedy generate batch {b}: {'identical tokens' if same else 'TOKENS DIFFER'}")
 
     rows: list[tuple[str, float, float]] = []
+    # MoE: every row against transformers' default experts implementation, then against eager
+    impls = [hf.config._experts_implementation, "eager"] if args.model == "nemotron_h_moe" else [None]
+    for impl in impls:
+        tag = ""
+        if impl is not None:
+            hf.set_experts_implementation(impl)
+            tag = f" vs HF {impl}"
+            rows += moe_layer_rows(args, hf, ours, impl)
 
-    # ---- training step: forward + CE loss + backward
-    def hf_train() -> None:
+        # ---- training step: forward + CE loss + backward
+        def hf_train() -> None:
+            hf.zero_grad(set_to_none=True)
+            ce_loss(hf(input_ids=ids, use_cache=False).logits, ids).backward()
+
+        def our_train() -> None:
+            ours.zero_grad(set_to_none=True)
+            ce_loss(ours(ids).logits, ids).backward()
+
+        hf.train()
+        ours.train()
+        ntok = args.batch * args.seq
+        t_hf, t_ours = median_times([hf_train, our_train], args.steps, args.warmup)
+        rows.append((f"train step (B={args.batch}, L={args.seq}, fwd+bwd){tag}", ntok / t_hf, ntok / t_ours))
+        hf.eval()
+        ours.eval()
         hf.zero_grad(set_to_none=True)
-        ce_loss(hf(input_ids=ids, use_cache=False).logits, ids).backward()
-
-    def our_train() -> None:
         ours.zero_grad(set_to_none=True)
-        ce_loss(ours(ids).logits, ids).backward()
 
-    hf.train()
-    ours.train()
-    ntok = args.batch * args.seq
-    t_hf, t_ours = median_times([hf_train, our_train], args.steps, args.warmup)
-    rows.append((f"train step (B={args.batch}, L={args.seq}, fwd+bwd)", ntok / t_hf, ntok / t_ours))
-    hf.eval()
-    ours.eval()
-    hf.zero_grad(set_to_none=True)
-    ours.zero_grad(set_to_none=True)
-
-    # ---- cached greedy decode
-    for b, p in prompts.items():
-        ntok = b * args.new_tokens
-        t_hf, t_ours = median_times([lambda p=p: hf_generate(p), lambda p=p: our_generate(p)], args.steps, args.warmup)
-        rows.append((f"greedy decode (B={b}, {args.prompt}+{args.new_tokens})", ntok / t_hf, ntok / t_ours))
+        # ---- cached greedy decode
+        for b, p in prompts.items():
+            ntok = b * args.new_tokens
+            t_hf, t_ours = median_times(
+                [lambda p=p: hf_generate(p), lambda p=p: our_generate(p)], args.steps, args.warmup
+            )
+            rows.append((f"greedy decode (B={b}, {args.prompt}+{args.new_tokens}){tag}", ntok / t_hf, ntok / t_ours))
 
     w = max(len(r[0]) for r in rows)
     print()

@@ -136,6 +136,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     (export_hf if args.format == "hf" else save_pretrained)(small, args.out)
     print(f"pruned to {spec.describe()}")
     print(f"parameters: {n:,} of {total:,} ({n / total:.2%}; target {target}) -> {args.out}")
+    if any(ls.kind == "moe" for ls in model.config.layers):
+        print(f"active parameters: {spec.active_parameters(model.config):,} per token")
     return 0
 
 

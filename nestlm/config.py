@@ -15,8 +15,8 @@ from typing import Any, ClassVar
 
 from .errors import NestlmError
 
-KINDS = ("mamba", "attention", "mlp")
-PATTERN_CHARS = {"M": "mamba", "*": "attention", "-": "mlp"}
+KINDS = ("mamba", "attention", "mlp", "moe")
+PATTERN_CHARS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 KIND_TO_CHAR = {v: k for k, v in PATTERN_CHARS.items()}
 MLP_ACTS = ("relu2", "swiglu")
 
@@ -39,7 +39,9 @@ class LayerSpec:
     kind="mamba":     heads, head_dim, groups, d_state   (Mamba2 SSD mixer)
     kind="attention": heads, kv_heads, head_dim          (GQA attention)
     kind="mlp":       ffn                                (MLP width)
-    Fields that do not belong to the kind stay None.
+    kind="moe":       experts, ffn, shared_ffn           (routed experts, expert width, shared-expert width)
+    Fields that do not belong to the kind stay None. How a MoE layer routes (top-k, groups,
+    scaling) is the same in every layer and lives in ModelConfig (``moe_*``).
     """
 
     kind: str
@@ -49,18 +51,21 @@ class LayerSpec:
     d_state: int | None = None
     kv_heads: int | None = None
     ffn: int | None = None
+    experts: int | None = None
+    shared_ffn: int | None = None
 
     FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "mamba": ("heads", "head_dim", "groups", "d_state"),
         "attention": ("heads", "kv_heads", "head_dim"),
         "mlp": ("ffn",),
+        "moe": ("experts", "ffn", "shared_ffn"),
     }
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(f"layer kind {self.kind!r} is not one of {', '.join(KINDS)}")
         needed = self.FIELDS[self.kind]
-        for name in ("heads", "head_dim", "groups", "d_state", "kv_heads", "ffn"):
+        for name in ("heads", "head_dim", "groups", "d_state", "kv_heads", "ffn", "experts", "shared_ffn"):
             value = getattr(self, name)
             if name in needed:
                 if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -114,6 +119,13 @@ class ModelConfig:
     mamba_dt_min: float = 1e-3  # dt is clamped to [mamba_dt_min, inf) after softplus
     mamba_dt_init_max: float = 0.1  # init range of dt (only used at random init)
     residual_in_fp32: bool = False
+    # MoE routing (NemotronH): sigmoid scores, top-k among the experts of the best topk_group of
+    # n_group groups (a group scores the sum of its top 2), weights renormalised and scaled
+    moe_top_k: int = 2
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_norm_topk_prob: bool = True
+    moe_routed_scaling_factor: float = 1.0
     init_std: float = 0.02
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -141,6 +153,15 @@ class ModelConfig:
         for ls in self.layers:
             if ls.kind == "attention" and self.rope_theta is not None and ls.head_dim % 2:
                 raise ConfigError("RoPE needs an even attention head_dim")
+        for name in ("moe_top_k", "moe_n_group", "moe_topk_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if self.moe_topk_group > self.moe_n_group:
+            raise ConfigError(f"moe_topk_group ({self.moe_topk_group}) exceeds moe_n_group ({self.moe_n_group})")
+        for ls in self.layers:
+            if ls.kind == "moe":
+                check_moe_experts(self, ls.experts)
 
     _BOOLS: ClassVar[tuple[str, ...]] = (
         "tie_embeddings",
@@ -150,8 +171,15 @@ class ModelConfig:
         "mamba_conv_bias",
         "mamba_proj_bias",
         "residual_in_fp32",
+        "moe_norm_topk_prob",
     )
-    _NUMBERS: ClassVar[tuple[str, ...]] = ("norm_eps", "mamba_dt_min", "mamba_dt_init_max", "init_std")
+    _NUMBERS: ClassVar[tuple[str, ...]] = (
+        "norm_eps",
+        "mamba_dt_min",
+        "mamba_dt_init_max",
+        "init_std",
+        "moe_routed_scaling_factor",
+    )
 
     def _check_types(self) -> None:
         """A value of the wrong type is an error naming the key (not a crash deep in forward)."""
@@ -222,6 +250,9 @@ class ModelConfig:
         kv_heads: int = 8,
         attn_head_dim: int = 64,
         ffn: int = 1024,
+        experts: int = 8,
+        expert_ffn: int = 256,
+        shared_ffn: int = 256,
         **kwargs: Any,
     ) -> ModelConfig:
         """Build a homogeneous config from a pattern string such as ``"M-M*-"``."""
@@ -231,7 +262,7 @@ class ModelConfig:
             if kind is None:
                 raise ConfigError(
                     f"pattern character {ch!r} at position {i} is not one of "
-                    f"{', '.join(repr(c) for c in PATTERN_CHARS)} (M=Mamba2, *=attention, -=MLP)"
+                    f"{', '.join(repr(c) for c in PATTERN_CHARS)} (M=Mamba2, *=attention, -=MLP, E=MoE)"
                 )
             if kind == "mamba":
                 layers.append(
@@ -239,6 +270,8 @@ class ModelConfig:
                 )
             elif kind == "attention":
                 layers.append(LayerSpec("attention", heads=attn_heads, kv_heads=kv_heads, head_dim=attn_head_dim))
+            elif kind == "moe":
+                layers.append(LayerSpec("moe", experts=experts, ffn=expert_ffn, shared_ffn=shared_ffn))
             else:
                 layers.append(LayerSpec("mlp", ffn=ffn))
         return cls(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, **kwargs)
@@ -271,6 +304,21 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         return cls.from_dict(json.loads(text, parse_constant=_parse_constant))
+
+
+def check_moe_experts(config: ModelConfig, experts: int) -> None:
+    """Routing needs every group to hold the same number of experts, at least 2 (a group scores its top 2),
+    and top-k no larger than the experts of the topk_group groups it may choose from."""
+    G, k = config.moe_n_group, config.moe_top_k
+    if experts % G or experts // G < 2:
+        raise ConfigError(
+            f"{experts} routed experts do not split into moe_n_group={G} groups of at least 2 experts each"
+        )
+    if k > config.moe_topk_group * experts // G:
+        raise ConfigError(
+            f"moe_top_k={k} exceeds the {config.moe_topk_group * experts // G} experts that "
+            f"moe_topk_group={config.moe_topk_group} of {G} groups of {experts // G} hold"
+        )
 
 
 def _json_default(o: Any) -> Any:

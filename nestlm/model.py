@@ -31,6 +31,7 @@ import this one back.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -44,7 +45,7 @@ import torch.utils.checkpoint
 
 from .cache import AttentionState, InferenceCache, MambaState
 from .config import LayerSpec, ModelConfig
-from .elastic.index import head_channels, query_channels
+from .elastic.index import expert_index, head_channels, query_channels
 from .errors import UnknownBudgetError
 from .ssd import causal_conv1d, ssd_scan, ssd_step
 from .tap import Tap
@@ -361,6 +362,157 @@ class MLP(nn.Module):
         return F.linear(h, _take(_take(self.down_proj.weight, 0, D), 1, f), db)
 
 
+# --------------------------------------------------------------------------- mixture of experts
+def route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NemotronH's router: (expert index, routing weight), each (T, top_k), for tokens x (T, D).
+
+    Logits and sigmoid scores in fp32. The selection bias only chooses; the weights are the
+    unbiased scores of the chosen experts. Experts are grouped group-major (group g holds
+    experts [g*E/G, (g+1)*E/G)); a group scores the sum of its top 2 and only the best
+    ``topk_group`` groups may be chosen from.
+    """
+    scores = F.linear(x.float(), weight.float()).sigmoid()  # (T, E)
+    choice = scores + bias.float()
+    if topk_group < n_group:  # (all groups allowed: the mask would keep every expert)
+        T, E = choice.shape
+        grouped = choice.view(T, n_group, E // n_group)  # (T, G, E/G)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(-1)  # (T, G)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool)
+        keep.scatter_(1, group_scores.topk(topk_group, dim=-1, sorted=False)[1], True)
+        choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(T, E)
+    index = choice.topk(top_k, dim=-1, sorted=False)[1]  # (T, k)
+    w = scores.gather(1, index)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return index, w * scaling
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM takes these expert weights (E, out, in): whole, 16-byte rows.
+
+    CPU kernels take any float dtype; CUDA ones bf16 on sm80+. Nested (sliced) weights are views
+    with gaps and go through the per-expert loop instead.
+    """
+    if not hasattr(F, "grouped_mm") or not w.is_contiguous() or x.dtype != w.dtype:
+        return False
+    if x.device.type == "cuda":
+        return w.dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (8, 0)
+    b = w.element_size()
+    return x.device.type == "cpu" and all(n * b % 16 == 0 for n in w.shape[1:]) and w.data_ptr() % 16 == 0
+
+
+def _expert_linear(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Rows of xs (S, in), sorted by expert with ``counts`` (E,) rows each, times their expert's w (E, out, in)."""
+    if _grouped_mm_ok(xs, w):
+        return F.grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    ys, start = [], 0
+    for e, n in enumerate(counts.tolist()):  # one host sync, then one GEMM per expert with tokens
+        if n:
+            ys.append(F.linear(xs[start : start + n], w[e]))
+            start += n
+    if not ys:
+        return xs.new_zeros(0, w.shape[1])
+    return torch.cat(ys) if len(ys) > 1 else ys[0]
+
+
+def run_experts(
+    x: torch.Tensor,
+    up: torch.Tensor,
+    down: torch.Tensor,
+    index: torch.Tensor,
+    w: torch.Tensor,
+    probe: Probe | None = None,
+) -> torch.Tensor:
+    """sum_k w[t,k] * down_e(relu2(up_e(x_t))) with e = index[t,k]; x (T, D), up (E, F, D), down (E, D, F).
+
+    Token-expert pairs are sorted by expert so that each expert's rows are contiguous, and both
+    projections run as one grouped GEMM (torch.nn.functional.grouped_mm; a loop over experts
+    where it cannot run); no loop over tokens. The weighted rows are summed back per token in
+    fp32. Returns (T, D) in fp32.
+    ``probe`` (importance) sees per-expert sums: "moe_expert_act" (E, F) of |activation| over the
+    tokens routed to each expert, "moe_reap" (2, E) of routing weight * ||expert output|| and of
+    token counts (the REAP score is their ratio).
+    """
+    T, k = index.shape
+    flat = index.reshape(-1)  # (T*k,)
+    order = flat.argsort()
+    sorted_e = flat[order]
+    token = order // k  # the token of each sorted pair
+    counts = torch.bincount(flat, minlength=up.shape[0])  # (E,)
+    xs = x.index_select(0, token)  # (T*k, D), grouped by expert
+    h = torch.relu(_expert_linear(xs, up, counts)).square()  # (T*k, F)
+    y = _expert_linear(h, down, counts).float() * w.reshape(-1)[order, None]  # (T*k, D)
+    if probe is not None:
+        stats = torch.zeros(up.shape[0], up.shape[1] + 2, dtype=torch.float32, device=x.device)
+        stats[:, :-2].index_add_(0, sorted_e, h.detach().float().abs())
+        stats[:, -2].index_add_(0, sorted_e, y.detach().norm(dim=-1))  # |w| * ||out||: w >= 0
+        stats[:, -1].index_add_(0, sorted_e, torch.ones_like(sorted_e, dtype=torch.float32))
+        probe("moe_reap", stats[:, -2:].t().contiguous())
+        probe("moe_expert_act", stats[:, :-2].contiguous())
+    return torch.zeros(T, y.shape[1], dtype=y.dtype, device=y.device).index_add_(0, token, y)
+
+
+class Router(nn.Module):
+    """The router's weight (E, D) and selection bias (E,): fp32 whatever dtype the model is cast to."""
+
+    def __init__(self, n_experts: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(n_experts, hidden, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(n_experts, dtype=torch.float32))
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Router:
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)  # .to(bf16) moves devices too: keep the move, not the cast (as transformers does)
+            return t.to(out.device) if t.dtype == torch.float32 and out.dtype != t.dtype else out
+
+        return super()._apply(keep_fp32, recurse)
+
+
+class MoE(nn.Module):
+    """NemotronH mixture of experts: router -> top-k routed relu2 experts (3D weights) + one shared expert.
+
+    Parameter names are transformers': ``gate.weight`` (E, D) and the selection bias
+    ``gate.e_score_correction_bias`` (E,), both fp32 whatever the model's dtype; ``experts.up_proj``
+    (E, F, D) and ``experts.down_proj`` (E, D, F); ``shared_experts.{up,down}_proj`` (an MLP).
+    """
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec) -> None:
+        super().__init__()
+        E, Fe, D = spec.experts, spec.ffn, cfg.hidden_size
+        self.top_k, self.n_group, self.topk_group = cfg.moe_top_k, cfg.moe_n_group, cfg.moe_topk_group
+        self.norm_topk_prob, self.scaling = cfg.moe_norm_topk_prob, cfg.moe_routed_scaling_factor
+        self.gate = Router(E, D)
+        self.experts = nn.Module()
+        self.experts.up_proj = nn.Parameter(torch.empty(E, Fe, D))
+        self.experts.down_proj = nn.Parameter(torch.empty(E, D, Fe))
+        shared = dataclasses.replace(cfg, mlp_act="relu2")
+        self.shared_experts = MLP(shared, LayerSpec("mlp", ffn=spec.shared_ffn))
+
+    def forward(self, u: torch.Tensor, active: LayerSpec | None = None, probe: Probe | None = None) -> torch.Tensor:
+        Bsz, L, D = u.shape
+        E = self.experts.up_proj.shape[0]
+        esel = E if active is None else expert_index(E, self.n_group, active.experts)
+        f = self.experts.up_proj.shape[1] if active is None else active.ffn
+        x = u.reshape(-1, D)  # (T, D)
+        gw = _take(_take(self.gate.weight, 0, esel), 1, D)
+        bias = _take(self.gate.e_score_correction_bias, 0, esel)
+        index, w = route(x, gw, bias, self.top_k, self.n_group, self.topk_group, self.norm_topk_prob, self.scaling)
+        up = _take(_take(_take(self.experts.up_proj, 0, esel), 1, f), 2, D)  # (E', f, D)
+        down = _take(_take(_take(self.experts.down_proj, 0, esel), 1, D), 2, f)  # (E', D, f)
+        routed = run_experts(x, up, down, index, w, probe).to(u.dtype).view(Bsz, L, D)
+        shared = None if active is None else LayerSpec("mlp", ffn=active.shared_ffn)
+        return routed + self.shared_experts(u, shared, probe=probe)  # its "mlp_act": the shared neurons
+
+
 # --------------------------------------------------------------------------- block + model
 class Block(nn.Module):
     """Pre-norm residual block with one mixer: h + mixer(norm(h))."""
@@ -369,7 +521,7 @@ class Block(nn.Module):
         super().__init__()
         self.kind = spec.kind
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        mixer = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP}[spec.kind]
+        mixer = {"mamba": Mamba2Mixer, "attention": Attention, "mlp": MLP, "moe": MoE}[spec.kind]
         self.mixer = mixer(cfg, spec)
 
     def forward(
@@ -478,6 +630,10 @@ class HybridLM(nn.Module):
                 mx.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
                 mx.norm.weight.fill_(1.0)
                 normal_(mx.out_proj.weight, std / math.sqrt(self.config.n_layers))
+            elif isinstance(mx, MoE):
+                for t in (mx.gate.weight, mx.experts.up_proj, mx.experts.down_proj):
+                    normal_(t)
+                mx.gate.e_score_correction_bias.zero_()
         self.norm_f.weight.fill_(1.0)
 
     # ------------------------------------------------------------- properties
@@ -591,7 +747,7 @@ class HybridLM(nn.Module):
                 h, st = torch.utils.checkpoint.checkpoint(block, h, ctx, actives[i], st, i, use_reentrant=False)
             else:
                 h, st = block(h, ctx, actives[i], st, i)
-            if cache is not None and block.kind != "mlp":
+            if cache is not None and block.kind in ("mamba", "attention"):
                 cache.layers[i] = st
         if cache is not None:
             cache.offset = offset + L

@@ -18,10 +18,17 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, LayerSpec, ModelConfig
+from ..config import ConfigError, LayerSpec, ModelConfig, check_moe_experts
 from ..errors import NestlmError
-
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+from .counts import (  # noqa: F401  (re-exported: the counts were first defined here)
+    DTYPE_BYTES,
+    active_parameters,
+    block_cache_bytes,
+    block_parameters,
+    count_parameters,
+    layer_parameters,
+    memory_bytes,
+)
 
 
 class ArchError(NestlmError):
@@ -34,6 +41,17 @@ def _layer_spec(i: int, kind: str, build: Callable[[], LayerSpec]) -> LayerSpec:
         return build()
     except ConfigError as e:
         raise ArchError(f"layer {i} ({kind}): {e}") from None
+
+
+def _check_moe(where: str, config: ModelConfig, p: LayerSpec, a: LayerSpec) -> None:
+    """A nested MoE layer keeps the same number of experts in every group, routable by the parent's top-k."""
+    for name, what in (("experts", "routed experts"), ("ffn", "expert width"), ("shared_ffn", "shared-expert width")):
+        if getattr(a, name) > getattr(p, name):
+            raise ArchError(f"{where}: {what} {getattr(a, name)} exceeds the parent's {getattr(p, name)}")
+    try:
+        check_moe_experts(config, a.experts)
+    except ConfigError as e:
+        raise ArchError(f"{where}: {e}") from None
 
 
 @dataclass
@@ -84,10 +102,15 @@ class ArchSpec:
         mamba_head_dim: int | None = None,
         attn_heads: int | None = None,
         kv_heads: int | None = None,
+        experts: int | None = None,
+        expert_ffn: int | None = None,
+        shared_ffn: int | None = None,
         drop_layers: list[int] | None = None,
     ) -> ArchSpec:
         """A copy with the same width in every layer of a kind (None keeps the current widths).
 
+        MoE layers: ``experts`` routed experts (the first of every group), ``expert_ffn`` the width
+        of every expert, ``shared_ffn`` the shared expert's.
         ``drop_layers`` lists parent layer indices to drop (in addition to those already dropped).
         """
         layers: list[LayerSpec | None] = []
@@ -105,6 +128,12 @@ class ArchSpec:
                 new = {
                     "heads": ls.heads if attn_heads is None else attn_heads,
                     "kv_heads": ls.kv_heads if kv_heads is None else kv_heads,
+                }
+            elif ls.kind == "moe":
+                new = {
+                    "experts": ls.experts if experts is None else experts,
+                    "ffn": ls.ffn if expert_ffn is None else expert_ffn,
+                    "shared_ffn": ls.shared_ffn if shared_ffn is None else shared_ffn,
                 }
             else:
                 new = {"ffn": ls.ffn if mlp is None else mlp}
@@ -164,6 +193,8 @@ class ArchSpec:
                         f"{where}: {a.heads // a.kv_heads} query heads per KV group exceed the parent's "
                         f"{p.heads // p.kv_heads}"
                     )
+            elif p.kind == "moe":
+                _check_moe(where, config, p, a)
             elif a.ffn > p.ffn:
                 raise ArchError(f"{where}: MLP width {a.ffn} exceeds the parent's {p.ffn}")
         return self
@@ -191,6 +222,11 @@ class ArchSpec:
         self.validate(config)
         return count_parameters(self.to_config(config))
 
+    def active_parameters(self, config: ModelConfig) -> int:
+        """Exact parameters per token of the sliced model (MoE layers: top-k routed experts)."""
+        self.validate(config)
+        return active_parameters(self.to_config(config))
+
     def memory_bytes(
         self, config: ModelConfig, dtype: torch.dtype = torch.bfloat16, batch: int = 1, context: int = 4096
     ) -> int:
@@ -216,7 +252,12 @@ class ArchSpec:
     def describe(self) -> str:
         """A short human summary: hidden, widths per kind, dropped layers."""
         parts = [f"hidden={self.hidden}"]
-        for kind, keys in (("mamba", ("heads", "head_dim")), ("attention", ("heads", "kv_heads")), ("mlp", ("ffn",))):
+        for kind, keys in (
+            ("mamba", ("heads", "head_dim")),
+            ("attention", ("heads", "kv_heads")),
+            ("mlp", ("ffn",)),
+            ("moe", ("experts", "ffn", "shared_ffn")),
+        ):
             vals = sorted(
                 {tuple(getattr(ls, k) for k in keys) for ls in self.layers if ls is not None and ls.kind == kind}
             )
@@ -227,92 +268,6 @@ class ArchSpec:
         if dropped:
             parts.append(f"dropped={dropped}")
         return " ".join(parts)
-
-
-def block_parameters(
-    config: ModelConfig,
-    kind: str,
-    D: Any,
-    heads: Any = 0,
-    head_dim: Any = 0,
-    groups: Any = 0,
-    d_state: Any = 0,
-    kv_heads: Any = 0,
-    ffn: Any = 0,
-) -> Any:
-    """Parameters of one block (pre-norm included) as plain arithmetic, so that ints give the exact
-    count and tensors (expected widths under a router's probabilities) give a differentiable one."""
-    n = D  # pre-norm
-    if kind == "mamba":
-        HP, bc = heads * head_dim, 2 * groups * d_state
-        rows = 2 * HP + bc + heads
-        n = n + D * rows + (rows if config.mamba_proj_bias else 0)  # in_proj
-        n = n + (HP + bc) * config.mamba_conv_kernel + ((HP + bc) if config.mamba_conv_bias else 0)  # conv1d
-        n = n + 3 * heads + HP  # dt_bias, A_log, D, gated-norm weight
-        n = n + HP * D + (D if config.mamba_proj_bias else 0)  # out_proj
-    elif kind == "attention":
-        q, kv = heads * head_dim, kv_heads * head_dim
-        n = n + D * (q + 2 * kv) + q * D
-        if config.attention_bias:
-            n = n + q + 2 * kv
-        if config.o_proj_bias:
-            n = n + D
-        if config.attention_qk_norm:  # q_norm, k_norm: one weight per head channel, shared by the heads
-            n = n + 2 * head_dim
-    else:
-        mats = 3 if config.mlp_act == "swiglu" else 2
-        n = n + mats * D * ffn
-        if config.mlp_bias:
-            n = n + (mats - 1) * ffn + D
-    return n
-
-
-def block_cache_bytes(
-    config: ModelConfig,
-    kind: str,
-    batch: int,
-    context: int,
-    b: int,
-    heads: Any = 0,
-    head_dim: Any = 0,
-    groups: Any = 0,
-    d_state: Any = 0,
-    kv_heads: Any = 0,
-) -> Any:
-    """Inference-state bytes of one block: KV cache (attention), conv + fp32 SSM state (Mamba)."""
-    if kind == "attention":
-        return 2 * batch * context * kv_heads * head_dim * b
-    if kind == "mamba":
-        conv = batch * (heads * head_dim + 2 * groups * d_state) * (config.mamba_conv_kernel - 1) * b
-        return conv + batch * heads * head_dim * d_state * 4
-    return 0
-
-
-def _widths(ls: LayerSpec) -> dict[str, int]:
-    return {k: v for k, v in ls.to_dict().items() if k != "kind"}
-
-
-def layer_parameters(config: ModelConfig, ls: LayerSpec, hidden: int | None = None) -> int:
-    """Parameters of one block (its pre-norm included) at hidden size ``hidden``."""
-    D = config.hidden_size if hidden is None else hidden
-    return block_parameters(config, ls.kind, D, **_widths(ls))
-
-
-def count_parameters(config: ModelConfig) -> int:
-    """Exact parameter count of a HybridLM built from ``config``."""
-    D, V = config.hidden_size, config.vocab_size
-    n = V * D + D + (0 if config.tie_embeddings else V * D)  # embeddings, norm_f, lm_head
-    return n + sum(layer_parameters(config, ls) for ls in config.layers)
-
-
-def memory_bytes(config: ModelConfig, dtype: torch.dtype = torch.bfloat16, batch: int = 1, context: int = 4096) -> int:
-    """Weights + KV cache + conv state in ``dtype``, SSM state in fp32, at a batch size and context length."""
-    b = DTYPE_BYTES[dtype]
-    total = count_parameters(config) * b
-    for ls in config.layers:
-        w = {k: v for k, v in _widths(ls).items() if k != "ffn"}
-        total += block_cache_bytes(config, ls.kind, batch, context, b, **w)
-    return total
 
 
 # --------------------------------------------------------------------------- budget targets
@@ -394,6 +349,7 @@ def closest_homogeneous(
     attns = [ls for ls in config.layers if ls.kind == "attention"]
     mlps = [ls for ls in config.layers if ls.kind == "mlp"]
     m0, a0, f0 = (mambas[0] if mambas else None), (attns[0] if attns else None), (mlps[0] if mlps else None)
+    e0 = next((ls for ls in config.layers if ls.kind == "moe"), None)
     if not full.is_homogeneous():
         raise ArchError("one-shot pruning needs a parent with the same widths in every layer of a kind")
     D = config.hidden_size
@@ -414,6 +370,9 @@ def closest_homogeneous(
             kw["mamba_heads"] = _round_to(s * m0.heads, m0.groups, m0.groups, m0.heads)
         if a0 is not None:
             kw["attn_heads"] = _round_to(s * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads)
+        if e0 is not None:  # MoE: the routed experts and the shared expert narrower by the same factor
+            kw["expert_ffn"] = _round_to(s * e0.ffn, 1, 1, e0.ffn)
+            kw["shared_ffn"] = _round_to(s * e0.shared_ffn, 1, 1, e0.shared_ffn)
         if f0 is not None:  # cost is linear in the MLP width: solve for it
             f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
             c_lo = cost(full.replace(**kw, mlp=f_lo))
@@ -437,6 +396,8 @@ def closest_homogeneous(
                 mamba_heads=_round_to(min_width * m0.heads, m0.groups, m0.groups, m0.heads) if m0 else None,
                 attn_heads=_round_to(min_width * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads) if a0 else None,
                 mlp=_round_to(min_width * f0.ffn, fstep, fstep, f0.ffn) if f0 else None,
+                expert_ffn=_round_to(min_width * e0.ffn, 1, 1, e0.ffn) if e0 else None,
+                shared_ffn=_round_to(min_width * e0.shared_ffn, 1, 1, e0.shared_ffn) if e0 else None,
             )
         )
         unit = "bytes" if target.kind == "memory" else "parameters"

@@ -11,6 +11,11 @@ L2 over the batch.
                   norms (Qwen3) share one weight per channel across heads
   Mamba channel   |x part of in_proj|; a head scores the L2 of its channels, and heads
                   are ranked within their group (B and C are per group, never pruned)
+  routed expert   REAP: over the tokens routed to it, the mean of routing weight * ||expert
+                  output||_2 (never routed: 0); ranked within its routing group
+  expert neuron   mean |activation| over the tokens routed to its expert; ranked within
+                  each expert (every expert is cut to the same width)
+  shared neuron   as an MLP neuron
   depth           s_j = sum (M_full - M_-j)^2 / sum M_full^2 over logits M with layer j
                   skipped; the least important layer is removed and the rest re-scored
                   against the full model, until one is left (iterative ranking)
@@ -79,6 +84,10 @@ class _Accumulator(Tap):
     def activation(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
         out = t
         t = t.detach().float()
+        if name.startswith("moe_"):  # per-expert sums over the routed tokens (see model.run_experts)
+            key = (layer, name)
+            self.sq[key] = self.sq[key] + t if key in self.sq else t
+            return out
         if name == "attn_out":  # (B, L, nq*hd) -> per-head norm (B, L, nq)
             t = t.view(*t.shape[:2], -1, self._head_dim[layer]).norm(dim=-1)
         a = t.abs().mean(dim=1)  # mean over the sequence -> (B, units)
@@ -159,6 +168,12 @@ def estimate_importance(
             head = acc.score(i, "attn_out")
             kv = head.view(ls.heads // ls.kv_heads, ls.kv_heads).norm(dim=0)  # query head j is in KV group j % kv
             layers.append({"head": head, "kv": kv})
+        elif ls.kind == "moe":
+            reap = acc.sq.get((i, "moe_reap"), torch.zeros(2, ls.experts))
+            count = reap[1].clamp(min=1)
+            act = acc.sq.get((i, "moe_expert_act"), torch.zeros(ls.experts, ls.ffn))
+            shared = acc.score(i, "mlp_act")
+            layers.append({"expert": reap[0] / count, "expert_neuron": act / count[:, None], "neuron": shared})
         else:
             layers.append({"neuron": acc.score(i, "mlp_act")})
     imp = Importance(hidden=hidden.cpu(), layers=[{k: v.cpu() for k, v in d.items()} for d in layers], n_samples=n)
@@ -291,6 +306,8 @@ def reorder(model: HybridLM, imp: Importance) -> HybridLM:
             perm_(mx.o_proj.weight, 1, qch)
             perm_(mx.o_proj.weight, 0, ph)
             new_layers.append({"head": sc["head"][hq], "kv": sc["kv"][pk]})
+        elif ls.kind == "moe":
+            new_layers.append(_reorder_moe(mx, sc, ph, cfg.moe_n_group, perm_))
         else:
             pf = _desc(sc["neuron"])
             lins = [mx.up_proj] + ([mx.gate_proj] if hasattr(mx, "gate_proj") else [])
@@ -306,6 +323,36 @@ def reorder(model: HybridLM, imp: Importance) -> HybridLM:
             new_layers.append({"neuron": sc["neuron"][pf]})
     model.importance = dataclasses.replace(imp, hidden=imp.hidden[ph], layers=new_layers, reordered=True)
     return model
+
+
+def _reorder_moe(mx: Any, sc: dict[str, torch.Tensor], ph: torch.Tensor, n_group: int, perm_: Any) -> dict:
+    """Experts by REAP within their group (router rows and selection bias move with them), each
+    expert's neurons by activation, the shared expert's neurons as an MLP's; hidden channels by ``ph``."""
+    E = sc["expert"].numel()
+    R = E // n_group  # experts per group, group-major
+    pe = torch.cat([g * R + _desc(sc["expert"][g * R : (g + 1) * R]) for g in range(n_group)])
+    perm_(mx.gate.weight, 0, pe)
+    perm_(mx.gate.e_score_correction_bias, 0, pe)
+    perm_(mx.gate.weight, 1, ph)
+    up, down = mx.experts.up_proj, mx.experts.down_proj  # (E, F, D), (E, D, F)
+    perm_(up, 0, pe)
+    perm_(down, 0, pe)
+    perm_(up, 2, ph)
+    perm_(down, 1, ph)
+    neuron = sc["expert_neuron"][pe]
+    pn = torch.stack([_desc(row) for row in neuron])  # (E, F): new neuron <- old, per expert
+    up.data = up.data.gather(1, pn[:, :, None].expand(-1, -1, up.shape[2]).to(up.device)).contiguous()
+    down.data = down.data.gather(2, pn[:, None, :].expand(-1, down.shape[1], -1).to(down.device)).contiguous()
+    sh = mx.shared_experts
+    pf = _desc(sc["neuron"])
+    perm_(sh.up_proj.weight, 0, pf)
+    perm_(sh.up_proj.weight, 1, ph)
+    perm_(sh.down_proj.weight, 1, pf)
+    perm_(sh.down_proj.weight, 0, ph)
+    if sh.up_proj.bias is not None:
+        perm_(sh.up_proj.bias, 0, pf)
+        perm_(sh.down_proj.bias, 0, ph)
+    return {"expert": sc["expert"][pe], "expert_neuron": neuron.gather(1, pn), "neuron": sc["neuron"][pf]}
 
 
 def require_reordered(model: HybridLM, what: str) -> Importance:

@@ -39,6 +39,18 @@ def query_channels(full_kv: int, head_dim: int, heads: int, kv_heads: int) -> in
     return (h[:, None] * head_dim + torch.arange(head_dim)[None]).reshape(-1)
 
 
+def expert_index(n_experts: int, n_group: int, kept: int) -> int | torch.Tensor:
+    """Routed experts a nested MoE layer keeps: the first ``kept / n_group`` of every group.
+
+    Experts are group-major (group g holds [g*E/G, (g+1)*E/G)) and ranked within their group, so
+    with one group this is a prefix (an int).
+    """
+    if n_group == 1 or kept == n_experts:
+        return kept
+    per, full = kept // n_group, n_experts // n_group
+    return (torch.arange(n_group)[:, None] * full + torch.arange(per)[None]).reshape(-1)
+
+
 def as_index(sel: int | torch.Tensor) -> torch.Tensor:
     """An index tensor for a prefix length or an index tensor."""
     return torch.arange(sel) if isinstance(sel, int) else sel

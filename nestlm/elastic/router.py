@@ -300,11 +300,13 @@ class ElasticRouters(nn.Module):
                 w["heads"] = expect("mamba_heads", rows[i], float(ls.heads))
             elif ls.kind == "attention":
                 w["heads"] = expect("attn_heads", rows[i], float(ls.heads))
-            else:
+            elif ls.kind == "mlp":
                 w["ffn"] = expect("mlp", rows[i], float(ls.ffn))
+            # (MoE layers keep their experts here: the expert axes have no router yet)
             total = total + keep[i] * block_parameters(cfg, ls.kind, D, **w)
             if target.kind == "memory":
-                w.pop("ffn", None)
+                for k in ("ffn", "experts", "shared_ffn"):
+                    w.pop(k, None)
                 cache = cache + keep[i] * block_cache_bytes(cfg, ls.kind, batch, context, b, **w)
         if target.kind == "memory":
             return total * b + cache

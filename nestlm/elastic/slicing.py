@@ -14,7 +14,7 @@ import torch
 
 from ..config import LayerSpec
 from .arch import ArchSpec
-from .index import as_index, query_channels
+from .index import as_index, expert_index, query_channels
 from .index import head_channels as _head_channels
 
 if TYPE_CHECKING:
@@ -32,8 +32,12 @@ def head_channels(n_heads: int, full_dim: int, dim: int) -> Sel:
     return as_index(_head_channels(n_heads, full_dim, dim))
 
 
-def layer_rules(parent: LayerSpec, active: LayerSpec, hidden: int) -> dict[str, tuple[Sel | None, ...]]:
-    """For each parameter of the block (relative name): the kept index per dimension (None = all)."""
+def layer_rules(
+    parent: LayerSpec, active: LayerSpec, hidden: int, n_group: int = 1
+) -> dict[str, tuple[Sel | None, ...]]:
+    """For each parameter of the block (relative name): the kept index per dimension (None = all).
+
+    ``n_group``: the MoE routing groups (a nested MoE layer keeps the first experts of each)."""
     D = _prefix(hidden)
     rules: dict[str, tuple[Sel | None, ...]] = {"norm.weight": (D,)}
     if parent.kind == "mamba":
@@ -70,6 +74,19 @@ def layer_rules(parent: LayerSpec, active: LayerSpec, hidden: int) -> dict[str, 
             "mixer.q_norm.weight": (None,),
             "mixer.k_norm.weight": (None,),
         }
+    elif parent.kind == "moe":
+        E = as_index(expert_index(parent.experts, n_group, active.experts))
+        F, S = _prefix(active.ffn), _prefix(active.shared_ffn)
+        rules |= {
+            "mixer.gate.weight": (E, D),
+            "mixer.gate.e_score_correction_bias": (E,),
+            "mixer.experts.up_proj": (E, F, D),
+            "mixer.experts.down_proj": (E, D, F),
+            "mixer.shared_experts.up_proj.weight": (S, D),
+            "mixer.shared_experts.up_proj.bias": (S,),
+            "mixer.shared_experts.down_proj.weight": (D, S),
+            "mixer.shared_experts.down_proj.bias": (D,),
+        }
     else:
         F = _prefix(active.ffn)
         for name in ("up_proj", "gate_proj"):
@@ -105,7 +122,7 @@ def slice_model(model: HybridLM, spec: ArchSpec) -> HybridLM:
     for i, (p, a) in enumerate(zip(cfg.layers, spec.layers, strict=True)):
         if a is None:
             continue
-        for name, sels in layer_rules(p, a, spec.hidden).items():
+        for name, sels in layer_rules(p, a, spec.hidden, cfg.moe_n_group).items():
             key = f"layers.{i}.{name}"
             if key in parent_sd:
                 sd[f"layers.{j}.{name}"] = _index(parent_sd[key], sels)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,9 @@ HF_KIND = {
     "full_attention": "attention",
     "attention": "attention",
     "mlp": "mlp",
+    "moe": "moe",
 }
-NESTLM_TO_HF_KIND = {"mamba": "linear_attention", "attention": "full_attention", "mlp": "mlp"}
+NESTLM_TO_HF_KIND = {"mamba": "linear_attention", "attention": "full_attention", "mlp": "mlp", "moe": "moe"}
 PATTERN = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 LEGACY = {  # older NemotronH config.json names
     "n_groups": "mamba_n_groups",
@@ -59,10 +62,12 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConf
     else:
         raise CheckpointError(f"{where} has neither layers_block_type nor hybrid_override_pattern")
     for k in kinds:
-        if k not in ("mamba", "attention", "mlp"):
+        if k not in ("mamba", "attention", "mlp", "moe"):
             raise CheckpointError(
-                f"{where}: layer type {k!r} is not supported (nestlm handles Mamba2, attention and MLP layers)"
+                f"{where}: layer type {k!r} is not supported (nestlm handles Mamba2, attention, MLP and MoE layers)"
             )
+    if "moe" in kinds:
+        _check_moe(raw, where)
     if raw.get("mlp_hidden_act", "relu2") != "relu2":
         raise CheckpointError(f"{where}: mlp_hidden_act {raw['mlp_hidden_act']!r} is not supported (only relu2)")
     if raw.get("mamba_hidden_act", "silu") != "silu":
@@ -92,8 +97,26 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConf
                         head_dim=head_dim,
                     )
                 )
+            elif k == "moe":
+                layers.append(
+                    LayerSpec(
+                        "moe",
+                        experts=raw["n_routed_experts"],
+                        ffn=raw["moe_intermediate_size"],
+                        shared_ffn=raw["moe_shared_expert_intermediate_size"],
+                    )
+                )
             else:
                 layers.append(LayerSpec("mlp", ffn=raw["intermediate_size"]))
+        moe = {}
+        if "moe" in kinds:
+            moe = dict(
+                moe_top_k=raw["num_experts_per_tok"],
+                moe_n_group=raw.get("n_group", 1),
+                moe_topk_group=raw.get("topk_group", 1),
+                moe_norm_topk_prob=raw.get("norm_topk_prob", True),
+                moe_routed_scaling_factor=raw.get("routed_scaling_factor", 1.0),
+            )
         return ModelConfig(
             vocab_size=raw["vocab_size"],
             hidden_size=hidden,
@@ -116,11 +139,31 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConf
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             hf_config=copy.deepcopy(raw),
+            **moe,
         )
     except KeyError as e:
         raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a NemotronH config needs") from None
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def _check_moe(raw: dict[str, Any], where: str) -> None:
+    """Refuse, in one line, the MoE features nestlm does not compute; say so when MTP layers are dropped."""
+    if raw.get("moe_latent_size") is not None:
+        raise CheckpointError(
+            f"{where}: moe_latent_size {raw['moe_latent_size']} (latent expert projections, Nemotron 3 Super) "
+            "is not supported; nestlm runs experts on the hidden size (moe_latent_size null)"
+        )
+    if raw.get("n_shared_experts", 1) != 1:
+        raise CheckpointError(
+            f"{where}: n_shared_experts {raw['n_shared_experts']} is not supported (NemotronH MoE has one)"
+        )
+    if raw.get("num_nextn_predict_layers", 0):
+        print(
+            f"nestlm: note: {where}: the {raw['num_nextn_predict_layers']} multi-token-prediction layer(s) (mtp.*) "
+            "are dropped; the causal LM does not use them",
+            file=sys.stderr,
+        )
 
 
 def group_to_rank_major(n_heads: int, n_groups: int) -> torch.Tensor:
@@ -170,6 +213,42 @@ def permute_heads(cfg: ModelConfig, sd: dict[str, torch.Tensor], to_nestlm: bool
     return {k: v.contiguous() for k, v in sd.items()}
 
 
+_EXPERT = re.compile(r"^(layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+
+
+def stack_experts(sd: dict[str, torch.Tensor], origin: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Per-expert 2D weights as published (``experts.{j}.up_proj.weight``) -> nestlm's 3D ``experts.up_proj``."""
+    found: dict[str, dict[int, torch.Tensor]] = {}
+    out = {}
+    for key, t in sd.items():
+        m = _EXPERT.match(key)
+        if m is None:
+            out[key] = t
+        else:
+            found.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = t
+    for key, parts in found.items():
+        if sorted(parts) != list(range(len(parts))) or len({p.shape for p in parts.values()}) > 1:
+            raise CheckpointError(f"the experts of {key!r} are not numbered 0..n-1 with one shape")
+        out[key] = torch.stack([parts[j] for j in range(len(parts))])
+        origin[key] = origin[f"{key.rsplit('.', 1)[0]}.0.{key.rsplit('.', 1)[1]}.weight"]
+    for key in out:  # the router is fp32 in every checkpoint dtype (transformers keeps it so too)
+        if key.endswith((".mixer.gate.weight", ".mixer.gate.e_score_correction_bias")):
+            out[key] = out[key].float()
+    return out
+
+
+def unstack_experts(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """nestlm's 3D expert weights -> the per-expert 2D layout transformers saves and loads."""
+    out = {}
+    for key, t in sd.items():
+        if key.endswith((".mixer.experts.up_proj", ".mixer.experts.down_proj")):
+            base, name = key.rsplit(".", 1)
+            out |= {f"{base}.{j}.{name}.weight": t[j] for j in range(t.shape[0])}
+        else:
+            out[key] = t
+    return out
+
+
 def load_hf(path: Path, raw: dict[str, Any] | None = None) -> HybridLM:
     """Load a Hugging Face NemotronH directory (config.json + single or sharded safetensors)."""
     path = Path(path)
@@ -189,6 +268,7 @@ def load_hf(path: Path, raw: dict[str, Any] | None = None) -> HybridLM:
                 break
         sd[new] = t
         origin[new] = f"{where[key]} (as {key!r})"
+    sd = stack_experts(sd, origin)
     emb = sd.get("embeddings.weight")
     head = sd.get("lm_head.weight")
     cfg.tie_embeddings = head is None or (emb is not None and head.shape == emb.shape and torch.equal(head, emb))
@@ -204,9 +284,9 @@ def load_hf(path: Path, raw: dict[str, Any] | None = None) -> HybridLM:
 
 def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     """NemotronH config.json values for ``cfg``; values it does not own come from cfg.hf_config."""
-    kinds = {k: [ls for ls in cfg.layers if ls.kind == k] for k in ("mamba", "attention", "mlp")}
+    kinds = {k: [ls for ls in cfg.layers if ls.kind == k] for k in ("mamba", "attention", "mlp", "moe")}
     for kind, specs in kinds.items():
-        if len({(ls.heads, ls.head_dim, ls.groups, ls.d_state, ls.kv_heads, ls.ffn) for ls in specs}) > 1:
+        if len({tuple(ls.to_dict().items()) for ls in specs}) > 1:
             raise CheckpointError(
                 f"the Hugging Face NemotronH format needs the same widths in every {kind} layer, and this model's "
                 f"differ (a heterogeneous slice); save it in nestlm format instead (--format nestlm / save_pretrained)"
@@ -247,6 +327,16 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         out["num_attention_heads"], out["num_key_value_heads"], out["head_dim"] = a.heads, a.kv_heads, a.head_dim
     if kinds["mlp"]:
         out["intermediate_size"] = kinds["mlp"][0].ffn
+    if kinds["moe"]:
+        e = kinds["moe"][0]
+        out["n_routed_experts"], out["moe_intermediate_size"] = e.experts, e.ffn
+        out["moe_shared_expert_intermediate_size"] = e.shared_ffn
+        out["num_experts_per_tok"] = cfg.moe_top_k
+        out["n_group"], out["topk_group"] = cfg.moe_n_group, cfg.moe_topk_group
+        out["norm_topk_prob"], out["routed_scaling_factor"] = cfg.moe_norm_topk_prob, cfg.moe_routed_scaling_factor
+        out["n_shared_experts"], out["moe_latent_size"] = 1, None
+    if out.get("num_nextn_predict_layers"):  # the mtp.* weights were dropped on load
+        out["num_nextn_predict_layers"] = 0
     simple = {
         "layer_norm_epsilon": cfg.norm_eps,
         "mlp_bias": cfg.mlp_bias,
@@ -281,7 +371,7 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if "lm_head.weight" not in sd:  # transformers' NemotronH keeps an lm_head of its own
         sd["lm_head.weight"] = sd["embeddings.weight"]
-    sd = permute_heads(cfg, sd, to_nestlm=False)
+    sd = unstack_experts(permute_heads(cfg, sd, to_nestlm=False))
     files = {
         ("lm_head.weight" if k == "lm_head.weight" else "backbone." + k): v.clone().contiguous() for k, v in sd.items()
     }

@@ -83,9 +83,12 @@ def _break(kind: str, d: Path) -> str:
     if kind == "model-type":
         _edit_config(d, model_type="gpt2")
         return f"{d / 'config.json'} has model_type 'gpt2'"
-    if kind == "moe-layer":
+    if kind == "moe-layer":  # a MoE layer in the config, an MLP's weights in the file
         _edit_config(d, layers_block_type=["linear_attention", "moe"])
-        return f"{d / 'config.json'}: layer type 'moe' is not supported"
+        return "tensor 'layers.1.mixer.gate.weight' is missing from the checkpoint"
+    if kind == "unknown-layer":
+        _edit_config(d, layers_block_type=["linear_attention", "sliding_attention"])
+        return f"{d / 'config.json'}: layer type 'sliding_attention' is not supported"
     if kind == "config-not-json":
         (d / "config.json").write_text('{"model_type": ')
         return f"{d / 'config.json'} is not valid JSON"
@@ -148,6 +151,7 @@ KINDS = [
     "no-directory",
     "model-type",
     "moe-layer",
+    "unknown-layer",
     "config-not-json",
     "config-not-object",
     "config-lacks-key",

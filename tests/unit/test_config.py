@@ -12,7 +12,7 @@ from nestlm.config import ConfigError, LayerSpec, ModelConfig
 from nestlm.errors import NestlmError
 
 MODEL_KEYS = [f.name for f in dataclasses.fields(ModelConfig)]
-LAYER_KEYS = ["kind", "heads", "head_dim", "groups", "d_state", "kv_heads", "ffn"]
+LAYER_KEYS = ["kind", "heads", "head_dim", "groups", "d_state", "kv_heads", "ffn", "experts", "shared_ffn"]
 
 
 def small(**kw) -> ModelConfig:
@@ -123,7 +123,8 @@ def test_wrong_type_names_the_key(key: str, value: object) -> None:
         (3, "layers must be a list"),
         (["mlp"], r"layers\[0\] must be a layer spec"),
         ([{"ffn": 3}], "has no 'kind'"),
-        ([{"kind": "moe", "ffn": 3}], "layer kind 'moe' is not one of mamba, attention, mlp"),
+        ([{"kind": "conv", "ffn": 3}], "layer kind 'conv' is not one of mamba, attention, mlp, moe"),
+        ([{"kind": "moe", "ffn": 3}], "moe layer needs a positive int 'experts', got None"),
         ([{"kind": "mlp", "ffn": "3"}], "mlp layer needs a positive int 'ffn'"),
         ([{"kind": "mlp"}], "mlp layer needs a positive int 'ffn', got None"),
         ([{"kind": "attention", "heads": 4, "kv_heads": 2, "head_dim": 8, "ffn": 3}], "takes no 'ffn'"),
