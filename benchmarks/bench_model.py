@@ -12,7 +12,10 @@ on the same data:
 * times a training step (forward + cross-entropy loss + backward; no optimizer);
 * times cached greedy decoding (``generate``), prefill included, at batch 1 and 4;
 
-and prints a table of tokens/s and the ratio nestlm / transformers. Every timing is
+each for nestlm eager and for nestlm with every block compiled (``nestlm.compile_model``,
+torch.compile's inductor backend; ``--no-compile`` skips it), and prints a table of tokens/s
+and the ratios nestlm / transformers, eager and compiled. Compilation happens in the parity
+checks and the warm-up repetitions, so the timed ones measure compiled code only. Every timing is
 the median over ``--steps`` repetitions (nestlm and HF interleaved) after ``--warmup``
 untimed ones, with
 ``torch.set_num_threads(--threads)``.
@@ -20,11 +23,13 @@ untimed ones, with
     .venv/bin/python benchmarks/bench_model.py            # default CPU-sized config
     .venv/bin/python benchmarks/bench_model.py --quick    # a smaller config, seconds
     .venv/bin/python benchmarks/bench_model.py --model llama --quick
+    .venv/bin/python benchmarks/bench_model.py --no-compile   # eager nestlm only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -63,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small config and few repetitions (a smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd nestlm column")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.ffn, args.vocab = min(args.hidden, 256), min(args.ffn, 768), min(args.vocab, 2048)
@@ -152,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         ours = nestlm.load(tmp)
     hf.eval()
     ours.eval()
+    comp = None if args.no_compile else nestlm.compile_model(copy.deepcopy(ours))
     n_params = sum(p.numel() for p in ours.parameters())
 
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -196,7 +203,26 @@ def main(argv: list[str] | None = None) -> None:
         same = a.shape == c.shape and bool((a == c).all())
         print(f"parity: greedy generate batch {b}: {'identical tokens' if same else 'TOKENS DIFFER'}")
 
-    rows: list[tuple[str, float, float]] = []
+    def comp_generate(p: torch.Tensor) -> torch.Tensor:
+        return comp.generate(p, max_new_tokens=args.new_tokens, eos_token_id=[])
+
+    if comp is not None:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got_c = comp(ids).logits
+        print(
+            f"parity: max |logits compiled - eager nestlm| = {(got_c - got).abs().max().item():.2e} "
+            f"(first call, compilation included: {time.perf_counter() - t0:.1f} s)"
+        )
+        for b, p in prompts.items():
+            t0 = time.perf_counter()
+            same = bool((comp_generate(p) == our_generate(p)).all())
+            print(
+                f"parity: compiled greedy generate batch {b}: {'identical tokens' if same else 'TOKENS DIFFER'} "
+                f"(first call: {time.perf_counter() - t0:.1f} s)"
+            )
+
+    rows: list[tuple[str, float, float, float | None]] = []
 
     # ---- training step: forward + CE loss + backward
     def hf_train() -> None:
@@ -207,28 +233,46 @@ def main(argv: list[str] | None = None) -> None:
         ours.zero_grad(set_to_none=True)
         ce_loss(ours(ids).logits, ids).backward()
 
-    hf.train()
-    ours.train()
+    def comp_train() -> None:
+        comp.zero_grad(set_to_none=True)
+        ce_loss(comp(ids).logits, ids).backward()
+
+    def timed(fns: list[Callable[[], object]]) -> tuple[float, float, float | None]:
+        """Median seconds of HF, eager nestlm and (when compiled) compiled nestlm, interleaved."""
+        ts = median_times(fns if comp is not None else fns[:2], args.steps, args.warmup)
+        return ts[0], ts[1], ts[2] if comp is not None else None
+
+    models = [hf, ours] + ([comp] if comp is not None else [])
+    for m in models:
+        m.train()
     ntok = args.batch * args.seq
-    t_hf, t_ours = median_times([hf_train, our_train], args.steps, args.warmup)
-    rows.append((f"train step (B={args.batch}, L={args.seq}, fwd+bwd)", ntok / t_hf, ntok / t_ours))
-    hf.eval()
-    ours.eval()
-    hf.zero_grad(set_to_none=True)
-    ours.zero_grad(set_to_none=True)
+    t_hf, t_ours, t_comp = timed([hf_train, our_train, comp_train])
+    name = f"train step (B={args.batch}, L={args.seq}, fwd+bwd)"
+    rows.append((name, ntok / t_hf, ntok / t_ours, None if t_comp is None else ntok / t_comp))
+    for m in models:
+        m.eval()
+        m.zero_grad(set_to_none=True)
 
     # ---- cached greedy decode
     for b, p in prompts.items():
         ntok = b * args.new_tokens
-        t_hf, t_ours = median_times([lambda p=p: hf_generate(p), lambda p=p: our_generate(p)], args.steps, args.warmup)
-        rows.append((f"greedy decode (B={b}, {args.prompt}+{args.new_tokens})", ntok / t_hf, ntok / t_ours))
+        t_hf, t_ours, t_comp = timed(
+            [lambda p=p: hf_generate(p), lambda p=p: our_generate(p), lambda p=p: comp_generate(p)]
+        )
+        name = f"greedy decode (B={b}, {args.prompt}+{args.new_tokens})"
+        rows.append((name, ntok / t_hf, ntok / t_ours, None if t_comp is None else ntok / t_comp))
 
     w = max(len(r[0]) for r in rows)
+    cols = ["HF tok/s", "nestlm tok/s", "compiled tok/s", "nestlm/HF", "compiled/HF"]
+    if comp is None:
+        cols = [c for c in cols if not c.startswith("compiled")]
     print()
-    print(f"{'benchmark':<{w}} | {'HF tok/s':>10} | {'nestlm tok/s':>12} | {'nestlm/HF':>9}")
-    print(f"{'-' * w}-|-{'-' * 10}-|-{'-' * 12}-|-{'-' * 9}")
-    for name, hf_tps, our_tps in rows:
-        print(f"{name:<{w}} | {hf_tps:>10.1f} | {our_tps:>12.1f} | {our_tps / hf_tps:>8.2f}x")
+    print(" | ".join([f"{'benchmark':<{w}}"] + [f"{c:>{len(c)}}" for c in cols]))
+    print("-|-".join(["-" * w] + ["-" * len(c) for c in cols]))
+    for name, hf_tps, our_tps, comp_tps in rows:
+        vals = [f"{hf_tps:.1f}", f"{our_tps:.1f}"] + ([f"{comp_tps:.1f}"] if comp_tps is not None else [])
+        vals += [f"{our_tps / hf_tps:.2f}x"] + ([f"{comp_tps / hf_tps:.2f}x"] if comp_tps is not None else [])
+        print(" | ".join([f"{name:<{w}}"] + [f"{v:>{len(c)}}" for v, c in zip(vals, cols, strict=True)]))
 
 
 if __name__ == "__main__":
