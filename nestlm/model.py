@@ -326,7 +326,8 @@ class Attention(nn.Module):
         if nq != nkv:  # query head j reads KV head j % nkv
             k = k.repeat(1, nq // nkv, 1, 1)
             v = v.repeat(1, nq // nkv, 1, 1)
-        is_causal = bool(attn_mask is None and L > 1 and k.shape[2] == L)  # a bool under torch.compile too
+        # a branch, not bool(...): under torch.compile with symbolic sizes bool() would stay a SymBool
+        is_causal = True if attn_mask is None and L > 1 and k.shape[2] == L else False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(Bsz, L, nq * hd)  # (B, L, nq*hd)
         if probe is not None:
