@@ -1,11 +1,12 @@
 """Opt-in torch.compile (nestlm.compile_model, train.compile, --compile): no graph breaks, same numbers.
 
-Default tier: the blocks traced with fullgraph=True (a graph break raises) through a counting
-backend that runs AOT autograd without generating code (aot_eager), so the forward and the
-backward are captured in seconds: Mamba, attention and MLP blocks in training, at an elastic
-budget with the router's straight-through gates, and in cached decode with and without
-padding; results equal the eager model's, and blocks of one kind share their graphs.
-Slow tier: the real thing (inductor, generated C++): compiled logits equal eager ones, and
+Every test traces the blocks with fullgraph=True (a graph break raises); most through a
+counting backend that runs AOT autograd without generating code (aot_eager), so the forward
+and the backward are captured without a C++ compiler. Default tier: Mamba, attention and MLP
+blocks in training and at an elastic budget with the router's straight-through gates; results
+equal the eager model's and blocks of one kind share their graphs. Slow tier (tens of seconds
+each): gathered widths and a dropped layer, cached decode with and without padding, RoPE
+attention, and the real thing (inductor, generated C++): compiled logits equal eager ones, and
 train.compile gives the same losses over 5 steps.
 """
 
@@ -118,7 +119,9 @@ def test_training_blocks_have_no_graph_breaks_and_share_graphs(pair) -> None:
     "widths",
     [
         dict(hidden=40, mlp=32, mamba_heads=3, attn_heads=2),  # prefixes of every weight
-        dict(hidden=32, mamba_head_dim=6, attn_heads=2, kv_heads=1, drop_layers=[2]),  # gathers, a dropped layer
+        pytest.param(  # gathers, a dropped layer
+            dict(hidden=32, mamba_head_dim=6, attn_heads=2, kv_heads=1, drop_layers=[2]), marks=pytest.mark.slow
+        ),
     ],
     ids=["prefix", "gather-drop"],
 )
@@ -141,6 +144,7 @@ def test_elastic_training_at_a_budget_compiles_fullgraph(pair, widths: dict[str,
     assert p_ref.abs().sum() > 0 and (p_got - p_ref).abs().max().item() <= 1e-5  # the router's gradient
 
 
+@pytest.mark.slow
 def test_cached_decode_compiles_fullgraph_and_matches(pair) -> None:
     eager, compiled, backend = pair
     eager.eval()
@@ -172,6 +176,7 @@ def test_cached_decode_compiles_fullgraph_and_matches(pair) -> None:
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 def test_rope_attention_compiles_fullgraph(one_thread: None) -> None:
     """A Transformer parent's attention (RoPE, qk-norm) has no graph break either."""
     eager = tiny("*-*-", rope_theta=10000.0, attention_qk_norm=True)
