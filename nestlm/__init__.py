@@ -1,6 +1,7 @@
 """nestlm: train one hybrid Mamba-Attention LM with smaller models nested inside it."""
 
 from .checkpoint import Budget, save_pretrained
+from .compiler import compile_model
 from .config import LayerSpec, ModelConfig
 from .elastic.arch import ArchSpec, parse_target
 from .elastic.importance import Importance, estimate_importance, reorder
@@ -25,6 +26,7 @@ __all__ = [
     "ModelOutput",
     "NestlmError",
     "UnknownBudgetError",
+    "compile_model",
     "export_hf",
     "load",
     "save_pretrained",

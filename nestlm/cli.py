@@ -14,6 +14,7 @@ from typing import Any
 from .checkpoint import ELASTIC_FILE, IMPORTANCE_FILE, require_new_dir
 from .errors import NestlmError
 
+COMPILE_HELP = "torch.compile every block first (slower start, faster tokens; needs a C++ compiler on CPU)"
 MODEL_DIR_HELP = "nestlm or Hugging Face (NemotronH, llama, mistral, qwen2, qwen3) model directory"
 
 
@@ -36,6 +37,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .loading import load
 
     model = load(args.model).eval()
+    if args.compile:
+        from .compiler import compile_model
+
+        compile_model(model)
     tok = load_tokenizer(args.model)
     ids = torch.tensor([tok.encode(args.prompt)], dtype=torch.long)
     if ids.numel() == 0:
@@ -69,6 +74,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_generate)
 
 
@@ -334,6 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         target_latency_ms=args.target_latency_ms,
         device=args.device,
+        compile=args.compile,
     )
     print(f"nestlm serve: http://{args.host}:{args.port}/v1  models: {', '.join(api.ids)} (and auto)", file=sys.stderr)
     run(api, host=args.host, port=args.port)
@@ -355,6 +362,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--target-latency-ms", type=float, default=100.0, help='per-token latency target of model "auto" (ms)'
     )
     p.add_argument("--device", default="cpu", help="torch device of the weights (cpu, cuda)")
+    p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_serve)
 
 

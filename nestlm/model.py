@@ -327,7 +327,8 @@ class Attention(nn.Module):
         if nq != nkv:  # query head j reads KV head j % nkv
             k = k.repeat(1, nq // nkv, 1, 1)
             v = v.repeat(1, nq // nkv, 1, 1)
-        is_causal = attn_mask is None and L > 1 and k.shape[2] == L
+        # a branch, not bool(...): under torch.compile with symbolic sizes bool() would stay a SymBool
+        is_causal = True if attn_mask is None and L > 1 and k.shape[2] == L else False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(Bsz, L, nq * hd)  # (B, L, nq*hd)
         if probe is not None:
@@ -531,7 +532,10 @@ class Block(nn.Module):
         active: LayerSpec | None,
         state: AttentionState | MambaState | None,
         layer: int = 0,
+        gate: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, AttentionState | MambaState | None]:
+        # gate: the Tap's factor on this block's output, looked up by the caller so that the block's
+        # code does not depend on ``layer`` unless the Tap reads activations (one compiled graph per kind)
         tap = ctx.tap
         reads = tap is not None and type(tap).activation is not Tap.activation  # gates only: the plain path
         probe = functools.partial(tap.activation, layer) if reads else None
@@ -554,7 +558,6 @@ class Block(nn.Module):
             )
         else:
             out = self.mixer(x, active, probe=probe)
-        gate = None if tap is None else tap.block_gate(layer)
         if gate is not None:
             out = out * gate
         return h + out.to(h.dtype), state
@@ -743,10 +746,11 @@ class HybridLM(nn.Module):
             if spec is not None and actives[i] is None:
                 continue  # a dropped layer is the identity
             st = cache.layers[i] if cache is not None else None
+            gate = None if tap is None else tap.block_gate(i)
             if self.gradient_checkpointing and self.training and cache is None:
-                h, st = torch.utils.checkpoint.checkpoint(block, h, ctx, actives[i], st, i, use_reentrant=False)
+                h, st = torch.utils.checkpoint.checkpoint(block, h, ctx, actives[i], st, i, gate, use_reentrant=False)
             else:
-                h, st = block(h, ctx, actives[i], st, i)
+                h, st = block(h, ctx, actives[i], st, i, gate)
             if cache is not None and block.kind in ("mamba", "attention"):
                 cache.layers[i] = st
         if cache is not None:

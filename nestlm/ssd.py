@@ -115,6 +115,8 @@ def ssd_scan_ref(
 
 def _tril_mask(n: int, device: torch.device) -> torch.Tensor:
     """(n, n) bool, True on and below the diagonal; cached per (n, device)."""
+    if torch.compiler.is_compiling():  # a constant of the graph; a dict lookup would be a guard per size
+        return torch.ones(n, n, dtype=torch.bool, device=device).tril()
     key = (n, str(device))
     m = _TRIL_CACHE.get(key)
     if m is None:

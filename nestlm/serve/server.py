@@ -25,6 +25,7 @@ def build_api(
     target_latency_ms: float = 100.0,
     device: str = "cpu",
     model: Any = None,
+    compile: bool = False,
 ) -> Any:
     """Load ``model_dir`` (unless ``model`` is given) and return the :class:`~nestlm.serve.app.Api` over it."""
     from ..loading import load
@@ -34,6 +35,10 @@ def build_api(
 
     if model is None:
         model = load(model_dir, device=device)
+    if compile:  # every block through torch.compile (nestlm.compile_model), in place
+        from ..compiler import compile_model
+
+        compile_model(model)
     tok = load_tokenizer(model_dir, required=False)
     sched = Scheduler(model, max_batch=max_batch, max_queue=max_queue, target_latency_ms=target_latency_ms)
     ctx = max_context if max_context is not None else default_max_context(model)

@@ -125,6 +125,7 @@ class TrainSection:
     eval_batches: int = 4
     dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
     activation_checkpointing: bool = False
+    compile: bool = False  # torch.compile every block (nestlm.compile_model): same losses, faster steps
     device: str = "auto"
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads
@@ -147,7 +148,7 @@ class Recipe:
     def fingerprint(self) -> str:
         """Identity of a run: everything but bookkeeping that may change on resume."""
         d = self.to_dict()
-        for k in ("checkpoint_every", "keep_last", "tensorboard", "threads", "device", "eval_every"):
+        for k in ("checkpoint_every", "keep_last", "tensorboard", "threads", "device", "eval_every", "compile"):
             d["train"].pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..compiler import compile_model
 from ..config import ModelConfig
 from ..elastic.importance import estimate_importance, reorder, require_reordered
 from ..elastic.training import DTYPES
@@ -142,6 +143,13 @@ def auto_importance(model: HybridLM, recipe: Recipe, data: StageData, progress: 
     batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
     imp = estimate_importance(model, batches, progress=progress)
     reorder(model, imp)
+
+
+def compile_models(*models: HybridLM | None) -> None:
+    """train.compile: torch.compile every block of the student and the frozen teacher (in place)."""
+    for m in models:
+        if m is not None:
+            compile_model(m)
 
 
 def optimizer(model: HybridLM, routers: torch.nn.Module | None, recipe: Recipe) -> torch.optim.AdamW:

@@ -105,6 +105,8 @@ class Trainer:
             shard_model(self.model)
             if self.teacher is not None:
                 shard_model(self.teacher)
+        if tr.compile:  # after sharding (FSDP2 wraps the blocks that are compiled), before any forward
+            setup.compile_models(self.model, self.teacher)
         self.opt = setup.optimizer(self.model, self.routers, recipe)
         self.total_steps = sum(stage_steps(s, 1) for s in recipe.stages)
         self.state = TrainState(budget_rng=None)
