@@ -128,6 +128,7 @@ class TrainSection:
     device: str = "auto"
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads
+    kd_chunk_tokens: int | None = None  # KD/CE from hidden states, the lm_head applied this many tokens at a time
 
 
 @dataclass
@@ -339,6 +340,10 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"data.loss {recipe.data.loss!r} must be 'all' or 'completion'")
     if recipe.data.loss == "completion" and recipe.data.packing != "rows":
         raise RecipeError("data.loss: completion needs data.packing: rows (a packed stream has no prompt boundaries)")
+    if recipe.train.kd_chunk_tokens is not None and recipe.train.kd_chunk_tokens < 0:
+        raise RecipeError(
+            f"train.kd_chunk_tokens must be >= 0 (0 or null: full logits), got {recipe.train.kd_chunk_tokens}"
+        )
     if not recipe.stages:
         raise RecipeError("a recipe needs at least one stage")
     for s in recipe.stages:
