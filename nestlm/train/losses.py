@@ -10,7 +10,6 @@ Same design as Liger-Kernel's fused linear cross entropy / distillation, in plai
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +33,8 @@ class Head:
         return F.linear(h, w).float()
 
     def _operands(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.weight[:, : self.hidden.shape[-1]]
+        H = self.hidden.shape[-1]
+        w = self.weight if self.weight.shape[1] == H else self.weight[:, :H]  # a slice's backward costs a (V, H) copy
         dt = self.dtype or w.dtype
         return self.hidden.to(dt), w.to(dt)
 
@@ -107,8 +107,8 @@ def _chunk_loss(
     t, kd_w, ce_w, _ = spec
     loss = s_logits.new_zeros(())
     if kd_w:
-        s_logp = F.log_softmax(s_logits / t, dim=-1)
-        t_logp = F.log_softmax(t_logits / t, dim=-1)
+        s_logp = F.log_softmax(s_logits if t == 1 else s_logits / t, dim=-1)
+        t_logp = F.log_softmax(t_logits if t == 1 else t_logits / t, dim=-1)
         kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (C,)
         loss = loss + kd_w * (kl * (y != IGNORE)).sum() / denoms[0] * t * t
     if ce_w:
@@ -121,9 +121,10 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """The loss of ``_chunk_loss`` summed over token chunks, from hidden states and head weights.
 
     Forward: per chunk, the student's logits (C, V) from its hidden chunk and weight, the teacher's
-    (no grad), the chunk's loss, and at once its gradients for the hidden chunk and the weight
-    (autograd on the chunk alone); the chunk's logits are then freed. Backward only scales the
-    stored gradients by the incoming one. Equal to the unchunked loss up to summation order."""
+    (no grad), the chunk's loss and its gradient for the logits (autograd on the chunk alone), from
+    which the hidden chunk's gradient and the weight's (accumulated in place, fp32) follow; the
+    chunk's logits are then freed. Backward only scales the stored gradients by the incoming one.
+    Equal to the unchunked loss up to summation order."""
 
     @staticmethod
     def forward(ctx, s_h, s_w, t_h, t_w, y, spec):  # type: ignore[override]
@@ -131,28 +132,37 @@ class ChunkedHeadLoss(torch.autograd.Function):
         keep = (y != IGNORE).sum().to(torch.float32)
         denoms = (keep.clamp_min(1.0), keep)  # kd: masked mean (0 when nothing is kept); ce: as cross_entropy
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under no_grad: loss only
-        w = s_w.detach().requires_grad_(need)
         g_h = torch.zeros_like(s_h) if need else None
         g_w = torch.zeros(s_w.shape, dtype=torch.float32, device=s_w.device) if need else None
         total = torch.zeros((), dtype=torch.float32, device=s_h.device)
         for i in range(0, s_h.shape[0], chunk):
             sl = slice(i, i + chunk)
+            h = s_h[sl]  # (C, H)
             t_logits = None
             if t_h is not None:
                 t_logits = t_h[sl].float() if t_w is None else F.linear(t_h[sl], t_w).float()
-            with torch.enable_grad() if need else contextlib.nullcontext():
-                h = s_h[sl].detach().requires_grad_(need)
-                loss = _chunk_loss(F.linear(h, w).float(), t_logits, y[sl], denoms, spec)
-                if need:
-                    gh, gw = torch.autograd.grad(loss, (h, w))
-                    g_h[sl] = gh
-                    g_w += gw
+            logits = F.linear(h, s_w).float()  # (C, V)
+            if not need:
+                total += _chunk_loss(logits, t_logits, y[sl], denoms, spec)
+                continue
+            with torch.enable_grad():
+                logits.requires_grad_()
+                loss = _chunk_loss(logits, t_logits, y[sl], denoms, spec)
+                (g,) = torch.autograd.grad(loss, logits)  # (C, V) fp32
             total += loss.detach()
+            del logits, t_logits
+            g_h[sl] = g.to(s_w.dtype) @ s_w  # what F.linear's backward gives, chunk by chunk
+            g_w.addmm_(g.t(), h.float())  # accumulated in place: no (V, H) temporary per chunk
         ctx.save_for_backward(g_h, g_w)
         ctx.w_dtype = s_w.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        g_h, g_w = ctx.saved_tensors
-        return g_h * grad.to(g_h.dtype), (g_w * grad).to(ctx.w_dtype), None, None, None, None
+        if getattr(ctx, "spent", False):  # the stored gradients were scaled in place by the first backward
+            raise RuntimeError("ChunkedHeadLoss supports one backward per forward")
+        ctx.spent = True
+        g_h, g_w = ctx.saved_tensors  # scaled in place: no second (tokens, hidden) or (vocab, hidden) buffer
+        g_h = None if g_h is None else g_h.mul_(grad.to(g_h.dtype))
+        g_w = None if g_w is None else g_w.mul_(grad).to(ctx.w_dtype)
+        return g_h, g_w, None, None, None, None
