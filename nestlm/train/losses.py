@@ -102,26 +102,42 @@ def _chunk_loss(
     y: torch.Tensor,
     denoms: tuple[torch.Tensor, torch.Tensor],
     spec: tuple[float, float, float, int],
-) -> torch.Tensor:
-    """One chunk's share of the batch loss: its sums over tokens divided by the whole batch's counts."""
+    grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk's share of the batch loss (its sums over tokens divided by the whole batch's counts)
+    and, with ``grad``, its gradient for the chunk's logits, written out so that few (C, V) buffers live:
+    KD: T (softmax(s / T) - softmax(t / T)) per kept token; CE: softmax(s) - onehot(y)."""
     t, kd_w, ce_w, _ = spec
+    keep = (y != IGNORE).to(s_logits.dtype)  # (C,)
     loss = s_logits.new_zeros(())
+    g = None
     if kd_w:
         s_logp = F.log_softmax(s_logits if t == 1 else s_logits / t, dim=-1)
         t_logp = F.log_softmax(t_logits if t == 1 else t_logits / t, dim=-1)
-        kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)  # (C,)
-        loss = loss + kd_w * (kl * (y != IGNORE)).sum() / denoms[0] * t * t
+        p_t = t_logp.exp()
+        kl = t_logp.sub_(s_logp).mul_(p_t).sum(-1)  # (C,) sum p_t (log p_t - log p_s), in place
+        del t_logp
+        loss = loss + kd_w * (kl * keep).sum() / denoms[0] * t * t
+        if grad:
+            g = s_logp.exp_().sub_(p_t).mul_((keep * (kd_w * t / denoms[0]))[:, None])
+        del s_logp, p_t
     if ce_w:
-        ce = F.cross_entropy(s_logits, y, ignore_index=IGNORE, reduction="sum")
-        loss = loss + ce_w * ce / denoms[1]
-    return loss
+        logp = F.log_softmax(s_logits, dim=-1)
+        safe = y.clamp_min(0)[:, None]
+        loss = loss - ce_w * (logp.gather(1, safe)[:, 0] * keep).sum() / denoms[1]
+        if grad:
+            gc = logp.exp_()
+            gc.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=gc.dtype))
+            gc.mul_((keep * (ce_w / denoms[1]))[:, None])
+            g = gc if g is None else g.add_(gc)
+    return loss, g
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
     """The loss of ``_chunk_loss`` summed over token chunks, from hidden states and head weights.
 
     Forward: per chunk, the student's logits (C, V) from its hidden chunk and weight, the teacher's
-    (no grad), the chunk's loss and its gradient for the logits (autograd on the chunk alone), from
+    (no grad), the chunk's loss and its gradient for the logits (written out in _chunk_loss), from
     which the hidden chunk's gradient and the weight's (accumulated in place, fp32) follow; the
     chunk's logits are then freed. Backward only scales the stored gradients by the incoming one.
     Equal to the unchunked loss up to summation order."""
@@ -142,27 +158,22 @@ class ChunkedHeadLoss(torch.autograd.Function):
             if t_h is not None:
                 t_logits = t_h[sl].float() if t_w is None else F.linear(t_h[sl], t_w).float()
             logits = F.linear(h, s_w).float()  # (C, V)
-            if not need:
-                total += _chunk_loss(logits, t_logits, y[sl], denoms, spec)
-                continue
-            with torch.enable_grad():
-                logits.requires_grad_()
-                loss = _chunk_loss(logits, t_logits, y[sl], denoms, spec)
-                (g,) = torch.autograd.grad(loss, logits)  # (C, V) fp32
-            total += loss.detach()
+            loss, g = _chunk_loss(logits, t_logits, y[sl], denoms, spec, need)
+            total += loss
             del logits, t_logits
+            if not need:
+                continue
             g_h[sl] = g.to(s_w.dtype) @ s_w  # what F.linear's backward gives, chunk by chunk
             g_w.addmm_(g.t(), h.float())  # accumulated in place: no (V, H) temporary per chunk
-        ctx.save_for_backward(g_h, g_w)
-        ctx.w_dtype = s_w.dtype
+        # held on ctx, not saved: backward hands them over, and autograd can take them without a copy
+        ctx.grads, ctx.w_dtype = (g_h, g_w), s_w.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        if getattr(ctx, "spent", False):  # the stored gradients were scaled in place by the first backward
+        if ctx.grads is None:  # handed over by the first backward
             raise RuntimeError("ChunkedHeadLoss supports one backward per forward")
-        ctx.spent = True
-        g_h, g_w = ctx.saved_tensors  # scaled in place: no second (tokens, hidden) or (vocab, hidden) buffer
+        (g_h, g_w), ctx.grads = ctx.grads, None  # scaled in place: no second (tokens, hidden) or (vocab, hidden)
         g_h = None if g_h is None else g_h.mul_(grad.to(g_h.dtype))
         g_w = None if g_w is None else g_w.mul_(grad).to(ctx.w_dtype)
         return g_h, g_w, None, None, None, None

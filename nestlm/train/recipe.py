@@ -41,7 +41,7 @@ class ModelSection:
 class DataSection:
     """Training text; ``stdlib`` = the Python standard library's sources, ``reasoning:short|long`` = synthetic."""
 
-    train: str = "stdlib"
+    train: str | list[Any] = "stdlib"  # a source, a prepared directory, or a blend [{path: A, weight: 0.7}, ...]
     tokenizer: str = "model"  # "model": tokenizer.json of the parent's directory; "bytes": byte-level
     val_fraction: float = 0.02
     seed: int = 0
@@ -105,7 +105,7 @@ class StageSection:
     lr: float | None = None  # defaults to train.lr
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    data: str | None = None  # stage-specific data source (defaults to data.train)
+    data: str | list[Any] | None = None  # stage-specific data source or blend (defaults to data.train)
 
 
 @dataclass
