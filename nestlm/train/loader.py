@@ -235,7 +235,10 @@ class BlockLoader:
         """The order of the training blocks in ``epoch`` (a pure function of seed and epoch)."""
         if epoch != self._perm_epoch:
             ss = np.random.SeedSequence([self.seed % 2**64, epoch, 0x6E6573])
-            self._perm = np.random.Generator(np.random.PCG64(ss)).permutation(self.n_train)
+            # = Generator.permutation(n_train), in uint32 when it fits: half the memory for a large corpus
+            dtype = np.uint32 if self.n_train < 2**32 else np.int64
+            self._perm = np.arange(self.n_train, dtype=dtype)
+            np.random.Generator(np.random.PCG64(ss)).shuffle(self._perm)
             self._perm_epoch = epoch
         return self._perm
 
