@@ -16,7 +16,7 @@ Training opens the shard with ``np.memmap`` and never loads it: :class:`MemmapTo
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,15 +91,16 @@ def prepare(
     return meta
 
 
-def write_raw(out: str | Path, tokens: np.ndarray | Sequence[np.ndarray], vocab_size: int, doc_len: int) -> None:
+def write_raw(out: str | Path, tokens: np.ndarray | Iterable[np.ndarray], vocab_size: int, doc_len: int) -> None:
     """A prepared directory from token arrays already in memory (benchmarks, tests): documents of ``doc_len``."""
     dtype = np.uint16 if vocab_size < 2**16 else np.uint32
-    parts = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
-    n_tok = sum(p.size for p in parts)
+    parts = [tokens] if isinstance(tokens, np.ndarray) else tokens  # arrays, or an iterator of them
+    n_tok = 0
     with atomic_dir(out) as tmp:
         with open(tmp / SHARD, "wb") as f:
             for p in parts:
                 f.write(p.astype(dtype, copy=False).tobytes())
+                n_tok += p.size
         offsets = np.minimum(np.arange(0, n_tok + doc_len, doc_len, dtype=np.int64), n_tok)
         offsets = np.unique(offsets)
         np.save(tmp / "docs.npy", offsets)
