@@ -117,7 +117,7 @@ class MemmapTokens:
     Enough of a tensor for the loader: ``numel()``, ``dim()``, slicing with a step of 1 (a view),
     and indexing with an index tensor (a LongTensor of the ids there)."""
 
-    def __init__(self, mm: np.ndarray, start: int = 0, stop: int | None = None) -> None:
+    def __init__(self, mm: np.memmap, start: int = 0, stop: int | None = None) -> None:
         self.mm, self.start = mm, start
         self.stop = mm.shape[0] if stop is None else stop
 
@@ -140,6 +140,14 @@ class MemmapTokens:
         idx = np.asarray(key.cpu() if torch.is_tensor(key) else key, dtype=np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= self.numel()):
             raise IndexError(f"token index outside 0..{self.numel() - 1}")
+        if idx.ndim == 2 and idx.shape[1] and (idx[:, -1] - idx[:, 0] == idx.shape[1] - 1).all():
+            # rows of consecutive tokens (the loader's blocks): each read through its own small map,
+            # so the pages the kernel maps around a read stay within the row and leave with it
+            out = np.empty(idx.shape, dtype=np.int64)
+            size = self.mm.dtype.itemsize
+            for r, a in enumerate(idx[:, 0] + self.start + self.mm.offset // size):
+                out[r] = np.memmap(self.mm.filename, self.mm.dtype, "r", offset=int(a) * size, shape=(idx.shape[1],))
+            return torch.from_numpy(out)
         return torch.from_numpy(self.mm[idx + self.start].astype(np.int64))
 
     def long(self) -> torch.Tensor:
