@@ -12,6 +12,17 @@ optimizer state, and the process's peak RSS.
 
     .venv/bin/python benchmarks/bench_train.py            # hidden 512, seq 256, batch 4
     .venv/bin/python benchmarks/bench_train.py --quick
+
+--loss-memory instead measures the distillation loss alone (student + teacher logits from final
+hidden states, KD, backward) at vocab 131072: today's full-logit loss at 1K, 2K, 4K tokens and
+the chunked one (train.kd_chunk_tokens) at 4K, 16K, 64K, each case in its own subprocess. Memory
+is the peak of live tensor bytes the loss allocates (forward + backward, gradients included,
+inputs excluded), counted by a dispatch mode over every op; on ``--device meta`` nothing is
+allocated (the sizes that do not fit this machine), on ``--device cpu`` the process's RSS
+growth is printed next to it as a cross-check:
+
+    .venv/bin/python benchmarks/bench_train.py --loss-memory --device meta
+    .venv/bin/python benchmarks/bench_train.py --loss-memory --device cpu --hidden 256 --cases today:1024,chunked:4096
 """
 
 from __future__ import annotations
@@ -22,6 +33,8 @@ import functools
 import itertools
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -29,7 +42,7 @@ import torch
 import nestlm
 from nestlm.elastic.arch import parse_target
 from nestlm.elastic.router import ElasticRouters, resolve_choices
-from nestlm.train.losses import kd_loss
+from nestlm.train.losses import Head, kd_loss
 
 
 def timeit_interleaved(fns: list, warmup: int, rounds: int) -> list[float]:
@@ -71,8 +84,103 @@ def sliced_step(small, teacher, sopt, x) -> None:
     sopt.zero_grad(set_to_none=True)
 
 
+LOSS_CASES = "today:1024,today:2048,today:4096,chunked:4096,chunked:16384,chunked:65536"
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def loss_case(kind: str, tokens: int, a: argparse.Namespace) -> None:
+    """One case (run in its own process): prints `peak_bytes rss_growth_bytes seconds`."""
+    import torch.nn.functional as F
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils import _pytree as pytree
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LiveBytes(TorchDispatchMode):
+        """Peak bytes of the storages alive after each op (those created inside the mode)."""
+
+        def __init__(self, inputs: list[torch.Tensor]) -> None:
+            super().__init__()
+            self.inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in inputs}  # views of them are not new
+            self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+            self.peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    st = t.untyped_storage()
+                    ref = StorageWeakRef(st)
+                    old = self.live.get(ref.cdata)
+                    if ref.cdata not in self.inputs and (old is None or old[0].expired()):
+                        self.live[ref.cdata] = (ref, st.nbytes())
+            for k in [k for k, (r, _) in self.live.items() if r.expired()]:
+                del self.live[k]
+            self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+            return out
+
+    torch.set_num_threads(a.threads)
+    dev, H, V = a.device, a.hidden, a.vocab
+    g = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:  # on meta: a shape only, nothing allocated
+        return torch.empty(shape, device="meta") if dev == "meta" else torch.randn(shape, generator=g) * 0.05
+
+    s_h, s_w = randn(1, tokens, H).requires_grad_(), randn(V, H).requires_grad_()
+    t_h, t_w = randn(1, tokens, H), randn(V, H)
+    y = torch.randint(0, V, (1, tokens), generator=g).to(dev)
+    y[:, : tokens // 4] = -100  # a prompt: the mask is part of the work
+    rss0, t0 = _rss(), time.perf_counter()
+    mode = LiveBytes([s_h, s_w, t_h, t_w, y])
+    with mode:
+        if kind == "today":  # the trainer's path before chunking: full logits of both models, then the loss
+            with torch.no_grad():
+                t_logits = F.linear(t_h, t_w).float()
+            loss = kd_loss(F.linear(s_h, s_w).float(), t_logits, 1.0, y if dev != "meta" else None)
+        else:
+            loss = kd_loss(Head(s_h, s_w, a.chunk), Head(t_h, t_w, a.chunk), 1.0, y)
+        loss.backward()
+    print(mode.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss0, time.perf_counter() - t0)
+
+
+def loss_memory(a: argparse.Namespace) -> None:
+    gib = 2.0**-30
+    print(
+        f"KD loss peak memory: vocab {a.vocab}, hidden {a.hidden}, fp32, batch 1, chunk {a.chunk} tokens, "
+        f"device {a.device}; forward + backward, each case in its own process"
+    )
+    print()
+    print("loss    | tokens | peak tensor GiB | RSS growth GiB | seconds")
+    print("--------|--------|-----------------|----------------|--------")
+    peaks = {}
+    for case in a.cases.split(","):
+        kind, tokens = case.split(":")
+        cmd = [sys.executable, __file__, "--loss-case", case, "--device", a.device, "--vocab", str(a.vocab)]
+        cmd += ["--hidden", str(a.hidden), "--chunk", str(a.chunk), "--threads", str(a.threads)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()
+        peak, rss, sec = int(out[0]), int(out[1]), float(out[2])
+        peaks[(kind, int(tokens))] = peak
+        rss_s = f"{rss * gib:14.2f}" if a.device == "cpu" else f"{'-':>14}"
+        print(f"{kind:<7} | {int(tokens):>6} | {peak * gib:15.2f} | {rss_s} | {sec:7.1f}")
+    print()
+    if ("chunked", 16384) in peaks and ("today", 2048) in peaks:
+        ok = peaks[("chunked", 16384)] < peaks[("today", 2048)]
+        print(f"goal chunked@16K < today@2K: {'met' if ok else 'MISSED'}")
+    if ("chunked", 4096) in peaks and ("chunked", 65536) in peaks:
+        r = peaks[("chunked", 65536)] / peaks[("chunked", 4096)]
+        print(f"goal chunked@64K / chunked@4K < 2: {r:.2f}x, {'met' if r < 2 else 'MISSED'}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--loss-memory", action="store_true", help="the KD loss's peak memory table (see above)")
+    ap.add_argument("--loss-case", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--cases", default=LOSS_CASES, help="loss-memory cases, KIND:TOKENS (today or chunked)")
+    ap.add_argument("--device", default="meta", help="loss-memory device: meta (counts only), cpu")
+    ap.add_argument("--chunk", type=int, default=1024, help="loss-memory: train.kd_chunk_tokens")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--pattern", default="M-M*-M-M*-")
     ap.add_argument("--seq", type=int, default=256)
@@ -84,6 +192,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    if a.loss_case or a.loss_memory:
+        if a.vocab == 4096:
+            a.vocab = 131072
+        if a.hidden == 512:
+            a.hidden = 5120  # the 12B parent's
+        if a.loss_case:
+            kind, tokens = a.loss_case.split(":")
+            return loss_case(kind, int(tokens), a)
+        return loss_memory(a)
     if a.quick:
         a.hidden, a.seq, a.batch, a.rounds, a.warmup = 128, 64, 2, 3, 1
     torch.set_num_threads(a.threads)

@@ -217,6 +217,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from .tokenizer import ByteTokenizer, load_tokenizer
+    from .train.shards import prepare
+
+    tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer)
+    require_new_dir(args.out, "--out")
+    meta = prepare(args.inputs, args.out, tok, args.tokenizer, args.max_bytes, args.num_problems, args.seed)
+    print(
+        f"prepared {args.out}: {meta['tokens']:,} tokens ({meta['dtype']}) in {meta['documents']:,} documents "
+        f"from {', '.join(meta['sources'])}; train on it with data.train={args.out}"
+    )
+    return 0
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="data tools: `data prepare` tokenizes once into memory-mapped token shards")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    q = dsub.add_parser("prepare", help="tokenize sources once into a memory-mapped token shard directory")
+    q.add_argument(
+        "inputs", nargs="+", help="sources as data.train takes them: files, directories, stdlib, reasoning:*"
+    )
+    q.add_argument("--out", required=True, help="new directory to write (appears only when complete)")
+    q.add_argument("--tokenizer", required=True, help="'bytes', or a model directory holding tokenizer.json")
+    q.add_argument("--max-bytes", type=int, default=None, help="cap on the text read per source")
+    q.add_argument("--num-problems", type=int, default=20000, help="problems per reasoning:* source")
+    q.add_argument("--seed", type=int, default=0, help="seed of the reasoning:* problems (as data.seed)")
+    q.set_defaults(func=cmd_data_prepare)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -381,6 +410,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "harness": _add_harness,
     "demo": _add_demo,
     "serve": _add_serve,
+    "data": _add_data,
 }
 
 

@@ -64,7 +64,7 @@ Probe = Callable[[str, torch.Tensor], torch.Tensor]
 class ModelOutput:
     """What HybridLM.forward returns."""
 
-    logits: torch.Tensor  # (B, L, vocab), fp32
+    logits: torch.Tensor | None  # (B, L, vocab), fp32; None for forward(..., head=False)
     cache: InferenceCache | None = None
     hidden_states: torch.Tensor | None = None  # final normed hidden states, if asked for
 
@@ -681,6 +681,7 @@ class HybridLM(nn.Module):
         num_logits: int | None = None,
         return_hidden: bool = False,
         tap: Tap | None = None,
+        head: bool = True,
     ) -> ModelOutput:
         """Logits for ``input_ids`` (B, L).
 
@@ -688,6 +689,8 @@ class HybridLM(nn.Module):
         attention_mask: (B, L) or (B, cached + L), 1 for real tokens, 0 for left padding.
         num_logits: compute logits only for the last ``num_logits`` positions.
         tap: training only (importance scores, router masks and gates); see ``Tap``.
+        head: False skips the lm_head: logits is None and hidden_states holds the final normed hidden
+            states (B, L, hidden) for losses that apply the head in chunks (train/losses.py).
         """
         spec = self.resolve_arch(arch, budget)
         cfg = self.config
@@ -758,6 +761,8 @@ class HybridLM(nn.Module):
         if num_logits is not None:
             h = h[:, -num_logits:]
         h = self.norm_f(h.to(self.norm_f.weight.dtype), hidden)
+        if not head:
+            return ModelOutput(logits=None, cache=cache, hidden_states=h)
         logits = F.linear(h, self.output_weight()[:, :hidden]).float()
         return ModelOutput(logits=logits, cache=cache, hidden_states=h if return_hidden else None)
 

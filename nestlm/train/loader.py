@@ -235,14 +235,17 @@ class BlockLoader:
         """The order of the training blocks in ``epoch`` (a pure function of seed and epoch)."""
         if epoch != self._perm_epoch:
             ss = np.random.SeedSequence([self.seed % 2**64, epoch, 0x6E6573])
-            self._perm = np.random.Generator(np.random.PCG64(ss)).permutation(self.n_train)
+            # = Generator.permutation(n_train), in uint32 when it fits: half the memory for a large corpus
+            dtype = np.uint32 if self.n_train < 2**32 else np.int64
+            self._perm = np.arange(self.n_train, dtype=dtype)
+            np.random.Generator(np.random.PCG64(ss)).shuffle(self._perm)
             self._perm_epoch = epoch
         return self._perm
 
-    def next_global_indices(self) -> list[int]:
-        """The training block indices of the next GLOBAL batch (advances the position)."""
+    def next_global_indices(self, n: int | None = None) -> list[int]:
+        """The training block indices of the next GLOBAL batch, or of the next ``n`` blocks (advances the position)."""
         out = []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size if n is None else n):
             if self.pos >= self.n_train:
                 self.epoch, self.pos = self.epoch + 1, 0
             out.append(int(self.permutation(self.epoch)[self.pos]))
@@ -304,3 +307,71 @@ class BlockLoader:
         if epoch < 0 or not 0 <= pos <= self.n_train:
             raise NestlmError(f"the saved data position (epoch {epoch}, pos {pos}) is outside {self.n_train} blocks")
         self.epoch, self.pos = epoch, pos
+
+
+class BlendLoader:
+    """Global batches mixed from several sources with weights (a Megatron data blend), resumable.
+
+    Each source has its own :class:`BlockLoader` (global indices, one process's view of the
+    whole batch). Which source fills each of the ``batch_size`` places of global batch ``k`` is
+    drawn from ``(seed, k)`` with the normalised weights, so the mix is the same on every rank
+    and every run; each source then gives its next blocks in its own shuffled order. Process
+    ``rank`` takes its contiguous chunk of the global batch. ``state_dict()`` is the batch count
+    plus every source's position."""
+
+    def __init__(
+        self, loaders: Sequence[BlockLoader], weights: Sequence[float], seed: int = 0, rank: int = 0, world: int = 1
+    ) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if len(loaders) != len(w) or not len(w) or (w < 0).any() or w.sum() <= 0:
+            raise NestlmError(f"a data blend needs one weight >= 0 per source, not all 0; got {list(weights)}")
+        self.loaders, self.weights, self.seed = list(loaders), w / w.sum(), seed
+        self.batch_size, self.seq_len = loaders[0].batch_size, loaders[0].seq_len
+        if self.batch_size % world:
+            raise NestlmError(f"batch_size {self.batch_size} must be divisible by the {world} processes")
+        self.rank, self.world, self.step = rank, world, 0
+
+    def sources_of(self, k: int) -> np.ndarray:
+        """The source of each place of global batch ``k`` (a pure function of seed and k)."""
+        ss = np.random.SeedSequence([self.seed % 2**64, k, 0x626C656E64])
+        return np.random.Generator(np.random.PCG64(ss)).choice(len(self.loaders), self.batch_size, p=self.weights)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        src = self.sources_of(self.step)
+        self.step += 1
+        places: list[tuple[int, int]] = [(0, 0)] * self.batch_size
+        for s, loader in enumerate(self.loaders):
+            where = np.flatnonzero(src == s)
+            for p, i in zip(where, loader.next_global_indices(len(where)), strict=True):
+                places[p] = (s, i)
+        per = self.batch_size // self.world
+        mine = places[self.rank * per : (self.rank + 1) * per]
+        out_x, out_y = [], []
+        for s, i in mine:  # one row at a time keeps the order; rows are few
+            x, y = self.loaders[s].blocks.train.batch([i])
+            out_x.append(x)
+            out_y.append(y)
+        return torch.cat(out_x), torch.cat(out_y)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.next_batch()
+
+    def val_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each source's validation batches (this rank's chunk), sources in order."""
+        per = self.batch_size // self.world
+        out = []
+        for loader in self.loaders:
+            for x, y in loader.val_batches(max(1, n // len(self.loaders))):
+                out.append((x[self.rank * per : (self.rank + 1) * per], y[self.rank * per : (self.rank + 1) * per]))
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"blend_step": self.step, "sources": [ld.state_dict() for ld in self.loaders]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sources" not in state or len(state["sources"]) != len(self.loaders):
+            raise NestlmError("the saved data position is not for this blend of sources; the run cannot resume exactly")
+        for ld, st in zip(self.loaders, state["sources"], strict=True):
+            ld.load_state_dict(st)
+        self.step = int(state["blend_step"])

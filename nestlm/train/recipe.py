@@ -41,7 +41,7 @@ class ModelSection:
 class DataSection:
     """Training text; ``stdlib`` = the Python standard library's sources, ``reasoning:short|long`` = synthetic."""
 
-    train: str = "stdlib"
+    train: str | list[Any] = "stdlib"  # a source, a prepared directory, or a blend [{path: A, weight: 0.7}, ...]
     tokenizer: str = "model"  # "model": tokenizer.json of the parent's directory; "bytes": byte-level
     val_fraction: float = 0.02
     seed: int = 0
@@ -105,7 +105,7 @@ class StageSection:
     lr: float | None = None  # defaults to train.lr
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    data: str | None = None  # stage-specific data source (defaults to data.train)
+    data: str | list[Any] | None = None  # stage-specific data source or blend (defaults to data.train)
 
 
 @dataclass
@@ -129,6 +129,7 @@ class TrainSection:
     device: str = "auto"
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads
+    kd_chunk_tokens: int | None = None  # KD/CE from hidden states, the lm_head applied this many tokens at a time
 
 
 @dataclass
@@ -340,6 +341,10 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError(f"data.loss {recipe.data.loss!r} must be 'all' or 'completion'")
     if recipe.data.loss == "completion" and recipe.data.packing != "rows":
         raise RecipeError("data.loss: completion needs data.packing: rows (a packed stream has no prompt boundaries)")
+    if recipe.train.kd_chunk_tokens is not None and recipe.train.kd_chunk_tokens < 0:
+        raise RecipeError(
+            f"train.kd_chunk_tokens must be >= 0 (0 or null: full logits), got {recipe.train.kd_chunk_tokens}"
+        )
     if not recipe.stages:
         raise RecipeError("a recipe needs at least one stage")
     for s in recipe.stages:

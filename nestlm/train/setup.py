@@ -20,7 +20,7 @@ from ..loading import load
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer, load_tokenizer
 from . import loader as loader_mod
-from . import sources
+from . import shards, sources
 from .distributed import DistInfo
 from .recipe import Recipe
 
@@ -66,48 +66,89 @@ def model_tokenizer(model: HybridLM) -> Any:
     return load_tokenizer(model.source_dir)
 
 
+def blend_parts(src: Any, where: str) -> list[tuple[str, float]]:
+    """A data source as (path, weight) parts: one source, or a blend ``[{path: A, weight: 0.7}, ...]``."""
+    if isinstance(src, str):
+        return [(src, 1.0)]
+    parts = []
+    for i, p in enumerate(src if isinstance(src, list) else [src]):
+        w = p.get("weight", 1.0) if isinstance(p, dict) else None
+        if not isinstance(p, dict) or set(p) - {"path", "weight"} or not isinstance(p.get("path"), str):
+            raise NestlmError(f"{where}[{i}] must be {{path: SOURCE, weight: W}}, got {p!r}")
+        if isinstance(w, bool) or not isinstance(w, int | float) or w < 0:
+            raise NestlmError(f"{where}[{i}].weight must be a number >= 0, got {w!r}")
+        parts.append((p["path"], float(w)))
+    if not parts or sum(w for _, w in parts) <= 0:
+        raise NestlmError(f"{where}: a blend needs at least one source with a weight > 0")
+    return parts
+
+
 class StageData:
-    """The data of every stage: tokens read once per source, a resumable loader per stage."""
+    """The data of every stage: tokens read once per source (memory-mapped when prepared by
+    ``nestlm data prepare``), a resumable loader per stage; a blend of sources mixes their loaders."""
 
     def __init__(self, recipe: Recipe, tokenizer: Any, dist: DistInfo) -> None:
         self.recipe, self.tokenizer, self.dist = recipe, tokenizer, dist
-        self.tokens: dict[str, torch.Tensor] = {}
-        d = recipe.data
-        if d.packing == "stream":  # read the data now: a bad source fails before anything is written
-            self.tokens[d.train] = self._load_tokens(d.train)
-        else:
-            sources.load_documents(d.train, tokenizer, d.max_bytes, 1, d.seed, completion_only=d.loss == "completion")
+        self.tokens: dict[str, Any] = {}
+        for path, _ in blend_parts(recipe.data.train, "data.train"):  # a bad source fails before any write
+            if recipe.data.packing == "stream":
+                self._tokens(path)
+            else:
+                self._documents(path, 1)
+        for i, st in enumerate(recipe.stages):
+            if st.data is not None:
+                blend_parts(st.data, f"stages.{i}.data")
 
-    def _load_tokens(self, source: str) -> torch.Tensor:
+    def _tokens(self, source: str) -> Any:
         d = self.recipe.data
-        return sources.load_tokens(
-            source, self.tokenizer, max_bytes=d.max_bytes, num_problems=d.num_problems, seed=d.seed
+        if source not in self.tokens:
+            if shards.is_prepared(source):
+                prepared = shards.Prepared(source)
+                prepared.check_vocab(getattr(self.tokenizer, "vocab_size", None))
+                self.tokens[source] = prepared.tokens()
+            else:
+                self.tokens[source] = sources.load_tokens(
+                    source, self.tokenizer, max_bytes=d.max_bytes, num_problems=d.num_problems, seed=d.seed
+                )
+        return self.tokens[source]
+
+    def _documents(self, source: str, num_problems: int) -> list[tuple[torch.Tensor, int]]:
+        d = self.recipe.data
+        if shards.is_prepared(source):
+            return shards.Prepared(source).documents(completion_only=d.loss == "completion")
+        return sources.load_documents(
+            source, self.tokenizer, d.max_bytes, num_problems, d.seed, completion_only=d.loss == "completion"
         )
 
-    def loader(self, stage_idx: int, whole_batch: bool = False) -> loader_mod.BlockLoader:
+    def loader(self, stage_idx: int, whole_batch: bool = False) -> Any:
         stage = self.recipe.stages[stage_idx]
         d = self.recipe.data
-        src = stage.data or d.train
-        if d.packing == "rows":  # whole documents per row (see train/loader.py)
-            docs = sources.load_documents(
-                src, self.tokenizer, d.max_bytes, d.num_problems, d.seed, completion_only=d.loss == "completion"
+        parts = blend_parts(stage.data or d.train, f"stages.{stage_idx}.data" if stage.data else "data.train")
+        rank, world = (0, 1) if whole_batch else (self.dist.rank, self.dist.world)
+        loaders = []
+        for j, (src, _) in enumerate(parts):
+            if d.packing == "rows":  # whole documents per row (see train/loader.py)
+                pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+                docs = self._documents(src, d.num_problems)
+                packed: Any = loader_mod.PackedRows(docs, stage.seq_len, d.val_fraction, src, pad_id=pad)
+            else:
+                packed = loader_mod.PackedBlocks(self._tokens(src), stage.seq_len, d.val_fraction, src)
+            one = len(parts) == 1  # a blend's sources give global indices; the blend shards them
+            loaders.append(
+                loader_mod.BlockLoader(
+                    packed,
+                    seq_len=stage.seq_len,
+                    batch_size=stage.batch_size,
+                    seed=d.seed + stage_idx + 7919 * j,
+                    val_fraction=d.val_fraction,
+                    rank=rank if one else 0,
+                    world=world if one else 1,
+                    name=src,
+                )
             )
-            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
-            packed: Any = loader_mod.PackedRows(docs, stage.seq_len, d.val_fraction, src, pad_id=pad)
-        else:
-            if src not in self.tokens:
-                self.tokens[src] = self._load_tokens(src)
-            packed = self.tokens[src]
-        return loader_mod.BlockLoader(
-            packed,
-            seq_len=stage.seq_len,
-            batch_size=stage.batch_size,
-            seed=d.seed + stage_idx,
-            val_fraction=d.val_fraction,
-            rank=0 if whole_batch else self.dist.rank,
-            world=1 if whole_batch else self.dist.world,
-            name=src,
-        )
+        if len(loaders) == 1:
+            return loaders[0]
+        return loader_mod.BlendLoader(loaders, [w for _, w in parts], seed=d.seed + stage_idx, rank=rank, world=world)
 
 
 def needs_ranking(model: HybridLM, e: Any) -> bool:

@@ -37,7 +37,7 @@ from .distributed import (
     shard_model,
     shutdown,
 )
-from .losses import ce_loss, kd_loss
+from .losses import Head, ce_loss, kd_loss
 from .recipe import Recipe, stage_probs, stage_steps
 from .schedules import gumbel_schedule, set_lr
 
@@ -151,11 +151,12 @@ class Trainer:
         self.state.budget_rng = python_rng_to_json(self.sampler.rng.getstate())
         self.ckpt.save(model_sd, self.routers, opt_sd, self.gumbel, self.state)
 
-    def _forward(self, model: HybridLM, x: torch.Tensor, **kw: Any) -> torch.Tensor:
-        if self.autocast is not None:
-            with torch.autocast(self.device.type, dtype=self.autocast):
-                return model(x, **kw).logits
-        return model(x, **kw).logits
+    def _forward(self, model: HybridLM, x: torch.Tensor, **kw: Any) -> torch.Tensor | Head:
+        """Logits, or with train.kd_chunk_tokens a Head (hidden states + weight) for the chunked losses."""
+        chunk = self.recipe.train.kd_chunk_tokens
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = model(x, head=not chunk, **kw)
+        return Head(out.hidden_states, model.output_weight(), chunk, self.autocast) if chunk else out.logits
 
     # ---------------------------------------------------------------- one step
     def train_step(self, stage_idx: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
