@@ -17,6 +17,7 @@ This module never imports the model: it writes any object with ``state_dict()``,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .elastic.arch import ArchSpec
 from .elastic.importance import Importance
-from .errors import CheckpointError, NestlmError
+from .errors import CheckpointError, NestlmError, OutputError
 from .tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILES
 
 FORMAT_VERSION = 1
@@ -114,6 +115,49 @@ def require_new_dir(
     return p
 
 
+def _cause(e: BaseException) -> tuple[str | None, str]:
+    """The file and the one-line cause of a failed write (OSError, safetensors' or a DCP wrapper's error)."""
+    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return _cause(getattr(inner, "exc", inner))
+    if isinstance(e, OSError):
+        name = errno.errorcode.get(e.errno or 0, "")
+        return e.filename, f"{e.strerror or e}{f' ({name})' if name else ''}"
+    msg = str(e)
+    for code, name in errno.errorcode.items():  # safetensors' Rust IoError: "... code: 28, kind: StorageFull ..."
+        if f"code: {code}," in msg:
+            return None, f"{os.strerror(code)} ({name})"
+    return None, msg.splitlines()[0] if msg else type(e).__name__
+
+
+def io_error_line(e: BaseException, path: str | os.PathLike | None = None) -> str:
+    """ "cannot write FILE: CAUSE" for a failed write."""
+    f, cause = _cause(e)
+    return f"cannot write {f or path or 'the output'}: {cause}"
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write under ``path`` (disk full, read-only, permission denied) into one OutputError line."""
+    try:
+        yield
+    except NestlmError:
+        raise
+    except (OSError, SafetensorError) as e:
+        raise OutputError(io_error_line(e, path)) from None
+    except Exception as e:
+        if type(e).__name__ != "CheckpointException":  # torch.distributed.checkpoint's wrapper of a rank's error
+            raise
+        raise OutputError(io_error_line(e, path)) from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, a failed write being one OutputError line naming the file."""
+    with writing(file):
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file), metadata=metadata)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
@@ -123,21 +167,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             raise CheckpointError(f"output {path} exists and is a file; give a directory path")
     else:
         require_new_dir(path, "output directory", CheckpointError)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "d")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            _default_permissions(tmp)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / "d")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _default_permissions(root: Path) -> None:
@@ -152,8 +197,13 @@ def _default_permissions(root: Path) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write JSON to a temporary file in the same directory and rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dst: Path) -> None:
@@ -247,8 +297,7 @@ def _write_files(
     extra: dict[str, Any] | None,
 ) -> None:
     """Every file of a nestlm directory into ``d`` (config.json last)."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(model.state_dict(), d / WEIGHTS_FILE, metadata={"format": "pt"})
     if getattr(model, "importance", None) is not None:
         write_json(d / IMPORTANCE_FILE, model.importance.to_dict())
     if getattr(model, "elastic", None):
@@ -294,21 +343,22 @@ def save_into(
     path = Path(path)
     tmp = path / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_files(model, tmp, routers, tokenizer, None)
-        _default_permissions(tmp)
-        names = sorted(p.name for p in tmp.iterdir())
-        names.remove(CONFIG_FILE)
-        for n in names + [CONFIG_FILE]:  # config.json last: a reader sees a complete model or none
-            os.replace(tmp / n, path / n)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(path):
+        try:
+            tmp.mkdir(parents=True)
+            _write_files(model, tmp, routers, tokenizer, None)
+            _default_permissions(tmp)
+            names = sorted(p.name for p in tmp.iterdir())
+            names.remove(CONFIG_FILE)
+            for n in names + [CONFIG_FILE]:  # config.json last: a reader sees a complete model or none
+                os.replace(tmp / n, path / n)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_routers(d: Path, state: dict[str, torch.Tensor]) -> None:
     """The routers' state dict as routers.safetensors in directory ``d``."""
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(Path(d) / ROUTERS_FILE))
+    save_tensors(state, Path(d) / ROUTERS_FILE)
 
 
 def read_routers(d: str | os.PathLike) -> dict[str, torch.Tensor] | None:

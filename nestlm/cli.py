@@ -402,7 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NestlmError as e:
-        print(f"nestlm: error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", 2)  # 75 (preempted at a checkpoint: run again with --resume)
+        if str(e):
+            print(f"nestlm: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        return code
+    except OSError as e:  # a write no writer wrapped (reports, the demo): one line, not a traceback
+        from .checkpoint import io_error_line
+
+        print(f"nestlm: error: {io_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nestlm: interrupted", file=sys.stderr)
