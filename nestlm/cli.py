@@ -209,6 +209,22 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    from .train.export import export_checkpoint
+
+    _check_out(args.out)
+    budgets = export_checkpoint(args.checkpoint, args.out)
+    print(f"{args.checkpoint} -> {args.out} (budgets frozen at this step: {', '.join(budgets) or 'none'})")
+    return 0
+
+
+def _add_export_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-checkpoint", help="a mid-run training checkpoint as a loadable elastic model")
+    p.add_argument("checkpoint", help="RUN/checkpoints/step-N (written by any number of processes)")
+    p.add_argument("--out", required=True, help="new directory for the elastic model")
+    p.set_defaults(func=cmd_export_checkpoint)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -364,6 +380,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "importance": _add_importance,
     "prune": _add_prune,
     "train": _add_train,
+    "export-checkpoint": _add_export_checkpoint,
     "slice": _add_slice,
     "eval": _add_eval,
     "generate": _add_generate,

@@ -19,10 +19,10 @@ import pytest
 
 from nestlm.cli import main
 from nestlm.train.preempt import PREEMPTED_EXIT, PreemptGuard
-from nestlm.train.recipe import load_recipe
-from nestlm.train.trainer import train
 
-ARGS = ["data.max_bytes=150000", "train.checkpoint_every=5", "train.threads=1"]
+from .conftest import RUN_ARGS, torchrun
+
+ARGS = RUN_ARGS
 
 
 def losses(out: Path) -> list[dict]:
@@ -35,20 +35,12 @@ def max_diff(a: Path, b: Path) -> float:
     return max(abs(p["loss"] - q["loss"]) for p, q in zip(x, y, strict=True))
 
 
-@pytest.fixture(scope="module")
-def solo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The uninterrupted single-process run every interrupted one is compared with."""
-    out = tmp_path_factory.mktemp("solo") / "run"
-    train(load_recipe("tiny", ARGS), out, progress=False)
-    return out
-
-
 def popen(cmd: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(proc: subprocess.Popen, cond, timeout: float = 300) -> None:
+def wait_for(proc: subprocess.Popen, cond, timeout: float = 900) -> None:
     t0 = time.time()
     while not cond():
         if proc.poll() is not None:
@@ -75,7 +67,7 @@ def test_signal_mid_run_checkpoints_exits_and_resumes_exactly(sig, solo_run: Pat
     proc.send_signal(sig)
     time.sleep(0.05)
     proc.send_signal(sig)  # delivered twice (SLURM signals every process of a job): still one clean save
-    _, err = proc.communicate(timeout=300)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == PREEMPTED_EXIT, err[-2000:]
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if "preempted" in ln]
@@ -100,34 +92,6 @@ def test_guard_semantics() -> None:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
-
-
-def torchrun(args: list[str]) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--standalone",
-        "-m",
-        "nestlm",
-        *args,
-    ]
-
-
-@pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An uninterrupted run with two gloo processes."""
-    out = tmp_path_factory.mktemp("ddp") / "run"
-    res = subprocess.run(
-        torchrun(["train", "tiny", "--no-progress", *ARGS, "--out", str(out)]),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out
 
 
 @pytest.mark.slow
