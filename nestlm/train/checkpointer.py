@@ -81,17 +81,17 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify(path: Path) -> list[str]:
-    """Why checkpoint ``path`` is not good ([] when every file matches its recorded checksum)."""
+def verify(path: Path, rank: int = 0, world: int = 1) -> list[str]:
+    """Why checkpoint ``path`` is not good ([] when its files match their checksums); rank's share of the files."""
     sums_file = path / CHECKSUMS
     if not sums_file.is_file():
         return []  # written before checksums existed: trusted as before
     try:
         sums = json.loads(sums_file.read_text())
     except (ValueError, OSError) as e:
-        return [f"{sums_file} is unreadable ({e})"]
+        return [f"{sums_file} is unreadable ({e})"] if rank == 0 else []
     bad = []
-    for name, digest in sorted(sums.items()):
+    for name, digest in sorted(sums.items())[rank::world]:
         f = path / name
         if not f.is_file():
             bad.append(f"{f} is missing")
@@ -203,19 +203,20 @@ class Checkpointer:
 
     # --------------------------------------------------------------- restore
     def pick(self) -> Path:
-        """The latest checkpoint whose checksums hold (rank 0 decides, every rank gets the answer)."""
-        choice: Any = None
+        """The latest checkpoint whose checksums hold; every rank checks a share of its files."""
         if self.dist.is_main:
             for p in self.dir.iterdir():  # leftovers of a write that was killed
                 if p.name.startswith("."):
                     shutil.rmtree(p, ignore_errors=True)
-            problems = []
-            for cand in reversed(self.complete()):
-                bad = verify(cand)
-                if not bad:
-                    choice = str(cand)
-                    break
-                problems += bad
+        cands = broadcast_object([str(p) for p in self.complete()] if self.dist.is_main else None, self.dist)
+        problems: list[str] = []
+        for cand in map(Path, reversed(cands)):
+            share = verify(cand, self.dist.rank, self.dist.world)
+            bad = [b for part in all_gather_objects(share, self.dist) for b in part]
+            if not bad:
+                return cand
+            problems += bad
+            if self.dist.is_main:
                 aside = cand.with_name(f"corrupt-{cand.name}")
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(cand, aside)
@@ -225,12 +226,8 @@ class Checkpointer:
                     file=sys.stderr,
                     flush=True,
                 )
-            if choice is None:
-                choice = "no good checkpoint: " + "; ".join(problems)
-        choice = broadcast_object(choice, self.dist)
-        if choice.startswith("no good checkpoint: "):
-            raise CheckpointError(f"--resume: {choice}; start again in a new --out")
-        return Path(choice)
+            barrier(self.dist)
+        raise CheckpointError(f"--resume: no good checkpoint: {'; '.join(problems)}; start again in a new --out")
 
     def restore(
         self,

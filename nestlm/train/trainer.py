@@ -23,7 +23,7 @@ import yaml
 from ..checkpoint import io_error_line, require_new_dir, save_into, save_pretrained, write_json
 from ..elastic import training as el
 from ..elastic.router import ElasticRouters
-from ..errors import NestlmError, OutputError
+from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer
 from . import preempt, setup
@@ -294,8 +294,10 @@ class Trainer:
                 self._log({"step": self.state.global_step, "stage": stage.name, "val": self.validate(si)})
                 self.state.stage, self.state.stage_step = si + 1, 0
             return self.finish()
-        except (OSError, OutputError) as e:  # disk full, read-only: one line naming what is safe
-            msg = str(e) if isinstance(e, OutputError) else io_error_line(e)
+        except (preempt.Preempted, TrainingError):
+            raise
+        except (OSError, NestlmError) as e:  # disk full, read-only, bad data met mid-run: one line naming what is safe
+            msg = io_error_line(e) if isinstance(e, OSError) else str(e)
             raise TrainingError(f"{msg}; last good checkpoint: {self.ckpt.latest() or 'none'}") from None
         finally:
             guard.__exit__()

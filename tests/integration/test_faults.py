@@ -248,3 +248,23 @@ def test_real_full_disk(tmp_path: Path, capsys) -> None:
         assert not any(p.name.startswith(".") for p in (out / "checkpoints").iterdir())
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+# ------------------------------------------------------------------ bad data
+@pytest.mark.parametrize(
+    "name,content,where",
+    [
+        ("a.jsonl", b'{"text": "hello"}\n' * 3 + b'{"text": broken\n', "a.jsonl line 4 is not valid JSON"),
+        ("b.jsonl", b'{"text": "ok"}\n{"text": "\xff\xfe"}\n', "b.jsonl line 2 is not valid UTF-8"),
+    ],
+)
+def test_bad_data_is_named_before_training(name: str, content: bytes, where: str, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "good.txt").write_text("some text " * 2000)
+    (data / name).write_bytes(content)
+    out = tmp_path / "run"
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *ARGS, f"data.train={data}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and where in err[0], err
+    assert not out.exists()
