@@ -2,7 +2,8 @@
 
 Layout of a nestlm directory:
   config.json           {"model_type": "nestlm", "format_version": 1, "config": ModelConfig}
-  model.safetensors     the state dict (no lm_head when embeddings are tied)
+  model.safetensors     the state dict (no lm_head when embeddings are tied); its metadata holds the
+                        sha256 of its tensors, checked on load (a flipped bit is reported by name)
   importance.json       (ranked models) the Importance scores and layer order
   elastic.json          (elastic checkpoints) every Budget: target, frozen ArchSpec, exact count
   routers.safetensors   (elastic checkpoints) the trained routers' weights
@@ -18,6 +19,7 @@ This module never imports the model: it writes any object with ``state_dict()``,
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +46,7 @@ WEIGHTS_FILE = "model.safetensors"
 ELASTIC_FILE = "elastic.json"
 IMPORTANCE_FILE = "importance.json"
 ROUTERS_FILE = "routers.safetensors"
+DIGEST_KEY = "nestlm_sha256"  # weight-file metadata: tensors_digest of its tensors
 TOKENIZER_FILES = (
     *HF_TOKENIZER_FILES,  # the Hugging Face tokenizer files (one list, in tokenizer.py)
     "chat_template.json",
@@ -216,6 +219,17 @@ def copy_tokenizer(src: str | os.PathLike | None, dst: Path) -> None:
             shutil.copy2(f, dst / name)
 
 
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of ``tensors`` (recorded in a weight file's metadata)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
 def read_config_json(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     if not path.exists():
@@ -257,14 +271,20 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             raise CheckpointError(f"weight file {f} named in the index does not exist")
         try:
             with safe_open(str(f), framework="pt") as sf:
+                mine = {}
                 for key in sf.keys():
                     if key in tensors:
                         raise CheckpointError(f"tensor {key!r} appears in both {where[key]} and {name}")
-                    tensors[key] = sf.get_tensor(key)
+                    mine[key] = tensors[key] = sf.get_tensor(key)
                     where[key] = name
+                digest = (sf.metadata() or {}).get(DIGEST_KEY)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {msg}") from None
+        if digest is not None and tensors_digest(mine) != digest:
+            raise CheckpointError(
+                f"{f} is corrupt: its tensors do not match the sha256 recorded when it was written (a flipped bit?)"
+            )
     return tensors, where
 
 
@@ -297,7 +317,8 @@ def _write_files(
     extra: dict[str, Any] | None,
 ) -> None:
     """Every file of a nestlm directory into ``d`` (config.json last)."""
-    save_tensors(model.state_dict(), d / WEIGHTS_FILE, metadata={"format": "pt"})
+    sd = model.state_dict()
+    save_tensors(sd, d / WEIGHTS_FILE, metadata={"format": "pt", DIGEST_KEY: tensors_digest(sd)})
     if getattr(model, "importance", None) is not None:
         write_json(d / IMPORTANCE_FILE, model.importance.to_dict())
     if getattr(model, "elastic", None):

@@ -268,3 +268,20 @@ def test_bad_data_is_named_before_training(name: str, content: bytes, where: str
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and where in err[0], err
     assert not out.exists()
+
+
+def test_load_names_a_bit_flipped_weight_file(solo_run: Path, tmp_path: Path, capsys) -> None:
+    import nestlm
+    from nestlm.errors import CheckpointError
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(solo_run, model_dir, ignore=shutil.ignore_patterns("checkpoints", "parent"))
+    nestlm.load(model_dir)  # intact: loads
+    f = model_dir / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0x01  # inside the last tensor's data: the header still parses
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt"):
+        nestlm.load(model_dir)
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
+    assert "model.safetensors is corrupt" in capsys.readouterr().err
