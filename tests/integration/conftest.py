@@ -16,8 +16,12 @@ WORKER = Path(__file__).with_name("no_gather_worker.py")
 
 
 def torchrun(args: list[str], script: Path | None = None) -> list[str]:
-    """`torchrun --nproc-per-node 2` of ``nestlm ARGS`` (or of ``script ARGS``), on a free port."""
+    """`torchrun --nproc-per-node 2` of ``nestlm ARGS`` (or of ``script ARGS``), on a free port.
+
+    A signalled torchrun waits up to --shutdown-timeout for its workers to save (30 s by default:
+    too short on a loaded 2-core machine)."""
     head = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone"]
+    head += ["--shutdown-timeout", "600"]
     return [*head, str(script), *args] if script else [*head, "-m", "nestlm", *args]
 
 

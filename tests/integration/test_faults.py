@@ -121,9 +121,12 @@ def test_signal_under_torchrun_every_rank_saves_the_same_step(sig, ddp_run: Path
 
 
 # --------------------------------------------------------------- corrupt checkpoints
+KEEP_ALL = [*ARGS, "train.keep_last=40"]  # however late the kill comes, the checkpoints before it stay
+
+
 def _killed_after(out: Path, step: int) -> None:
-    """A run stopped (SIGTERM) right after its step-``step`` checkpoint, then kept only up to it."""
-    args = ["train", "tiny", "--out", str(out), "--no-progress", *ARGS]
+    """A run killed (SIGKILL) right after its step-``step`` checkpoint."""
+    args = ["train", "tiny", "--out", str(out), "--no-progress", *KEEP_ALL]
     proc = popen([sys.executable, "-m", "nestlm", *args])
     wait_for(proc, lambda: (out / "checkpoints" / f"step-{step:08d}" / "state.json").is_file())
     proc.send_signal(signal.SIGKILL)
@@ -145,7 +148,7 @@ def test_corrupt_latest_checkpoint_falls_back(damage: str, solo_run: Path, tmp_p
     else:
         data[len(data) // 2] ^= 0x10
     shard.write_bytes(bytes(data))
-    assert main(["train", "tiny", "--out", str(out), "--no-progress", *ARGS, "--resume"]) == 0
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *KEEP_ALL, "--resume"]) == 0
     said = capsys.readouterr().err
     assert "step-00000010 is corrupt" in said and "__0_0.distcp" in said, said
     assert (ck / "corrupt-step-00000010").is_dir()
@@ -158,7 +161,7 @@ def test_no_good_checkpoint_refuses_naming_the_files(tmp_path: Path, capsys) -> 
     ck = out / "checkpoints"
     for p in ck.glob("step-*/rng.safetensors"):
         p.write_bytes(p.read_bytes()[:10])
-    assert main(["train", "tiny", "--out", str(out), "--no-progress", *ARGS, "--resume"]) == 2
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *KEEP_ALL, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "no good checkpoint" in err and "rng.safetensors" in err, err
 
