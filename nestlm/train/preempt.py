@@ -44,6 +44,8 @@ class PreemptGuard:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._old[s] = signal.signal(s, self._handle)
+                if s != signal.SIGINT:  # restart interrupted system calls (a collective in flight) instead of failing
+                    signal.siginterrupt(s, False)
         return self
 
     def __exit__(self, *exc: object) -> None:

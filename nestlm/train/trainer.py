@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ class Trainer:
     def __init__(self, recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> None:
         self.recipe, self.out, self.progress = recipe, Path(out), progress
         tr, e = recipe.train, recipe.elastic
-        if tr.threads:
-            torch.set_num_threads(tr.threads)
+        if tr.threads:  # never more threads than the cores this process may run on (they would only wait)
+            torch.set_num_threads(
+                min(tr.threads, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tr.threads
+            )
         self.device, self.dist = setup.device_and_dist(tr.device, init_distributed)
         self.autocast = setup.autocast_dtype(tr.dtype, self.device)
         self.elastic = tr.mode == "elastic"
