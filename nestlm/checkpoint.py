@@ -2,8 +2,7 @@
 
 Layout of a nestlm directory:
   config.json           {"model_type": "nestlm", "format_version": 1, "config": ModelConfig}
-  model.safetensors     the state dict (no lm_head when embeddings are tied); its metadata holds the
-                        sha256 of its tensors, checked on load (a flipped bit is reported by name)
+  model.safetensors     the state dict (no lm_head when tied); metadata: its tensors' sha256, checked on load
   importance.json       (ranked models) the Importance scores and layer order
   elastic.json          (elastic checkpoints) every Budget: target, frozen ArchSpec, exact count
   routers.safetensors   (elastic checkpoints) the trained routers' weights
@@ -134,9 +133,19 @@ def _cause(e: BaseException) -> tuple[str | None, str]:
     return None, msg.splitlines()[0] if msg else type(e).__name__
 
 
+def _nearly_full(path: str | os.PathLike | None) -> bool:
+    """Whether the filesystem of ``path`` (or its nearest existing parent) has under 64 MiB free."""
+    p = Path(path or "/")
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free < 64 << 20
+
+
 def io_error_line(e: BaseException, path: str | os.PathLike | None = None) -> str:
-    """ "cannot write FILE: CAUSE" for a failed write."""
+    """The one line for a failed write: 'cannot write FILE: CAUSE'."""
     f, cause = _cause(e)
+    if "(E" not in cause and _nearly_full(f or path):  # torch.save's writer reports a full disk as a bad position
+        cause = f"{os.strerror(errno.ENOSPC)} (ENOSPC; the writer said: {cause})"
     return f"cannot write {f or path or 'the output'}: {cause}"
 
 
@@ -149,8 +158,8 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
         raise
     except (OSError, SafetensorError) as e:
         raise OutputError(io_error_line(e, path)) from None
-    except Exception as e:
-        if type(e).__name__ != "CheckpointException":  # torch.distributed.checkpoint's wrapper of a rank's error
+    except BaseException as e:  # torch.distributed.checkpoint wraps a rank's error in a BaseException
+        if type(e).__name__ != "CheckpointException":
             raise
         raise OutputError(io_error_line(e, path)) from None
 

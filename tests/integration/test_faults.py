@@ -19,6 +19,7 @@ import pytest
 
 from nestlm.cli import main
 from nestlm.train.preempt import PREEMPTED_EXIT, PreemptGuard
+from nestlm.train.recipe import load_recipe
 
 from .conftest import RUN_ARGS, torchrun
 
@@ -288,3 +289,47 @@ def test_load_names_a_bit_flipped_weight_file(solo_run: Path, tmp_path: Path, ca
         nestlm.load(model_dir)
     assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--max-new-tokens", "1"]) == 2
     assert "model.safetensors is corrupt" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- the earlier checkpoint format
+def _as_single_file(run: Path, step: int) -> None:
+    """Rewrite checkpoint ``step`` of ``run`` in the format written before sharded checkpoints."""
+    import torch
+    from safetensors.torch import save_file
+
+    from nestlm.train.trainer import Trainer
+
+    ck = run / "checkpoints" / f"step-{step:08d}"
+    t = Trainer(load_recipe("tiny", ARGS), run, resume=True, progress=False)
+    save_file({k: v.contiguous() for k, v in t.model.state_dict().items()}, str(ck / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in t.routers.state_dict().items()}, str(ck / "routers.safetensors"))
+    sd = t.opt.state_dict()
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state_keys": {}}
+    for pid, st in sd["state"].items():
+        meta["state_keys"][str(pid)] = list(st)
+        for k, v in st.items():
+            tensors[f"{pid}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).contiguous()
+    save_file(tensors, str(ck / "optimizer.safetensors"))
+    (ck / "optimizer.json").write_text(json.dumps(meta))
+    shutil.rmtree(ck / "dcp")
+    (ck / "checksums.json").unlink()
+
+
+def test_single_file_checkpoint_still_resumes_and_exports(solo_run: Path, tmp_path: Path) -> None:
+    import torch
+
+    import nestlm
+
+    out = tmp_path / "run"
+    shutil.copytree(solo_run, out, ignore=shutil.ignore_patterns("step-00000040"))
+    _as_single_file(out, 35)
+    for src, dst in ((out, "old"), (solo_run, "new")):
+        step35 = str(src / "checkpoints" / "step-00000035")
+        assert main(["export-checkpoint", step35, "--out", str(tmp_path / dst)]) == 0
+    ids = torch.randint(3, 259, (1, 16))
+    old, new = nestlm.load(tmp_path / "old"), nestlm.load(tmp_path / "new")
+    with torch.no_grad():
+        for b in new.budgets:
+            assert torch.equal(old(ids, budget=b).logits, new(ids, budget=b).logits)
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *ARGS, "--resume"]) == 0
+    assert max_diff(solo_run, out) == 0.0
