@@ -333,3 +333,16 @@ def test_single_file_checkpoint_still_resumes_and_exports(solo_run: Path, tmp_pa
             assert torch.equal(old(ids, budget=b).logits, new(ids, budget=b).logits)
     assert main(["train", "tiny", "--out", str(out), "--no-progress", *ARGS, "--resume"]) == 0
     assert max_diff(solo_run, out) == 0.0
+
+
+def test_a_run_written_before_a_recipe_key_existed_still_resumes() -> None:
+    """run.json of an older version lacks keys added since: their defaults fill in, the fingerprint matches."""
+    from nestlm.train.recipe import stored_fingerprint
+
+    recipe = load_recipe("tiny", ARGS)
+    old = recipe.to_dict()
+    del old["train"]["grad_clip"]  # as if grad_clip did not exist when the run started
+    del old["elastic"]["tolerance"]
+    assert stored_fingerprint({"recipe": old}) == recipe.fingerprint()
+    old["train"]["lr"] = 0.5  # a change that matters still refuses
+    assert stored_fingerprint({"recipe": old}) != recipe.fingerprint()
