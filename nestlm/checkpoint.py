@@ -2,7 +2,7 @@
 
 Layout of a nestlm directory:
   config.json           {"model_type": "nestlm", "format_version": 1, "config": ModelConfig}
-  model.safetensors     the state dict (no lm_head when embeddings are tied)
+  model.safetensors     the state dict (no lm_head when tied); metadata: its tensors' sha256, checked on load
   importance.json       (ranked models) the Importance scores and layer order
   elastic.json          (elastic checkpoints) every Budget: target, frozen ArchSpec, exact count
   routers.safetensors   (elastic checkpoints) the trained routers' weights
@@ -17,6 +17,8 @@ This module never imports the model: it writes any object with ``state_dict()``,
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .elastic.arch import ArchSpec
 from .elastic.importance import Importance
-from .errors import CheckpointError, NestlmError
+from .errors import CheckpointError, NestlmError, OutputError
 from .tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILES
 
 FORMAT_VERSION = 1
@@ -43,6 +45,7 @@ WEIGHTS_FILE = "model.safetensors"
 ELASTIC_FILE = "elastic.json"
 IMPORTANCE_FILE = "importance.json"
 ROUTERS_FILE = "routers.safetensors"
+DIGEST_KEY = "nestlm_sha256"  # weight-file metadata: tensors_digest of its tensors
 TOKENIZER_FILES = (
     *HF_TOKENIZER_FILES,  # the Hugging Face tokenizer files (one list, in tokenizer.py)
     "chat_template.json",
@@ -114,6 +117,59 @@ def require_new_dir(
     return p
 
 
+def _cause(e: BaseException) -> tuple[str | None, str]:
+    """The file and the one-line cause of a failed write (OSError, safetensors' or a DCP wrapper's error)."""
+    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        return _cause(getattr(inner, "exc", inner))
+    if isinstance(e, OSError):
+        name = errno.errorcode.get(e.errno or 0, "")
+        return e.filename, f"{e.strerror or e}{f' ({name})' if name else ''}"
+    msg = str(e)
+    for code, name in errno.errorcode.items():  # safetensors' Rust IoError: "... code: 28, kind: StorageFull ..."
+        if f"code: {code}," in msg:
+            return None, f"{os.strerror(code)} ({name})"
+    return None, msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _nearly_full(path: str | os.PathLike | None) -> bool:
+    """Whether the filesystem of ``path`` (or its nearest existing parent) has under 64 MiB free."""
+    p = Path(path or "/")
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free < 64 << 20
+
+
+def io_error_line(e: BaseException, path: str | os.PathLike | None = None) -> str:
+    """The one line for a failed write: 'cannot write FILE: CAUSE'."""
+    f, cause = _cause(e)
+    if "(E" not in cause and _nearly_full(f or path):  # torch.save's writer reports a full disk as a bad position
+        cause = f"{os.strerror(errno.ENOSPC)} (ENOSPC; the writer said: {cause})"
+    return f"cannot write {f or path or 'the output'}: {cause}"
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a failed write under ``path`` (disk full, read-only, permission denied) into one OutputError line."""
+    try:
+        yield
+    except NestlmError:
+        raise
+    except (OSError, SafetensorError) as e:
+        raise OutputError(io_error_line(e, path)) from None
+    except BaseException as e:  # torch.distributed.checkpoint wraps a rank's error in a BaseException
+        if type(e).__name__ != "CheckpointException":
+            raise
+        raise OutputError(io_error_line(e, path)) from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, a failed write being one OutputError line naming the file."""
+    with writing(file):
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(file), metadata=metadata)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block succeeds."""
@@ -123,21 +179,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
             raise CheckpointError(f"output {path} exists and is a file; give a directory path")
     else:
         require_new_dir(path, "output directory", CheckpointError)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        _default_permissions(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "d")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            _default_permissions(tmp)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+                os.replace(path, old / "d")
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _default_permissions(root: Path) -> None:
@@ -152,8 +209,13 @@ def _default_permissions(root: Path) -> None:
 def write_json(path: Path, data: Any) -> None:
     """Write JSON to a temporary file in the same directory and rename it into place."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    with writing(path):
+        try:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def copy_tokenizer(src: str | os.PathLike | None, dst: Path) -> None:
@@ -164,6 +226,17 @@ def copy_tokenizer(src: str | os.PathLike | None, dst: Path) -> None:
         f = Path(src) / name
         if f.is_file():
             shutil.copy2(f, dst / name)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of ``tensors`` (recorded in a weight file's metadata)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
 
 
 def read_config_json(path: Path) -> dict[str, Any]:
@@ -207,14 +280,20 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
             raise CheckpointError(f"weight file {f} named in the index does not exist")
         try:
             with safe_open(str(f), framework="pt") as sf:
+                mine = {}
                 for key in sf.keys():
                     if key in tensors:
                         raise CheckpointError(f"tensor {key!r} appears in both {where[key]} and {name}")
-                    tensors[key] = sf.get_tensor(key)
+                    mine[key] = tensors[key] = sf.get_tensor(key)
                     where[key] = name
+                digest = (sf.metadata() or {}).get(DIGEST_KEY)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise CheckpointError(f"{f} is not a readable safetensors file (truncated or corrupt?): {msg}") from None
+        if digest is not None and tensors_digest(mine) != digest:
+            raise CheckpointError(
+                f"{f} is corrupt: its tensors do not match the sha256 recorded when it was written (a flipped bit?)"
+            )
     return tensors, where
 
 
@@ -247,8 +326,8 @@ def _write_files(
     extra: dict[str, Any] | None,
 ) -> None:
     """Every file of a nestlm directory into ``d`` (config.json last)."""
-    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, str(d / WEIGHTS_FILE), metadata={"format": "pt"})
+    sd = model.state_dict()
+    save_tensors(sd, d / WEIGHTS_FILE, metadata={"format": "pt", DIGEST_KEY: tensors_digest(sd)})
     if getattr(model, "importance", None) is not None:
         write_json(d / IMPORTANCE_FILE, model.importance.to_dict())
     if getattr(model, "elastic", None):
@@ -294,21 +373,22 @@ def save_into(
     path = Path(path)
     tmp = path / ".final-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _write_files(model, tmp, routers, tokenizer, None)
-        _default_permissions(tmp)
-        names = sorted(p.name for p in tmp.iterdir())
-        names.remove(CONFIG_FILE)
-        for n in names + [CONFIG_FILE]:  # config.json last: a reader sees a complete model or none
-            os.replace(tmp / n, path / n)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(path):
+        try:
+            tmp.mkdir(parents=True)
+            _write_files(model, tmp, routers, tokenizer, None)
+            _default_permissions(tmp)
+            names = sorted(p.name for p in tmp.iterdir())
+            names.remove(CONFIG_FILE)
+            for n in names + [CONFIG_FILE]:  # config.json last: a reader sees a complete model or none
+                os.replace(tmp / n, path / n)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_routers(d: Path, state: dict[str, torch.Tensor]) -> None:
     """The routers' state dict as routers.safetensors in directory ``d``."""
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(Path(d) / ROUTERS_FILE))
+    save_tensors(state, Path(d) / ROUTERS_FILE)
 
 
 def read_routers(d: str | os.PathLike) -> dict[str, torch.Tensor] | None:

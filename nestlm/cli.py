@@ -246,6 +246,22 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=cmd_data_prepare)
 
 
+def cmd_export_checkpoint(args: argparse.Namespace) -> int:
+    from .train.export import export_checkpoint
+
+    _check_out(args.out)
+    budgets = export_checkpoint(args.checkpoint, args.out)
+    print(f"{args.checkpoint} -> {args.out} (budgets frozen at this step: {', '.join(budgets) or 'none'})")
+    return 0
+
+
+def _add_export_checkpoint(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-checkpoint", help="a mid-run training checkpoint as a loadable elastic model")
+    p.add_argument("checkpoint", help="RUN/checkpoints/step-N (written by any number of processes)")
+    p.add_argument("--out", required=True, help="new directory for the elastic model")
+    p.set_defaults(func=cmd_export_checkpoint)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -404,6 +420,7 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "importance": _add_importance,
     "prune": _add_prune,
     "train": _add_train,
+    "export-checkpoint": _add_export_checkpoint,
     "slice": _add_slice,
     "eval": _add_eval,
     "generate": _add_generate,
@@ -444,7 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except NestlmError as e:
-        print(f"nestlm: error: {e}", file=sys.stderr)
+        code = getattr(e, "exit_code", 2)  # 75 (preempted at a checkpoint: run again with --resume)
+        if str(e):
+            print(f"nestlm: {'error: ' if code == 2 else ''}{e}", file=sys.stderr)
+        return code
+    except OSError as e:  # a write no writer wrapped (reports, the demo): one line, not a traceback
+        from .checkpoint import io_error_line
+
+        print(f"nestlm: error: {io_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("nestlm: interrupted", file=sys.stderr)

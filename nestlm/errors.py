@@ -14,3 +14,7 @@ class UnknownBudgetError(NestlmError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class OutputError(NestlmError):
+    """An output could not be written (disk full, read-only filesystem, permission denied); names path and cause."""

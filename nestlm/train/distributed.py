@@ -93,6 +93,15 @@ def broadcast_object(obj: object, info: DistInfo) -> object:
     return box[0]
 
 
+def all_gather_objects(obj: object, info: DistInfo) -> list[object]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out: list[object] = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()

@@ -289,6 +289,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return recipe
 
 
+def stored_fingerprint(run: dict[str, Any]) -> str | None:
+    """The fingerprint of a run.json's recipe, re-read with today's defaults for keys added since it was written."""
+    try:
+        return build(Recipe, run.get("recipe") or {}).fingerprint()
+    except (RecipeError, TypeError, AttributeError):
+        return None
+
+
 def shipped_recipes() -> list[str]:
     d = Path(__file__).resolve().parent.parent / "recipes"
     return sorted(p.stem for p in d.glob("*.yaml"))

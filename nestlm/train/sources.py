@@ -114,8 +114,12 @@ def _check_ids(ids: Any, where: str) -> torch.Tensor:
 def _read_jsonl(path: Path) -> Iterator[Document]:
     field = None  # "text" or "input_ids", fixed by the first record
     first = 0
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise NestlmError(f"{path} line {i} is not valid UTF-8 (byte {e.start}); re-encode the file") from None
             if not line.strip():
                 continue
             rec = _json_record(path, i, line)
@@ -165,12 +169,18 @@ def _read_parquet(path: Path) -> Iterator[Document]:
 
 
 def _read_file(path: Path) -> Iterator[Document]:
-    if path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
-    elif path.suffix == ".parquet":
-        yield from _read_parquet(path)
-    else:
-        yield path.read_text(encoding="utf-8", errors="replace")
+    """The documents of one file; an unreadable file or a line that is not UTF-8 is one line naming it."""
+    try:
+        if path.suffix == ".jsonl":
+            yield from _read_jsonl(path)
+        elif path.suffix == ".parquet":
+            yield from _read_parquet(path)
+        else:
+            yield path.read_text(encoding="utf-8", errors="replace")
+    except UnicodeDecodeError as e:
+        raise NestlmError(f"{path} is not valid UTF-8 (byte {e.start} of a line); re-encode it as UTF-8") from None
+    except OSError as e:
+        raise NestlmError(f"data file {path} cannot be read: {e.strerror or e}") from None
 
 
 def _parse_reasoning(spec: str) -> tuple[str, list[int]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,13 +21,13 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import require_new_dir, save_into, save_pretrained, write_json
+from ..checkpoint import io_error_line, require_new_dir, save_into, save_pretrained, write_json
 from ..elastic import training as el
 from ..elastic.router import ElasticRouters
 from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer
-from . import setup
+from . import preempt, setup
 from .checkpointer import METRICS, Checkpointer, TrainState, python_rng_from_json, python_rng_to_json
 from .distributed import (
     all_reduce_mean,
@@ -38,7 +39,7 @@ from .distributed import (
     shutdown,
 )
 from .losses import Head, ce_loss, kd_loss
-from .recipe import Recipe, stage_probs, stage_steps
+from .recipe import Recipe, stage_probs, stage_steps, stored_fingerprint
 from .schedules import gumbel_schedule, set_lr
 
 RUN_FILE = "run.json"
@@ -54,8 +55,10 @@ class Trainer:
     def __init__(self, recipe: Recipe, out: str | Path, resume: bool = False, progress: bool = True) -> None:
         self.recipe, self.out, self.progress = recipe, Path(out), progress
         tr, e = recipe.train, recipe.elastic
-        if tr.threads:
-            torch.set_num_threads(tr.threads)
+        if tr.threads:  # never more threads than the cores this process may run on (they would only wait)
+            torch.set_num_threads(
+                min(tr.threads, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tr.threads
+            )
         self.device, self.dist = setup.device_and_dist(tr.device, init_distributed)
         self.autocast = setup.autocast_dtype(tr.dtype, self.device)
         self.elastic = tr.mode == "elastic"
@@ -132,8 +135,9 @@ class Trainer:
             return
         if not run.is_file():
             raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); drop --resume to start")
-        fp = json.loads(run.read_text()).get("fingerprint")
-        if fp != self.recipe.fingerprint():
+        stored = json.loads(run.read_text())
+        fp = stored.get("fingerprint")
+        if self.recipe.fingerprint() not in (fp, stored_fingerprint(stored)):  # keys added since: their defaults
             raise TrainingError(
                 f"--out {out} holds a different run (recipe fingerprint {fp} != {self.recipe.fingerprint()}); "
                 "resume with the same recipe and overrides, or choose a new --out"
@@ -145,11 +149,10 @@ class Trainer:
         return self.tokenizer if isinstance(self.tokenizer, ByteTokenizer) else None
 
     def save_checkpoint(self) -> None:
-        model_sd = full_state_dict(self.model, self.dist)
-        opt_sd = self.ckpt.optimizer_state(self.model, self.routers, self.opt)
+        """Every rank writes its shards of the model, routers and optimizer (nothing is gathered)."""
         self.state.data = self.loader.state_dict() if self.loader is not None else {}
         self.state.budget_rng = python_rng_to_json(self.sampler.rng.getstate())
-        self.ckpt.save(model_sd, self.routers, opt_sd, self.gumbel, self.state)
+        self.ckpt.save(self.model, self.routers, self.opt, self.gumbel, self.state)
 
     def _forward(self, model: HybridLM, x: torch.Tensor, **kw: Any) -> torch.Tensor | Head:
         """Logits, or with train.kd_chunk_tokens a Head (hidden states + weight) for the chunked losses."""
@@ -247,7 +250,9 @@ class Trainer:
 
         rec = self.recipe
         self.tb = setup.open_tensorboard(rec.train.tensorboard and self.dist.is_main, self.out)
+        guard = preempt.PreemptGuard()
         try:
+            guard.__enter__()
             for si in range(self.state.stage, len(rec.stages)):
                 stage = rec.stages[si]
                 steps = stage_steps(stage, 1)
@@ -284,15 +289,24 @@ class Trainer:
                         self._log({"step": self.state.global_step, "stage": stage.name, "val": self.validate(si)})
                     last = step == steps - 1
                     every = rec.train.checkpoint_every
-                    if last or (every and self.state.global_step % every == 0):
+                    stop = guard.agreed(self.dist, self.device)  # every rank stops after the same step
+                    if last or stop or (every and self.state.global_step % every == 0):
                         if last:  # the next stage starts from its beginning
                             self.state.stage, self.state.stage_step = si + 1, 0
                         self.save_checkpoint()
+                    if stop:
+                        raise guard.stopped(self.ckpt.latest(), self.dist)
                 bar.close()
                 self._log({"step": self.state.global_step, "stage": stage.name, "val": self.validate(si)})
                 self.state.stage, self.state.stage_step = si + 1, 0
             return self.finish()
+        except (preempt.Preempted, TrainingError):
+            raise
+        except (OSError, NestlmError) as e:  # disk full, read-only, bad data met mid-run: one line naming what is safe
+            msg = io_error_line(e) if isinstance(e, OSError) else str(e)
+            raise TrainingError(f"{msg}; last good checkpoint: {self.ckpt.latest() or 'none'}") from None
         finally:
+            guard.__exit__()
             if self.tb is not None:
                 self.tb.close()
 

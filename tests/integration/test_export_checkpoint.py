@@ -1,0 +1,47 @@
+"""`nestlm export-checkpoint`: a mid-run training checkpoint becomes a loadable elastic model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import nestlm
+from nestlm.cli import main
+
+
+def test_last_checkpoint_exports_the_final_model(solo_run: Path, tmp_path: Path) -> None:
+    """The step-40 checkpoint holds the final weights and routers: its export equals the finished run."""
+    out = tmp_path / "m40"
+    assert main(["export-checkpoint", str(solo_run / "checkpoints" / "step-00000040"), "--out", str(out)]) == 0
+    model, final = nestlm.load(out), nestlm.load(solo_run)
+    assert model.budgets == final.budgets == ["full", "75", "50"]
+    ids = torch.randint(3, 259, (2, 24))
+    with torch.no_grad():
+        for name in model.budgets:
+            assert model.budget(name).arch == final.budget(name).arch
+            assert torch.equal(model(ids, budget=name).logits, final(ids, budget=name).logits)
+
+
+def test_mid_run_checkpoint_loads_every_budget(solo_run: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m35"
+    assert main(["export-checkpoint", str(solo_run / "checkpoints" / "step-00000035"), "--out", str(out)]) == 0
+    assert "full, 75, 50" in capsys.readouterr().out
+    model, final = nestlm.load(out), nestlm.load(solo_run)
+    total = model.num_parameters()
+    ids = torch.randint(3, 259, (1, 16))
+    elastic = json.loads((out / "elastic.json").read_text())
+    for name, target in (("full", 1.0), ("75", 0.75), ("50", 0.5)):
+        n = model.num_parameters(budget=name)
+        assert n == elastic[name]["params"] == model.slice(name).num_parameters()
+        assert abs(n / (target * total) - 1) <= 0.05
+    with torch.no_grad():  # weights from step 35, not the end of the run
+        assert not torch.equal(model(ids).logits, final(ids).logits)
+
+
+def test_not_a_checkpoint_is_one_line(solo_run: Path, tmp_path: Path, capsys) -> None:
+    assert main(["export-checkpoint", str(solo_run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nestlm: error:") and "not a complete training checkpoint" in err
+    assert not (tmp_path / "x").exists()
