@@ -20,17 +20,10 @@ if TYPE_CHECKING:
     from .model import HybridLM
 
 
-def sample_next(
-    logits: torch.Tensor,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
+def warp_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
 ) -> torch.Tensor:
-    """Choose the next token of each row from logits (B, vocab)."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
+    """Logits (B, vocab) after temperature, top-k and top-p: what sampling draws from (softmax of these)."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     logits = logits.float() / temperature
@@ -43,7 +36,21 @@ def sample_next(
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
         logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Choose the next token of each row from logits (B, vocab)."""
+    if not do_sample:
+        return logits.argmax(dim=-1)
+    probs = warp_logits(logits, temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -66,6 +73,24 @@ def generation_defaults(model: HybridLM) -> dict[str, Any]:
     return {k: data[k] for k in ("eos_token_id", "pad_token_id") if data.get(k) is not None}
 
 
+def special_ids(
+    model: HybridLM, eos_token_id: int | list[int] | None, pad_token_id: int | None, device: Any = None
+) -> tuple[torch.Tensor, int]:
+    """The EOS ids (a LongTensor) and the pad id generation uses: the arguments, else
+    generation_config.json, else config.json; the pad id falls back to the first EOS id, else 0."""
+    cfg = model.config
+    defaults = generation_defaults(model)
+    eos = defaults.get("eos_token_id", cfg.eos_token_id) if eos_token_id is None else eos_token_id
+    eos_ids = torch.tensor(
+        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long, device=device
+    )
+    if pad_token_id is None:
+        pad_token_id = defaults.get("pad_token_id", cfg.pad_token_id)
+    if pad_token_id is None:
+        pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
+    return eos_ids, pad_token_id
+
+
 @torch.inference_mode()
 def generate(
     model: HybridLM,
@@ -82,6 +107,8 @@ def generate(
     arch: Any = None,
     seed: int | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Return (B, L + new) token ids: the prompt followed by what was generated.
 
@@ -89,21 +116,17 @@ def generate(
     generation stops once every row has finished (as transformers does).
     ``stop``, when given, is called after each step with the new tokens so far (B, n)
     and returns a bool (B,) of rows that are done too (stop strings, for instance).
+    ``generator`` (sampling) is used as given, else one is seeded from ``seed``.
+    ``on_step(logits, tokens)``, when given, sees each step's logits (B, vocab) and chosen tokens (B,).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     spec = model.resolve_arch(arch, budget)
     cfg = model.config
-    defaults = generation_defaults(model)
-    eos = defaults.get("eos_token_id", cfg.eos_token_id) if eos_token_id is None else eos_token_id
-    eos_ids = torch.tensor(
-        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long, device=input_ids.device
-    )
-    if pad_token_id is None:
-        pad_token_id = defaults.get("pad_token_id", cfg.pad_token_id)
-    if pad_token_id is None:
-        pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
-    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    eos_ids, pad_token_id = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
+    gen = generator
+    if gen is None and seed is not None:
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
 
     Bsz, L = input_ids.shape
     cache = InferenceCache(cfg.n_layers, capacity=L + max_new_tokens)
@@ -113,6 +136,8 @@ def generate(
     for step in range(max_new_tokens):
         nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, gen)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+        if on_step is not None:
+            on_step(out.logits[:, -1], nxt)
         tokens.append(nxt[:, None])
         if len(eos_ids):
             unfinished &= ~torch.isin(nxt, eos_ids)
