@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .generate import generate as plain_generate
-from .generate import special_ids
+from .sampling import special_ids
 from .speculative import DecodingError, SpecStats, speculative_generate
 from .tokenizer import load_tokenizer
 
@@ -111,8 +110,8 @@ def _schedule_row(
                 on_token(int(nxt[0]), logits[0], name)
 
         use_stop = bool(ph.stop) or (last and stop is not None)
-        out = plain_generate(
-            model, ctx, max_new_tokens=cap, budget=ph.budget, stop=stop_fn if use_stop else None, on_step=step, **kwargs
+        out = model.generate(
+            ctx, max_new_tokens=cap, budget=ph.budget, stop=stop_fn if use_stop else None, on_step=step, **kwargs
         )
         got = out[0, ctx.shape[1] :].tolist()
         new += got
@@ -212,4 +211,4 @@ def generate(
         return speculative_generate(model, input_ids, **draft, **kwargs)
     if num_draft_tokens is not None:
         raise DecodingError("num_draft_tokens= needs a draft: draft_budget= or draft_arch=")
-    return plain_generate(model, input_ids, **kwargs)
+    return model.generate(input_ids, **kwargs)  # plain decoding

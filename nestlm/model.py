@@ -618,7 +618,7 @@ class HybridLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         """Prefill + decode; see :func:`nestlm.generate.generate` for the arguments, and
         :func:`nestlm.decoding.generate` for ``budget_schedule=`` and speculative decoding (``draft_budget=``)."""
-        from .decoding import generate
+        from .generate import generate
 
         return generate(self, input_ids, **kwargs)
 

@@ -24,7 +24,7 @@ import torch
 
 from .cache import AttentionState, InferenceCache, MambaState
 from .errors import NestlmError
-from .generate import special_ids, warp_logits
+from .sampling import special_ids, warp_logits
 
 if TYPE_CHECKING:
     from .elastic.arch import ArchSpec
