@@ -13,7 +13,7 @@ budget, its caches built by one prefill of the context so far: each phase is exa
 ``generate`` call at its budget on the context the phases before it left. The last phase runs
 to the request's own stop conditions (EOS, ``stop``, which sees the whole completion); the
 request's ``max_new_tokens`` caps all phases together, forced tokens included. Rows of a batch
-run one at a time (a phase ends at a different token in each row), each exactly as alone.
+run together, each phase one left-padded batch (a row generates what it would alone).
 """
 
 from __future__ import annotations
@@ -77,58 +77,73 @@ def parse_schedule(model: HybridLM, schedule: Any) -> list[Phase]:
     return phases
 
 
-def _schedule_row(
+def _phase(
     model: HybridLM,
-    prompt: torch.Tensor,
-    phases: list[Phase],
+    ctxs: list[list[int]],
+    news: list[list[int]],
+    ph: Phase,
+    last: bool,
     total: int,
     eos: set[int],
     tok: Any,
     stop: Callable[[torch.Tensor], torch.Tensor] | None,
-    on_token: Callable[[int, torch.Tensor, str], None] | None,
+    on_token: Callable[[int, int, torch.Tensor | None, str], None] | None,
+    rows: list[int],
     kwargs: dict[str, Any],
-) -> list[int]:
-    """The new tokens of one prompt (1, L) under ``phases``."""
-    ctx, new = prompt, []
-    for i, ph in enumerate(phases):
-        last = i == len(phases) - 1
-        left = total - len(new)
-        if left <= 0:
-            break
-        cap = left if ph.max_tokens is None else min(ph.max_tokens, left)
-        done_before = list(new)
+) -> None:
+    """Run one phase for ``rows`` (one left-padded plain ``generate`` at the phase's budget), cut each
+    row where its phase ended, append force ids, and extend ``ctxs`` / ``news`` in place."""
+    caps = [total - len(news[b]) if ph.max_tokens is None else min(ph.max_tokens, total - len(news[b])) for b in rows]
+    L = max(len(ctxs[b]) for b in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long, device=kwargs["device"])
+    mask = torch.zeros_like(ids)
+    for j, b in enumerate(rows):
+        ids[j, L - len(ctxs[b]) :] = torch.tensor(ctxs[b])
+        mask[j, L - len(ctxs[b]) :] = 1
+    done_at: list[int | None] = [None] * len(rows)
 
-        def stop_fn(gen: torch.Tensor, ph: Phase = ph, last: bool = last, before: list[int] = done_before) -> Any:
-            hit = bool(ph.stop) and any(s in tok.decode(gen[0].tolist()) for s in ph.stop)
-            if last and stop is not None:
-                whole = torch.cat([torch.tensor([before], dtype=gen.dtype, device=gen.device), gen], 1)
-                hit = hit or bool(stop(whole)[0])
-            return torch.tensor([hit])
+    def stop_fn(gen: torch.Tensor) -> torch.Tensor:
+        n = gen.shape[1]
+        for j, b in enumerate(rows):
+            if done_at[j] is None:
+                g = gen[j].tolist()
+                hit = n >= caps[j] or (bool(ph.stop) and any(s in tok.decode(g) for s in ph.stop))
+                if last and stop is not None and not hit:
+                    hit = bool(stop(torch.tensor([news[b] + g], device=gen.device))[0])
+                if hit:
+                    done_at[j] = n
+        return torch.tensor([d is not None for d in done_at])
 
-        def step(logits: torch.Tensor, nxt: torch.Tensor, name: str = ph.budget) -> None:
+    steps: list[torch.Tensor] = []
+    out = model.generate(
+        ids,
+        attention_mask=mask if len(rows) > 1 else None,
+        max_new_tokens=max(caps),
+        budget=ph.budget,
+        stop=stop_fn,
+        on_step=(lambda lg, _t: steps.append(lg)) if on_token is not None else None,
+        **{k: v for k, v in kwargs.items() if k != "device"},
+    )
+    for j, b in enumerate(rows):
+        g = out[j, L:].tolist()
+        cut = done_at[j] if done_at[j] is not None else len(g)
+        hit_eos = next((i + 1 for i, t in enumerate(g[:cut]) if t in eos), None)
+        got = g[: hit_eos or cut]
+        for i, t in enumerate(got):
             if on_token is not None:
-                on_token(int(nxt[0]), logits[0], name)
-
-        use_stop = bool(ph.stop) or (last and stop is not None)
-        out = model.generate(
-            ctx, max_new_tokens=cap, budget=ph.budget, stop=stop_fn if use_stop else None, on_step=step, **kwargs
-        )
-        got = out[0, ctx.shape[1] :].tolist()
-        new += got
-        ctx = out
-        if last or (got and got[-1] in eos):
-            if last:
-                break
-            continue  # an EOS ends a non-final phase
+                on_token(b, t, steps[i][j], ph.budget)
+        news[b] += got
+        ctxs[b] += got
+        if last or hit_eos:
+            continue  # an EOS ends a non-final phase (and stays in the context)
         stopped = bool(ph.stop) and any(s in tok.decode(got) for s in ph.stop)
         if not stopped and ph.force is not None and len(got) == ph.max_tokens:
-            forced = list(tok.encode(ph.force))[: total - len(new)]
+            forced = list(tok.encode(ph.force))[: total - len(news[b])]
             for t in forced:
                 if on_token is not None:
-                    on_token(t, None, "force")
-            new += forced
-            ctx = torch.cat([ctx, torch.tensor([forced], dtype=ctx.dtype, device=ctx.device)], 1)
-    return new
+                    on_token(b, t, None, "force")
+            news[b] += forced
+            ctxs[b] += forced
 
 
 @torch.inference_mode()
@@ -144,14 +159,15 @@ def schedule_generate(
     tokenizer: Any = None,
     seed: int | None = None,
     generator: torch.Generator | None = None,
-    on_token: Callable[[int, torch.Tensor | None, str], None] | None = None,
+    on_token: Callable[[int, int, torch.Tensor | None, str], None] | None = None,
     **sampling: Any,
 ) -> torch.Tensor:
     """Generation under a budget schedule (see the module docstring); returns (B, L + new) as ``generate``.
 
     ``tokenizer`` (encode / decode) reads stop strings and encodes force texts; by default the
-    model directory's. ``on_token(token, logits (V,) or None for a forced token, budget)``
-    sees every new token (one row at a time).
+    model directory's. ``stop`` is called per row with that row's whole completion (1, n).
+    ``on_token(row, token, logits (V,) or None for a forced token, budget or "force")`` sees every
+    new token, phase by phase.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -162,20 +178,25 @@ def schedule_generate(
         if tok is None:
             raise DecodingError("a budget schedule with stop or force text needs a tokenizer (tokenizer=)")
     eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
+    eos = set(eos_ids.tolist())
     gen = generator
     if gen is None and seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
-    kwargs = dict(sampling, eos_token_id=eos_ids.tolist(), pad_token_id=pad, generator=gen)
-    rows = []
-    for b in range(input_ids.shape[0]):
-        prompt = input_ids[b : b + 1]
-        if attention_mask is not None:
-            prompt = prompt[:, attention_mask[b].bool()]
-        eos = set(eos_ids.tolist())
-        rows.append(_schedule_row(model, prompt, phases, max_new_tokens, eos, tok, stop, on_token, kwargs))
-    width = max(len(r) for r in rows)
-    new = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    for b, r in enumerate(rows):
+    kwargs = dict(sampling, eos_token_id=eos_ids.tolist(), pad_token_id=pad, generator=gen, device=input_ids.device)
+    B = input_ids.shape[0]
+    ctxs = [
+        (input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]).tolist() for b in range(B)
+    ]
+    news: list[list[int]] = [[] for _ in range(B)]
+    going = list(range(B))  # rows that neither hit the total cap nor ended in an EOS of the last phase
+    for i, ph in enumerate(phases):
+        going = [b for b in going if len(news[b]) < max_new_tokens]
+        if not going:
+            break
+        _phase(model, ctxs, news, ph, i == len(phases) - 1, max_new_tokens, eos, tok, stop, on_token, going, kwargs)
+    width = max(len(r) for r in news)
+    new = torch.full((B, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for b, r in enumerate(news):
         new[b, : len(r)] = torch.tensor(r, dtype=input_ids.dtype)
     return torch.cat([input_ids, new], 1)
 

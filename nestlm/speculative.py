@@ -194,9 +194,11 @@ class SpeculativeDecoder:
         model, st = self.model, self.stats
         d_toks, d_probs, d_states = [], [], []
         x = cur
+        d_logits = []
         for _ in range(kk):
             out = model(x[:, None], arch=self.draft, cache=self.dc, num_logits=1)
             d_states.append(_mamba_now(self.dc))
+            d_logits.append(out.logits[:, -1])
             x, q = self._choose(out.logits[:, -1])
             d_toks.append(x)
             d_probs.append(q)
@@ -206,6 +208,7 @@ class SpeculativeDecoder:
         tl = model(v_in, arch=self.target, cache=self.tc).logits  # (B, kk + 1, V)
         st.verify_steps += 1
         if self.do_sample and kk:
+            self.draft_logits = torch.stack(d_logits, 1)  # (B, kk, V) unwarped, for diagnostics
             n, nxt = self.accept(tl, torch.stack(d_probs, 1), drafts)
         elif self.do_sample:
             n, nxt = torch.zeros_like(cur), self._choose(tl[:, 0])[0]

@@ -333,7 +333,7 @@ class Scheduler:
             logits: list[torch.Tensor | None] = []
             kw = dict(req.several)
             if "budget_schedule" in kw:
-                kw["on_token"] = lambda tok, lg, _b: logits.append(lg)
+                kw["on_token"] = lambda _r, tok, lg, _b: logits.append(lg)
             else:
                 kw |= dict(budget=name, stats=stats, on_token=lambda _r, tok, lg: logits.append(lg))
             sampling = dict(do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p)
