@@ -163,6 +163,7 @@ class SpeculativeDecoder:
         out = self.model(input_ids, arch=self.target, cache=self.tc, attention_mask=mask, num_logits=1)
         self.model(input_ids, arch=self.draft, cache=self.dc, attention_mask=mask, num_logits=1)
         self.tc.keep_steps = True
+        self.unread = input_ids.new_zeros(input_ids.shape[0], 0)
         return out.logits[:, -1]
 
     def first(self, logits: torch.Tensor) -> torch.Tensor:
@@ -180,6 +181,13 @@ class SpeculativeDecoder:
             used &= live[:, None]
         self.stats.near_ties += int((close & used).sum())
 
+    def _roll_draft(self, keep: torch.Tensor, d_states: list[dict]) -> None:
+        steps = {
+            i: (torch.stack([s[i][0] for s in d_states], 1), torch.stack([s[i][1] for s in d_states], 1))
+            for i in d_states[0]
+        }
+        keep_tokens(self.dc, keep, len(d_states), steps)
+
     def accept(self, target_logits: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Sampling: (accepted counts, next tokens) from the target's logits (B, k + 1, V) and the
         warped draft distributions q (B, k, V) the drafts (B, k) were drawn from."""
@@ -192,11 +200,17 @@ class SpeculativeDecoder:
         new tokens are drafts[b, :n[b]] followed by the target's token, ``self.next[b]``.
         """
         model, st = self.model, self.stats
-        d_toks, d_probs, d_states = [], [], []
+        d_toks, d_probs, d_states, d_logits = [], [], [], []
+        m = self.unread.shape[1]  # tokens before cur the draft has not read yet (all rows alike)
         x = cur
-        d_logits = []
-        for _ in range(kk):
-            out = model(x[:, None], arch=self.draft, cache=self.dc, num_logits=1)
+        for j in range(kk):
+            inp = torch.cat([self.unread, x[:, None]], 1) if j == 0 else x[:, None]
+            self.dc.keep_steps = j == 0 and m > 0
+            out = model(inp, arch=self.draft, cache=self.dc, num_logits=1)
+            if self.dc.keep_steps:  # the states after each unread token, then after cur
+                lay = {i: st_.steps for i, st_ in enumerate(self.dc.layers) if isinstance(st_, MambaState)}
+                d_states += [{i: (c[:, t], h[:, t]) for i, (c, h) in lay.items()} for t in range(m)]
+                self.dc.keep_steps = False
             d_states.append(_mamba_now(self.dc))
             d_logits.append(out.logits[:, -1])
             x, q = self._choose(out.logits[:, -1])
@@ -218,15 +232,18 @@ class SpeculativeDecoder:
             nxt = g.gather(1, n[:, None]).squeeze(1)
             self._ties(tl, n, live)
         keep_tokens(self.tc, n + 1, kk + 1)
-        if bool((n == kk).any()):  # the draft has not yet read the last token a row keeps
-            model(v_in[:, -1:], arch=self.draft, cache=self.dc, num_logits=1)
-            d_states.append(_mamba_now(self.dc))
-            st.draft_steps += 1
-        steps = {
-            i: (torch.stack([s[i][0] for s in d_states], 1), torch.stack([s[i][1] for s in d_states], 1))
-            for i in d_states[0]
-        }
-        keep_tokens(self.dc, n + 1, len(d_states), steps)
+        if kk == 0:  # no draft ran: cur joins the unread tokens
+            self.unread = torch.cat([self.unread, cur[:, None]], 1)
+        elif bool((n == kk).all()):  # every row keeps the last draft: the next round's first draft step reads it
+            self._roll_draft(m + n, d_states)
+            self.unread = drafts[:, -1:]
+        else:
+            if bool((n == kk).any()):  # the draft has not yet read the last token some rows keep
+                model(v_in[:, -1:], arch=self.draft, cache=self.dc, num_logits=1)
+                d_states.append(_mamba_now(self.dc))
+                st.draft_steps += 1
+            self._roll_draft(m + n + 1, d_states)
+            self.unread = self.unread[:, :0]
         self.next = nxt
         return drafts, n, tl
 

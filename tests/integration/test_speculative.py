@@ -233,3 +233,15 @@ def test_bad_arguments_are_clear_errors() -> None:
             model.generate(ids, **kw)
     with pytest.raises(nestlm.errors.UnknownBudgetError, match="known budgets"):
         model.generate(ids, draft_budget="7b")
+
+
+def test_hf_llama_parent(tmp_path: Path) -> None:
+    """A Llama read from a Hugging Face directory (llama3 RoPE scaling), budgets added by hand."""
+    from tests.transformer_models import LLAMA3, make_transformer
+
+    model = with_budgets(nestlm.load(make_transformer(tmp_path / "llama", rope=LLAMA3)).eval())
+    ids = prompts(2, 9, seed=6, vocab=model.config.vocab_size)
+    for t, d in (("full", "50"), ("75", "full")):
+        ref = model.generate(ids, max_new_tokens=NEW, budget=t, eos_token_id=[])
+        out = model.generate(ids, max_new_tokens=NEW, budget=t, draft_budget=d, num_draft_tokens=4, eos_token_id=[])
+        assert_greedy_equal(model, ids, ref, out, t)
