@@ -264,6 +264,44 @@ def section_think_small(args, model) -> list[dict]:
     return rows
 
 
+def tables(report: dict) -> str:
+    """The markdown tables of a report (what benchmarks/README.md shows)."""
+    out = []
+    if "acceptance" in report:
+        out += ["| target | draft | k | a | c | v | predicted | measured | identical | >= 0.9x pred | >= 1.5x |"]
+        out += ["|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["acceptance"]:
+            out.append(
+                f"| {r['target']} | {r['draft']} | {r['k']} | {r['a']:.3f} | {r['c']:.2f} | {r['v']:.2f} | "
+                f"{r['predicted']:.2f}x | {r['measured']:.2f}x | {r['identical']} | {r['goal_0.9x']} | "
+                f"{r['goal_1.5x']} |"
+            )
+        out.append("")
+    if "cost" in report:
+        out += ["| params | layers | draft | draft params | k | target ms | c | v | pred. (family a) | pred. (a=0.8) |"]
+        out += ["|---|---|---|---|---|---|---|---|---|---|"]
+        for r in report["cost"]:
+            fam = f"{r['pred_a_family']:.2f}x" if "pred_a_family" in r else "-"
+            out.append(
+                f"| {r['params'] / 1e6:.1f}M | {r['layers']} | {r['draft']} | {r['draft_params'] / 1e6:.1f}M | "
+                f"{r['k']} | "
+                f"{1000 * r['target_s']:.2f} | {r['c']:.2f} | {r['v']:.2f} | {fam} | {r['pred_a0.8']:.2f}x |"
+            )
+        out.append("")
+    if "think_small" in report:
+        out += ["| method | accuracy [95% CI] | vs full [paired 95% CI] | verdict | cost vs full | wall vs full |"]
+        out += ["|---|---|---|---|---|---|"]
+        for r in report["think_small"]:
+            diff = (
+                f"{100 * r['diff']:+.1f} [{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]" if "diff" in r else "-"
+            )
+            out.append(
+                f"| {r['method']} | {100 * r['accuracy']:.1f}% [{100 * r['acc_lo']:.1f}, {100 * r['acc_hi']:.1f}] | "
+                f"{diff} | {r.get('verdict', '-')} | {r['cost_vs_full']:.2f} | {r['wall_vs_full']:.2f} |"
+            )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -282,7 +320,11 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=200)
     ap.add_argument("--think-cap", type=int, default=160, help="max_tokens of a schedule's thinking phase")
     ap.add_argument("--sections", default="b,a,c")
+    ap.add_argument("--tables", metavar="REPORT", help="print the markdown tables of a report written before, and exit")
     args = ap.parse_args()
+    if args.tables:
+        print(tables(json.loads(Path(args.tables).read_text())))
+        return
     args.sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -299,6 +341,7 @@ def main() -> None:
     if "c" in secs:
         report["think_small"] = section_think_small(args, model)
     Path(args.out).write_text(json.dumps(report, indent=1))
+    print(tables(report))
     print("wrote", args.out)
 
 
