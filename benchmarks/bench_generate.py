@@ -66,7 +66,7 @@ def hybrid_config(hidden: int, repeat: int) -> ModelConfig:
         "M-M*-M-M*-" * repeat,
         vocab_size=259,
         hidden_size=hidden,
-        mamba_heads=max(2, 2 * hidden // 48),
+        mamba_heads=max(2, 2 * (hidden // 48)),  # expand ~2, a multiple of the 2 groups
         mamba_head_dim=48,
         mamba_groups=2,
         d_state=32,
@@ -320,6 +320,7 @@ def main() -> None:
     ap.add_argument("--max-new", type=int, default=200)
     ap.add_argument("--think-cap", type=int, default=160, help="max_tokens of a schedule's thinking phase")
     ap.add_argument("--sections", default="b,a,c")
+    ap.add_argument("--resume", metavar="REPORT", help="keep the sections of this earlier report that are not rerun")
     ap.add_argument("--tables", metavar="REPORT", help="print the markdown tables of a report written before, and exit")
     args = ap.parse_args()
     if args.tables:
@@ -331,13 +332,18 @@ def main() -> None:
     model = nestlm.load(args.model).eval()
     report: dict = {"machine": f"CPU, {args.threads} thread(s)", "args": {k: v for k, v in vars(args).items()}}
     secs = args.sections.split(",")
+    if args.resume:  # sections of an earlier report that this run does not redo
+        report |= {k: v for k, v in json.loads(Path(args.resume).read_text()).items() if k not in ("args", "machine")}
     a_family: dict[int, float] = {}
     if "b" in secs:
         report["acceptance"] = section_acceptance(args, model)
-        for r in report["acceptance"]:
-            a_family.setdefault(r["k"], r["a"]) if r["draft"] == "50" and r["target"] == "full" else None
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    for r in report.get("acceptance", []):
+        if r["draft"] == "50" and r["target"] == "full":
+            a_family[r["k"]] = r["a"]
     if "a" in secs:
         report["cost"] = section_cost(args, a_family)
+        Path(args.out).write_text(json.dumps(report, indent=1))
     if "c" in secs:
         report["think_small"] = section_think_small(args, model)
     Path(args.out).write_text(json.dumps(report, indent=1))
