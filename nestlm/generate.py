@@ -15,6 +15,9 @@ import torch
 from .cache import InferenceCache
 from .sampling import generation_defaults, sample_next, special_ids, warp_logits
 
+# what nestlm.decoding.generate takes on top of plain decoding's arguments
+SEVERAL_KEYS = {"budget_schedule", "draft_budget", "draft_arch", "num_draft_tokens", "tokenizer", "stats", "on_token"}
+
 __all__ = ["generate", "generation_defaults", "sample_next", "special_ids", "warp_logits"]
 
 if TYPE_CHECKING:
@@ -53,6 +56,9 @@ def generate(
     Several budgets in one generation (``budget_schedule=``, speculative decoding with
     ``draft_budget=`` / ``draft_arch=`` and ``num_draft_tokens=``): see :func:`nestlm.decoding.generate`.
     """
+    bad = sorted(set(several) - SEVERAL_KEYS)
+    if bad:
+        raise TypeError(f"generate() got an unexpected keyword argument {bad[0]!r}")
     several = {k: v for k, v in several.items() if v is not None}
     if several:
         from .decoding import generate as several_budgets

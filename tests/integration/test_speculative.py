@@ -231,6 +231,8 @@ def test_bad_arguments_are_clear_errors() -> None:
     for kw, msg in cases:
         with pytest.raises(DecodingError, match=msg):
             model.generate(ids, **kw)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'draft_budgett'"):
+        model.generate(ids, draft_budgett="50")
     with pytest.raises(nestlm.errors.UnknownBudgetError, match="known budgets"):
         model.generate(ids, draft_budget="7b")
 
