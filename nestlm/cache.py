@@ -40,6 +40,9 @@ class MambaState:
 
     conv: torch.Tensor  # (B, conv channels, K-1)
     ssm: torch.Tensor  # (B, heads, head_dim, d_state), fp32
+    # With InferenceCache.keep_steps: (conv, ssm) after each token of the last forward,
+    # (B, L, channels, K-1) and (B, L, heads, head_dim, d_state), to roll back to (speculative decoding).
+    steps: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class InferenceCache:
@@ -50,6 +53,7 @@ class InferenceCache:
         self.capacity = capacity  # initial KV buffer length (prompt + new tokens, if known)
         self.offset = 0  # tokens already in the cache
         self.key_mask: torch.Tensor | None = None  # (B, offset) bool, True = real token
+        self.keep_steps = False  # Mamba layers keep their state after every token (MambaState.steps)
 
     def __len__(self) -> int:
         return self.offset

@@ -7,63 +7,21 @@ attention keys or the Mamba state, so each row generates what it would alone.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .cache import InferenceCache
+from .sampling import generation_defaults, sample_next, special_ids, warp_logits
+
+# what nestlm.decoding.generate takes on top of plain decoding's arguments
+SEVERAL_KEYS = {"budget_schedule", "draft_budget", "draft_arch", "num_draft_tokens", "tokenizer", "stats", "on_token"}
+
+__all__ = ["generate", "generation_defaults", "sample_next", "special_ids", "warp_logits"]
 
 if TYPE_CHECKING:
     from .model import HybridLM
-
-
-def sample_next(
-    logits: torch.Tensor,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Choose the next token of each row from logits (B, vocab)."""
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -torch.inf)
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest set with mass >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
-        logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def generation_defaults(model: HybridLM) -> dict[str, Any]:
-    """eos_token_id / pad_token_id of the model directory's generation_config.json, where present.
-
-    transformers' generate takes these over config.json's (real checkpoints often list more
-    EOS ids there), so nestlm does too; a value passed to generate() wins over both.
-    """
-    src = getattr(model, "source_dir", None)
-    f = Path(src) / "generation_config.json" if src else None
-    if f is None or not f.is_file():
-        return {}
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    return {k: data[k] for k in ("eos_token_id", "pad_token_id") if data.get(k) is not None}
 
 
 @torch.inference_mode()
@@ -82,6 +40,9 @@ def generate(
     arch: Any = None,
     seed: int | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    **several: Any,
 ) -> torch.Tensor:
     """Return (B, L + new) token ids: the prompt followed by what was generated.
 
@@ -89,21 +50,31 @@ def generate(
     generation stops once every row has finished (as transformers does).
     ``stop``, when given, is called after each step with the new tokens so far (B, n)
     and returns a bool (B,) of rows that are done too (stop strings, for instance).
+    ``generator`` (sampling) is used as given, else one is seeded from ``seed``.
+    ``on_step(logits, tokens)``, when given, sees each step's logits (B, vocab) and chosen tokens (B,).
+
+    Several budgets in one generation (``budget_schedule=``, speculative decoding with
+    ``draft_budget=`` / ``draft_arch=`` and ``num_draft_tokens=``): see :func:`nestlm.decoding.generate`.
     """
+    bad = sorted(set(several) - SEVERAL_KEYS)
+    if bad:
+        raise TypeError(f"generate() got an unexpected keyword argument {bad[0]!r}")
+    several = {k: v for k, v in several.items() if v is not None}
+    if several:
+        from .decoding import generate as several_budgets
+
+        args = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k)
+        args |= dict(top_p=top_p, attention_mask=attention_mask, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        args |= dict(budget=budget, arch=arch, seed=seed, stop=stop, generator=generator)
+        return several_budgets(model, input_ids, **args, **several)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     spec = model.resolve_arch(arch, budget)
     cfg = model.config
-    defaults = generation_defaults(model)
-    eos = defaults.get("eos_token_id", cfg.eos_token_id) if eos_token_id is None else eos_token_id
-    eos_ids = torch.tensor(
-        [] if eos is None else ([eos] if isinstance(eos, int) else list(eos)), dtype=torch.long, device=input_ids.device
-    )
-    if pad_token_id is None:
-        pad_token_id = defaults.get("pad_token_id", cfg.pad_token_id)
-    if pad_token_id is None:
-        pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
-    gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
+    eos_ids, pad_token_id = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
+    gen = generator
+    if gen is None and seed is not None:
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
 
     Bsz, L = input_ids.shape
     cache = InferenceCache(cfg.n_layers, capacity=L + max_new_tokens)
@@ -113,6 +84,8 @@ def generate(
     for step in range(max_new_tokens):
         nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, gen)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
+        if on_step is not None:
+            on_step(out.logits[:, -1], nxt)
         tokens.append(nxt[:, None])
         if len(eos_ids):
             unfinished &= ~torch.isin(nxt, eos_ids)

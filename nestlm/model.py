@@ -47,7 +47,7 @@ from .cache import AttentionState, InferenceCache, MambaState
 from .config import LayerSpec, ModelConfig
 from .elastic.index import expert_index, head_channels, query_channels
 from .errors import UnknownBudgetError
-from .ssd import causal_conv1d, ssd_scan, ssd_step
+from .ssd import causal_conv1d, ssd_scan, ssd_step, ssd_steps
 from .tap import Tap
 
 if TYPE_CHECKING:
@@ -147,6 +147,7 @@ class Mamba2Mixer(nn.Module):
         pad_mask: torch.Tensor | None = None,
         decode: bool = False,
         probe: Probe | None = None,
+        keep_steps: bool = False,
     ) -> tuple[torch.Tensor, MambaState | None]:
         Bsz, L, D = u.shape  # (B, L, hidden)
         H = self.H if active is None else active.heads
@@ -208,7 +209,15 @@ class Mamba2Mixer(nn.Module):
         A = -torch.exp(self.A_log[:H].float())  # (H,)
         dt = F.softplus(dt.float() + self.dt_bias[:H].float()).clamp(min=self.dt_min)  # (B, L, H)
         Dskip = self.D[:H]
-        if state is not None and L == 1:  # recurrent step
+        steps = None
+        if state is not None and keep_steps:  # speculative verify: every token's state, for exact rollback
+            y, ssm_steps = ssd_steps(
+                state.ssm, x.view(Bsz, L, H, P), dt, A, Bm.view(Bsz, L, G, N), Cm.view(Bsz, L, G, N), Dskip
+            )
+            y, ssm = y.reshape(Bsz, L, HP), ssm_steps[:, -1]
+            hist = torch.cat([state.conv.to(xbc_in.dtype), xbc_in], dim=-1)  # (B, C, K-1+L)
+            steps = (hist.unfold(-1, self.K - 1, 1)[:, :, 1:].transpose(1, 2), ssm_steps)  # conv: (B, L, C, K-1)
+        elif state is not None and L == 1:  # recurrent step
             y, ssm = ssd_step(state.ssm, x.view(Bsz, H, P), dt[:, 0], A, Bm.view(Bsz, G, N), Cm.view(Bsz, G, N), Dskip)
             y = y.view(Bsz, 1, HP)
         else:
@@ -227,7 +236,7 @@ class Mamba2Mixer(nn.Module):
         out_w = _take(_take(self.out_proj.weight, 0, D), 1, ch)
         out_b = None if self.out_proj.bias is None else self.out_proj.bias[:D]
         out = F.linear(y.to(u.dtype), out_w, out_b)
-        new_state = MambaState(new_conv, ssm) if new_conv is not None else None
+        new_state = MambaState(new_conv, ssm, steps) if new_conv is not None else None
         return out, new_state
 
 
@@ -543,7 +552,9 @@ class Block(nn.Module):
         if probe is not None:
             x = probe("norm", x)
         if self.kind == "mamba":
-            out, state = self.mixer(x, active, ctx.hidden, state, ctx.pad_mask, decode=ctx.use_cache, probe=probe)
+            out, state = self.mixer(
+                x, active, ctx.hidden, state, ctx.pad_mask, decode=ctx.use_cache, probe=probe, keep_steps=ctx.keep_steps
+            )
         elif self.kind == "attention":
             out, state = self.mixer(
                 x,
@@ -574,6 +585,7 @@ class _StepContext:
     use_cache: bool
     capacity: int
     tap: Tap | None = None
+    keep_steps: bool = False  # Mamba layers keep their state after every token (speculative verify)
 
 
 class HybridLM(nn.Module):
@@ -745,6 +757,7 @@ class HybridLM(nn.Module):
         ctx = _StepContext(
             hidden, pad_mask, attn_mask, positions, cache is not None, cache.capacity if cache is not None else 0, tap
         )
+        ctx.keep_steps = cache is not None and cache.keep_steps
         for i, block in enumerate(self.layers):
             if spec is not None and actives[i] is None:
                 continue  # a dropped layer is the identity
@@ -768,7 +781,8 @@ class HybridLM(nn.Module):
 
     # ----------------------------------------------------------- conveniences
     def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Prefill + decode; see :func:`nestlm.generate.generate` for the arguments."""
+        """Prefill + decode; see :func:`nestlm.generate.generate` for the arguments, and
+        :func:`nestlm.decoding.generate` for ``budget_schedule=`` and speculative decoding (``draft_budget=``)."""
         from .generate import generate
 
         return generate(self, input_ids, **kwargs)

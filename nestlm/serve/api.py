@@ -22,6 +22,7 @@ from .scheduler import Request as GenRequest
 
 MAX_STOPS = 4
 MAX_LOGPROBS = 20
+MAX_DRAFT_TOKENS = 16
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -109,6 +110,7 @@ class Params:
     include_usage: bool
     logprobs: int | None
     echo: bool
+    several: dict[str, Any] | None = None  # budget_schedule / draft_budget + num_draft_tokens, for generate
 
 
 class Api:
@@ -328,6 +330,9 @@ class Api:
             logprobs = lp
         if mt == 0 and stream:
             raise ApiError(400, "max_tokens=0 (echo only) cannot stream", "max_tokens")
+        several = self.several_budgets(body, model)
+        if several is not None and (echo or mt == 0):
+            raise ApiError(400, "echo does not combine with budget_schedule or draft_budget", "echo")
         return Params(
             model,
             prompts,
@@ -341,7 +346,51 @@ class Api:
             include_usage,
             logprobs,
             echo,
+            several,
         )
+
+    def several_budgets(self, body: dict[str, Any], model: str) -> dict[str, Any] | None:
+        """The extra fields ``budget_schedule``, ``draft_budget``, ``num_draft_tokens`` (as vLLM takes
+        extra fields), validated as ``model.generate`` takes them; None when none is given."""
+        sched, draft, k = body.get("budget_schedule"), body.get("draft_budget"), body.get("num_draft_tokens")
+        if sched is None and draft is None and k is None:
+            return None
+        if not self.budgets:
+            raise ApiError(400, "this model has no budgets: budget_schedule and draft_budget need an elastic model")
+        if sched is not None:
+            if draft is not None or k is not None:
+                raise ApiError(400, "budget_schedule does not combine with draft_budget", "budget_schedule")
+            from ..decoding import parse_schedule
+            from ..speculative import DecodingError
+
+            try:
+                phases = parse_schedule(self.scheduler.model, sched)
+            except DecodingError as e:
+                raise ApiError(400, str(e), "budget_schedule") from None
+            names = sorted({ph.budget for ph in phases})
+            if model != "auto" and model not in names:
+                raise ApiError(
+                    400,
+                    f"'model' {model!r} is not one of the schedule's budgets ({', '.join(names)}) or 'auto'",
+                    "model",
+                )
+            if any(ph.stop or ph.force for ph in phases) and self.tok is None:
+                raise ApiError(
+                    400, "stop and force texts of a budget_schedule need the model's tokenizer", "budget_schedule"
+                )
+            return {"budget_schedule": sched, "tokenizer": self.tok}
+        if draft is None:
+            raise ApiError(400, "num_draft_tokens needs draft_budget", "num_draft_tokens")
+        if not isinstance(draft, str) or draft not in self.budgets:
+            raise ApiError(
+                400,
+                f"'draft_budget' must be one of the budgets {', '.join(self.budgets)}, got {draft!r}",
+                "draft_budget",
+            )
+        k = 4 if k is None else k
+        if not _is_int(k) or not 1 <= k <= MAX_DRAFT_TOKENS:
+            raise ApiError(400, f"'num_draft_tokens' must be an integer in [1, {MAX_DRAFT_TOKENS}]", "num_draft_tokens")
+        return {"draft_budget": draft, "num_draft_tokens": k}
 
     # --------------------------------------------------------- running
     def submit(self, p: Params, queue: asyncio.Queue) -> list[GenRequest]:
@@ -376,6 +425,7 @@ class Api:
                     logprobs=p.logprobs,
                     echo_logprobs=p.echo and p.logprobs is not None,
                     stop=stop_fn,
+                    several=p.several,
                 )
             )
         try:

@@ -136,10 +136,16 @@ def _apply(ch: _Choice, ev: tuple) -> None:
         ch.error, ch.finish = ev[1], "error"
 
 
-def _usage(p: Params, choices: list[_Choice]) -> dict[str, int]:
+def _usage(p: Params, choices: list[_Choice], reqs: list[GenRequest]) -> dict[str, Any]:
     pt = sum(len(x) for x in p.prompts)
     ct = sum(len(c.ids) for c in choices)
-    return {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+    out: dict[str, Any] = {"prompt_tokens": pt, "completion_tokens": ct, "total_tokens": pt + ct}
+    if p.several is not None and "draft_budget" in p.several:  # OpenAI's names for predicted outputs
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": sum(r.accepted for r in reqs),
+            "rejected_prediction_tokens": sum(r.rejected for r in reqs),
+        }
+    return out
 
 
 def _completion_logprobs(api: Api, p: Params, i: int, ch: _Choice, text_start: int) -> dict[str, Any]:
@@ -242,7 +248,7 @@ async def _complete(
         "created": int(time.time()),
         "model": api.answered_by(reqs, p),
         "choices": out,
-        "usage": _usage(p, choices),
+        "usage": _usage(p, choices, reqs),
     }
     return JSONResponse(body)
 
@@ -315,7 +321,7 @@ async def _stream(api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Qu
             "created": created,
             "model": api.answered_by(reqs, p),
             "choices": [],
-            "usage": _usage(p, choices),
+            "usage": _usage(p, choices, reqs),
         }
         yield _sse(body)
     yield "data: [DONE]\n\n"

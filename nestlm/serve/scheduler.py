@@ -63,6 +63,11 @@ class Request:
     chosen: str | None = None  # the budget that answers (set at admission for "auto")
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Several budgets in one generation: generate's budget_schedule= (with tokenizer=) or
+    # draft_budget= / num_draft_tokens=. Such a request runs alone (see Scheduler._run_several).
+    several: dict[str, Any] | None = None
+    accepted: int = 0  # speculative decoding: draft tokens accepted / rejected (usage)
+    rejected: int = 0
 
     def cancel(self) -> None:
         """Called from any thread (a client that went away); the row leaves at the next step boundary."""
@@ -223,6 +228,9 @@ class Scheduler:
                 req.generator = torch.Generator(device=self.device)
                 seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
                 req.generator.manual_seed(seed)
+            if req.several is not None:  # run alone, start to end, before the batched rows go on
+                self._run_several(req, name)
+                continue
             # echo needs every position's logits: such a request is prefilled alone
             groups.setdefault((name, id(req)) if req.echo_logprobs else name, []).append(req)
         for key, reqs in groups.items():
@@ -312,6 +320,55 @@ class Scheduler:
                 done.append(i)
         batch.last = torch.tensor(nxt, device=self.device)
         self._drop(batch, done)
+
+    def _run_several(self, req: Request, name: str | None) -> None:
+        """A request with a budget schedule or a draft budget: ``model.generate`` of its prompt alone,
+        so its tokens are the in-process ones; logprobs are those of the budget that chose each token
+        (the target's when speculative; 0 for a schedule's forced tokens). Not batched: the rows of
+        the batches wait while it runs."""
+        from ..speculative import SpecStats
+
+        try:
+            stats = SpecStats()
+            logits: list[torch.Tensor | None] = []
+            kw = dict(req.several)
+            if "budget_schedule" in kw:
+                kw["on_token"] = lambda _r, tok, lg, _b: logits.append(lg)
+            else:
+                kw |= dict(budget=name, stats=stats, on_token=lambda _r, tok, lg: logits.append(lg))
+            sampling = dict(do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p)
+
+            def stop(new: torch.Tensor) -> torch.Tensor:
+                return torch.tensor([req.stop is not None and req.stop(new[0].tolist())])
+
+            ids = torch.tensor([req.prompt], device=self.device)
+            out = self.model.generate(
+                ids, max_new_tokens=req.max_tokens, generator=req.generator, stop=stop, **sampling, **kw
+            )
+            new = out[0, len(req.prompt) :].tolist()
+        except Exception as e:
+            req.sink(("error", f"{type(e).__name__}: {e}"))
+            return
+        self.counters.prefills += 1
+        req.accepted, req.rejected = sum(stats.accepted_per_row), sum(stats.rejected_per_row)
+        reason = "length"
+        for j, tok in enumerate(new):
+            if tok in self.eos_ids:
+                if j == len(new) - 1:  # the EOS token ends the text and is not part of it
+                    reason = "stop"
+                continue  # an EOS that ended a schedule's phase is not text either
+            info = None
+            if req.logprobs is not None:
+                lg = logits[j] if j < len(logits) else None
+                lp = None if lg is None else torch.log_softmax(lg.float(), dim=-1)
+                info = _logprob_info(lp, tok, req.logprobs) if lp is not None else {"logprob": 0.0, "top": []}
+            req.generated.append(tok)
+            req.sink(("token", tok, info))
+        if reason == "length" and req.stop is not None and req.stop(req.generated):
+            reason = "stop"
+        if reason == "length" and len(new) < req.max_tokens:
+            reason = "stop"
+        self._finish(req, reason)
 
     def _drop(self, batch: _Batch, index: list[int], cancelled: bool = False) -> None:
         if not index:

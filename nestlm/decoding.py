@@ -1,0 +1,235 @@
+"""Several budgets in one generation: budget schedules, and the entry point that picks the decoder.
+
+A budget schedule is a list of phases, e.g. think small, answer big::
+
+    [{"budget": "50", "stop": "Answer:", "max_tokens": 256, "force": "Answer:"}, {"budget": "full"}]
+
+Each phase generates at its budget until one of its ``stop`` strings (a string or a list) has
+been generated (the stop text stays in the context; the phase ends after the token that
+completes it), or until ``max_tokens`` tokens of that phase, in which case its ``force`` text
+(if given, tokenized alone) is appended as tokens. An EOS in a non-final phase ends that phase
+(the EOS stays in the context). The next phase continues from the whole context at its own
+budget, its caches built by one prefill of the context so far: each phase is exactly a plain
+``generate`` call at its budget on the context the phases before it left. The last phase runs
+to the request's own stop conditions (EOS, ``stop``, which sees the whole completion); the
+request's ``max_new_tokens`` caps all phases together, forced tokens included. Rows of a batch
+run together, each phase one left-padded batch (a row generates what it would alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .sampling import special_ids
+from .speculative import DecodingError, SpecStats, speculative_generate
+from .tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from .model import HybridLM
+
+PHASE_KEYS = ("budget", "stop", "max_tokens", "force")
+
+
+@dataclass
+class Phase:
+    """One validated phase of a budget schedule."""
+
+    budget: str
+    stop: list[str]
+    max_tokens: int | None
+    force: str | None
+
+
+def parse_schedule(model: HybridLM, schedule: Any) -> list[Phase]:
+    """Validate a schedule (a list of phase dicts); every error names the phase and the field."""
+    if not isinstance(schedule, (list, tuple)) or not schedule:
+        raise DecodingError("budget_schedule must be a non-empty list of phases ({'budget': NAME, ...})")
+    phases = []
+    for i, ph in enumerate(schedule):
+        where = f"budget_schedule[{i}]"
+        if not isinstance(ph, dict):
+            raise DecodingError(f"{where} must be an object with 'budget' and optional {', '.join(PHASE_KEYS[1:])}")
+        bad = sorted(set(ph) - set(PHASE_KEYS))
+        if bad:
+            raise DecodingError(f"{where} has unknown key {bad[0]!r}; valid keys: {', '.join(PHASE_KEYS)}")
+        name = ph.get("budget")
+        if not isinstance(name, str):
+            raise DecodingError(f"{where}.budget must be a budget name; known budgets: {', '.join(model.budgets)}")
+        if name not in model.budgets:
+            raise DecodingError(f"{where}.budget {name!r} is unknown; known budgets: {', '.join(model.budgets)}")
+        stop = ph.get("stop")
+        stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise DecodingError(f"{where}.stop must be a non-empty string or a list of them")
+        mt = ph.get("max_tokens")
+        if mt is not None and (not isinstance(mt, int) or isinstance(mt, bool) or mt < 1):
+            raise DecodingError(f"{where}.max_tokens must be an integer >= 1, got {mt!r}")
+        force = ph.get("force")
+        if force is not None and (not isinstance(force, str) or not force):
+            raise DecodingError(f"{where}.force must be a non-empty string")
+        if force is not None and mt is None:
+            raise DecodingError(f"{where}.force needs max_tokens (the text is forced when the phase reaches it)")
+        phases.append(Phase(name, stop, mt, force))
+    return phases
+
+
+def _phase(
+    model: HybridLM,
+    ctxs: list[list[int]],
+    news: list[list[int]],
+    ph: Phase,
+    last: bool,
+    total: int,
+    eos: set[int],
+    tok: Any,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None,
+    on_token: Callable[[int, int, torch.Tensor | None, str], None] | None,
+    rows: list[int],
+    kwargs: dict[str, Any],
+) -> None:
+    """Run one phase for ``rows`` (one left-padded plain ``generate`` at the phase's budget), cut each
+    row where its phase ended, append force ids, and extend ``ctxs`` / ``news`` in place."""
+    caps = [total - len(news[b]) if ph.max_tokens is None else min(ph.max_tokens, total - len(news[b])) for b in rows]
+    L = max(len(ctxs[b]) for b in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long, device=kwargs["device"])
+    mask = torch.zeros_like(ids)
+    for j, b in enumerate(rows):
+        ids[j, L - len(ctxs[b]) :] = torch.tensor(ctxs[b])
+        mask[j, L - len(ctxs[b]) :] = 1
+    done_at: list[int | None] = [None] * len(rows)
+
+    def stop_fn(gen: torch.Tensor) -> torch.Tensor:
+        n = gen.shape[1]
+        for j, b in enumerate(rows):
+            if done_at[j] is None:
+                g = gen[j].tolist()
+                hit = n >= caps[j] or (bool(ph.stop) and any(s in tok.decode(g) for s in ph.stop))
+                if last and stop is not None and not hit:
+                    hit = bool(stop(torch.tensor([news[b] + g], device=gen.device))[0])
+                if hit:
+                    done_at[j] = n
+        return torch.tensor([d is not None for d in done_at])
+
+    steps: list[torch.Tensor] = []
+    out = model.generate(
+        ids,
+        attention_mask=mask if len(rows) > 1 else None,
+        max_new_tokens=max(caps),
+        budget=ph.budget,
+        stop=stop_fn,
+        on_step=(lambda lg, _t: steps.append(lg)) if on_token is not None else None,
+        **{k: v for k, v in kwargs.items() if k != "device"},
+    )
+    for j, b in enumerate(rows):
+        g = out[j, L:].tolist()
+        cut = done_at[j] if done_at[j] is not None else len(g)
+        hit_eos = next((i + 1 for i, t in enumerate(g[:cut]) if t in eos), None)
+        got = g[: hit_eos or cut]
+        for i, t in enumerate(got):
+            if on_token is not None:
+                on_token(b, t, steps[i][j], ph.budget)
+        news[b] += got
+        ctxs[b] += got
+        if last or hit_eos:
+            continue  # an EOS ends a non-final phase (and stays in the context)
+        stopped = bool(ph.stop) and any(s in tok.decode(got) for s in ph.stop)
+        if not stopped and ph.force is not None and len(got) == ph.max_tokens:
+            forced = list(tok.encode(ph.force))[: total - len(news[b])]
+            for t in forced:
+                if on_token is not None:
+                    on_token(b, t, None, "force")
+            news[b] += forced
+            ctxs[b] += forced
+
+
+@torch.inference_mode()
+def schedule_generate(
+    model: HybridLM,
+    input_ids: torch.Tensor,
+    budget_schedule: Any,
+    max_new_tokens: int = 32,
+    attention_mask: torch.Tensor | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    tokenizer: Any = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int, torch.Tensor | None, str], None] | None = None,
+    **sampling: Any,
+) -> torch.Tensor:
+    """Generation under a budget schedule (see the module docstring); returns (B, L + new) as ``generate``.
+
+    ``tokenizer`` (encode / decode) reads stop strings and encodes force texts; by default the
+    model directory's. ``stop`` is called per row with that row's whole completion (1, n).
+    ``on_token(row, token, logits (V,) or None for a forced token, budget or "force")`` sees every
+    new token, phase by phase.
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    phases = parse_schedule(model, budget_schedule)
+    tok = tokenizer
+    if tok is None and any(ph.stop or ph.force for ph in phases):
+        tok = load_tokenizer(getattr(model, "source_dir", None), required=False)
+        if tok is None:
+            raise DecodingError("a budget schedule with stop or force text needs a tokenizer (tokenizer=)")
+    eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
+    eos = set(eos_ids.tolist())
+    gen = generator
+    if gen is None and seed is not None:
+        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    kwargs = dict(sampling, eos_token_id=eos_ids.tolist(), pad_token_id=pad, generator=gen, device=input_ids.device)
+    B = input_ids.shape[0]
+    ctxs = [
+        (input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]).tolist() for b in range(B)
+    ]
+    news: list[list[int]] = [[] for _ in range(B)]
+    going = list(range(B))  # rows that neither hit the total cap nor ended in an EOS of the last phase
+    for i, ph in enumerate(phases):
+        going = [b for b in going if len(news[b]) < max_new_tokens]
+        if not going:
+            break
+        _phase(model, ctxs, news, ph, i == len(phases) - 1, max_new_tokens, eos, tok, stop, on_token, going, kwargs)
+    width = max(len(r) for r in news)
+    new = torch.full((B, width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    for b, r in enumerate(news):
+        new[b, : len(r)] = torch.tensor(r, dtype=input_ids.dtype)
+    return torch.cat([input_ids, new], 1)
+
+
+def generate(
+    model: HybridLM,
+    input_ids: torch.Tensor,
+    budget_schedule: Any = None,
+    draft_budget: str | None = None,
+    draft_arch: Any = None,
+    num_draft_tokens: int | None = None,
+    tokenizer: Any = None,
+    stats: SpecStats | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``model.generate``: plain decoding, a budget schedule, or speculative decoding.
+
+    ``budget_schedule``: phases at different budgets (module docstring); not with ``budget=``.
+    ``draft_budget`` / ``draft_arch`` with ``num_draft_tokens`` (default 4): speculative decoding
+    at the target ``budget`` / ``arch`` (nestlm.speculative); ``stats`` a SpecStats to fill in.
+    """
+    if budget_schedule is not None:
+        if kwargs.get("budget") is not None or kwargs.get("arch") is not None:
+            raise DecodingError("give either budget= (or arch=) or budget_schedule=, not both")
+        if draft_budget is not None or draft_arch is not None or num_draft_tokens is not None:
+            raise DecodingError("budget_schedule= does not combine with speculative decoding (draft_budget=)")
+        kwargs.pop("budget", None)
+        kwargs.pop("arch", None)
+        return schedule_generate(model, input_ids, budget_schedule, tokenizer=tokenizer, **kwargs)
+    if draft_budget is not None or draft_arch is not None:
+        k = 4 if num_draft_tokens is None else num_draft_tokens
+        draft = dict(draft_budget=draft_budget, draft_arch=draft_arch, num_draft_tokens=k, stats=stats)
+        return speculative_generate(model, input_ids, **draft, **kwargs)
+    if num_draft_tokens is not None:
+        raise DecodingError("num_draft_tokens= needs a draft: draft_budget= or draft_arch=")
+    return model.generate(input_ids, **kwargs)  # plain decoding
