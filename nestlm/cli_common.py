@@ -1,0 +1,41 @@
+"""What the ``nestlm`` subcommands share: help texts, the tokenizer of a model directory, output checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .checkpoint import require_new_dir
+from .errors import NestlmError
+
+COMPILE_HELP = "torch.compile every block first (slower start, faster tokens; needs a C++ compiler on CPU)"
+MODEL_DIR_HELP = "nestlm or Hugging Face (NemotronH, llama, mistral, qwen2, qwen3) model directory"
+
+
+def load_tokenizer(model_dir: str, required: bool = True) -> Any:
+    """The model directory's tokenizer; an unreadable tokenizer.json is a one-line error, not a traceback."""
+    from .tokenizer import load_tokenizer as _load
+
+    try:
+        return _load(model_dir, required=required)
+    except NestlmError:
+        raise
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NestlmError(f"the tokenizer files in {model_dir} cannot be read: {msg}") from None
+
+
+def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
+    """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
+    from pathlib import Path
+
+    from .train import sources as data_mod
+
+    if data != "stdlib" and not data.startswith("reasoning") and not Path(data).exists():
+        raise NestlmError(f"data {data} does not exist; give a text file, a directory, .jsonl, .parquet or stdlib")
+    needs_tok = not data_mod.is_pretokenized(data)
+    tok = load_tokenizer(model_dir, required=needs_tok) if needs_tok else None
+    return data_mod.load_tokens(data, tok, max_bytes=max_bytes)
+
+
+def _check_out(out: str) -> None:
+    require_new_dir(out, "--out")
