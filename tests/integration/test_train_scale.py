@@ -48,11 +48,11 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+def assert_same_run(a: Path, b: Path, tol: float = 1e-5, batch: int = 4) -> None:
     ra, rb = rows(a), rows(b)
     assert [r["budget"] for r in ra] == [r["budget"] for r in rb] and len(ra) == 6
     assert max(abs(x["loss"] - y["loss"]) for x, y in zip(ra, rb, strict=True)) <= tol
-    assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb] == [4 * 64] * 4 + [4 * 128] * 2
+    assert [r["tokens"] for r in ra] == [r["tokens"] for r in rb] == [batch * 64] * 4 + [batch * 128] * 2
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys() and wa
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) <= tol
@@ -81,17 +81,23 @@ def test_micro_batch_check_can_fail(one_batch: Path, tmp_path: Path) -> None:
         assert_same_run(one_batch, out)
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_micro_batch_1x2_equals_one_process_4x1(one_batch: Path, tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
+def torchrun(out: Path, overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "nestlm"]
-    cmd += ["train", "tiny", "--out", str(out), "--no-progress", *BASE, *micro(1)]
+    cmd += ["train", "tiny", "--out", str(out), "--no-progress", *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if res.returncode != 0 and "exitcode: -11" in res.stderr:  # see test_train.py: a rare gloo segfault
         shutil.rmtree(out, ignore_errors=True)
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert_same_run(one_batch, out)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_micro_batch_2x2_equals_4x1(tmp_path: Path) -> None:
+    """Global batch 8 on 2 ranks: micro-batch 2 x 2 accumulation steps per rank against 4 x 1."""
+    eight = [*BASE, "stages.0.global_batch=8", "stages.1.global_batch=8"]
+    torchrun(tmp_path / "4x1", eight + micro(4))
+    torchrun(tmp_path / "2x2", eight + micro(2))
+    assert_same_run(tmp_path / "4x1", tmp_path / "2x2", batch=8)
 
 
 def test_batching_derivation_and_old_names() -> None:
