@@ -70,6 +70,9 @@ class Importance:
         )
 
 
+SCORED = ("norm", "mamba_x", "attn_out", "mlp_act")  # the activations importance reads (Tap's names)
+
+
 class _Accumulator(Tap):
     """Sum over samples of (mean over sequence of |activation|)^2, per unit."""
 
@@ -77,6 +80,8 @@ class _Accumulator(Tap):
         self.sq: dict[tuple[int, str], torch.Tensor] = {}
 
     def activation(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in SCORED:  # e.g. "mamba_heads": a mask slot for router training, not an activation
+            return t
         out = t
         t = t.detach().float()
         if name == "attn_out":  # (B, L, nq*hd) -> per-head norm (B, L, nq)

@@ -36,6 +36,9 @@ class ModelSection:
     # None for the parent itself (the paper's setting). A pruned student distilled from its
     # unpruned parent (the prune + KD per size baseline) sets model.path=PRUNED, teacher=PARENT.
     teacher: str | None = None
+    # The parent's config.json (a path, or a shipped name such as nemotron-nano-12b-v2) for
+    # `nestlm train --dry-run` on a machine without model.path's weights
+    plan_config: str | None = None
 
 
 @dataclass
@@ -133,6 +136,7 @@ class TrainSection:
     eval_batches: int = 4
     dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
     activation_checkpointing: bool = False
+    kd_chunk_tokens: int | None = None  # chunked KD: tokens per loss chunk (None: the whole micro-batch at once)
     device: str = "auto"
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads
