@@ -88,17 +88,20 @@ def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
 
 def cmd_importance(args: argparse.Namespace) -> int:
     from .checkpoint import save_pretrained
-    from .elastic.importance import calibration_batches, estimate_importance, reorder
+    from .elastic.importance import calibration_batches, estimate_importance, pick_device, reorder
     from .loading import load
 
     _check_out(args.out)
+    device = pick_device(args.device, "--device")
     model = load(args.model).eval()
     tokens = _tokens_for(args.model, args.data, args.max_bytes)
+    model.to(device)  # forward passes only: the scores are the same on any device, up to float rounding
     batches = calibration_batches(tokens, args.seq_len, args.num_samples, args.batch_size, args.data)
     n = sum(b.shape[0] for b in batches)
     print(f"importance: {n} calibration sequences of {args.seq_len} tokens from {args.data}")
+    print(f"importance: on {device}")
     imp = estimate_importance(model, batches, depth=not args.no_depth, depth_batches=args.depth_batches)
-    reorder(model, imp)
+    reorder(model.cpu(), imp)
     save_pretrained(model, args.out)
     print(f"reordered checkpoint + {IMPORTANCE_FILE} written to {args.out}")
     print(f"layers, least important first: {imp.layer_order}")
@@ -115,6 +118,7 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (the paper uses 1024)")
     p.add_argument("--depth-batches", type=int, default=4, help="batches used for the iterative depth ranking")
     p.add_argument("--no-depth", action="store_true", help="skip the depth ranking")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
     p.set_defaults(func=cmd_importance)
 

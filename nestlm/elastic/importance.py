@@ -70,6 +70,17 @@ class Importance:
         )
 
 
+def pick_device(name: str, what: str = "device") -> torch.device:
+    """``auto`` (CUDA when present), ``cuda`` or ``cpu``; ``cuda`` without a GPU is refused in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cuda", "cpu"):
+        raise NestlmError(f"{what} {name!r} must be auto, cuda or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NestlmError(f"{what} cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
+    return torch.device(name)
+
+
 SCORED = ("norm", "mamba_x", "attn_out", "mlp_act")  # the activations importance reads (Tap's names)
 
 

@@ -127,15 +127,22 @@ def frozen_teacher(model: HybridLM, recipe: Recipe) -> HybridLM:
     return teacher
 
 
-def auto_importance(model: HybridLM, recipe: Recipe, data: StageData, progress: bool) -> None:
-    """Rank and reorder a parent that was never ranked (or refuse, without elastic.auto_importance)."""
+def auto_importance(
+    model: HybridLM, recipe: Recipe, data: StageData, progress: bool, device: torch.device | None = None
+) -> None:
+    """Rank and reorder a parent that was never ranked (or refuse, without elastic.auto_importance).
+
+    The forward passes run on ``device`` (the run's: the GPU when there is one); the model
+    comes back to the CPU, where the trainer writes the ranked parent and copies the teacher."""
     e = recipe.elastic
     if not e.auto_importance:
         require_reordered(model, "elastic training")
+    if device is not None:
+        model.to(device)
     loader = data.loader(0, whole_batch=True)  # every rank ranks on the same data
     batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
     imp = estimate_importance(model, batches, progress=progress)
-    reorder(model, imp)
+    reorder(model.cpu(), imp)
 
 
 def optimizer(model: HybridLM, routers: torch.nn.Module | None, recipe: Recipe) -> torch.optim.AdamW:

@@ -78,7 +78,7 @@ class Trainer:
             el.resolve_choices(self.model.config, e.axes)
             el.parse_budgets(e)
         if self.elastic and setup.needs_ranking(self.model, e):
-            setup.auto_importance(self.model, recipe, self.data, self.progress and self.dist.is_main)
+            setup.auto_importance(self.model, recipe, self.data, self.progress and self.dist.is_main, self.device)
             self._save_parent = True  # written once every check has passed
 
         # ---- budgets, teacher, routers

@@ -51,3 +51,23 @@ def test_activations_grow_with_the_micro_batch_and_checkpointing_saves(capsys: p
 def test_train_without_out_needs_dry_run(capsys: pytest.CaptureFixture) -> None:
     assert main(["train", "tiny"]) == 2
     assert "--out" in capsys.readouterr().err
+
+
+def test_importance_device_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--device cpu runs (and says so); --device cuda without a GPU is one line, exit 2, nothing written."""
+    import torch
+
+    from nestlm.checkpoint import save_pretrained
+    from nestlm.tokenizer import ByteTokenizer
+    from nestlm.train import setup
+
+    parent = tmp_path / "parent"
+    save_pretrained(setup.build_parent(load_recipe("tiny")), parent, tokenizer=ByteTokenizer())
+    args = ["importance", "--model", str(parent), "--data", "stdlib", "--max-bytes", "20000", "--seq-len", "32"]
+    args += ["--num-samples", "8", "--batch-size", "4", "--no-depth"]
+    assert main([*args, "--out", str(tmp_path / "cpu"), "--device", "cpu"]) == 0
+    assert "importance: on cpu" in capsys.readouterr().out and (tmp_path / "cpu" / "config.json").is_file()
+    if not torch.cuda.is_available():
+        assert main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "no CUDA GPU" in err[0] and not (tmp_path / "gpu").exists()
