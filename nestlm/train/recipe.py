@@ -134,7 +134,10 @@ class TrainSection:
     keep_last: int = 2
     eval_every: int = 0  # validation loss every N steps (0: at stage ends only)
     eval_batches: int = 4
-    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
+    # "bfloat16": fp32 master weights, gradients and AdamW moments, bf16 compute (FSDP2 MixedPrecisionPolicy
+    # when sharded, autocast in one process), the frozen teacher stored in bf16 (train/precision.py);
+    # "auto" = bfloat16 on GPU, float32 on CPU; "float16" is refused (it would need loss scaling)
+    dtype: str = "auto"
     activation_checkpointing: bool = False
     kd_chunk_tokens: int | None = None  # chunked KD: tokens per loss chunk (None: the whole micro-batch at once)
     device: str = "auto"
