@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import nestlm
+import nestlm.train.data  # noqa: F401  (nestlm.train.data.load_tokens below, whatever ran before)
 from nestlm.checkpoint import read_routers
 from nestlm.cli import main
 from nestlm.elastic.arch import parse_target

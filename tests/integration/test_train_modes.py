@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import nestlm
+import nestlm.train.data  # noqa: F401  (nestlm.train.data.load_tokens below, whatever ran before)
 from nestlm.train.losses import ce_loss, kd_loss
 from nestlm.train.recipe import load_recipe
 from nestlm.train.trainer import train
