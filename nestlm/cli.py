@@ -7,6 +7,7 @@ Expected errors (bad paths, bad configs, unknown budgets) print one line
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,17 +19,20 @@ from .errors import NestlmError
 
 def cmd_importance(args: argparse.Namespace) -> int:
     from .checkpoint import save_pretrained
-    from .elastic.importance import calibration_batches, estimate_importance, reorder
+    from .elastic.importance import calibration_batches, estimate_importance, pick_device, reorder
     from .loading import load
 
     _check_out(args.out)
+    device = pick_device(args.device, "--device")
     model = load(args.model).eval()
     tokens = _tokens_for(args.model, args.data, args.max_bytes)
+    model.to(device)  # forward passes only: the scores are the same on any device, up to float rounding
     batches = calibration_batches(tokens, args.seq_len, args.num_samples, args.batch_size, args.data)
     n = sum(b.shape[0] for b in batches)
     print(f"importance: {n} calibration sequences of {args.seq_len} tokens from {args.data}")
+    print(f"importance: on {device}")
     imp = estimate_importance(model, batches, depth=not args.no_depth, depth_batches=args.depth_batches)
-    reorder(model, imp)
+    reorder(model.cpu(), imp)
     save_pretrained(model, args.out)
     print(f"reordered checkpoint + {IMPORTANCE_FILE} written to {args.out}")
     print(f"layers, least important first: {imp.layer_order}")
@@ -45,6 +49,7 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (the paper uses 1024)")
     p.add_argument("--depth-batches", type=int, default=4, help="batches used for the iterative depth ranking")
     p.add_argument("--no-depth", action="store_true", help="skip the depth ranking")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
     p.set_defaults(func=cmd_importance)
 
@@ -121,6 +126,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train.trainer import train
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:  # the memory plan only: nothing is allocated, loaded or written
+        from .train.plan import format_plan
+
+        if args.world_size is not None and args.world_size < 1:
+            raise NestlmError(f"--world-size must be >= 1, got {args.world_size}")
+        print(format_plan(recipe, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        return 0
+    if args.out is None:
+        raise NestlmError("nestlm train needs --out DIR (only --dry-run runs without one)")
     out = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
     for name, b in read_budgets(out).items():  # the frozen budgets, one line each
         desc = b.arch.describe()
@@ -136,9 +150,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         help="recipe YAML path, or the name of a shipped recipe (tiny, nemotron-nano-12b-v2-elastic, qwen3-8b-elastic)",
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 stages.0.steps=5")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, metrics.jsonl, final model)")
+    p.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the per-rank memory plan of every stage (built on the meta device) and exit; needs no --out",
+    )
+    p.add_argument(
+        "--world-size", type=int, default=None, help="ranks the --dry-run plans for (default: $WORLD_SIZE or 1)"
+    )
     p.set_defaults(func=cmd_train)
 
 

@@ -85,25 +85,42 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, dim: int | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         w = self.weight if dim is None else self.weight[:dim]
         xf = x.float()
+        if mask is not None:  # soft router masks: normalise over the kept share of the channels, as slicing does
+            m = mask.float()
+            xf = xf * m
+            return (w.float() * xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) / m.sum() + self.eps)).to(x.dtype)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return (w.float() * xf).to(x.dtype)
 
 
 def gated_group_rmsnorm(
-    y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, groups: int, head_dim: int, eps: float
+    y: torch.Tensor,
+    z: torch.Tensor,
+    weight: torch.Tensor,
+    groups: int,
+    head_dim: int,
+    eps: float,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """norm(y * silu(z)) per Mamba group, then * weight. y, z: (B, L, H*P) in rank-major head order.
 
     Group g holds heads g, g+G, g+2G, ...: view channels as (r, g, p) and normalise over r and p.
+    ``mask`` (H*P,): soft router masks; masked channels leave the mean, as slicing the heads does.
     """
     B, L, C = y.shape
     h = y.float() * F.silu(z.float())
+    if mask is not None:
+        h = h * mask.float()
     h = h.view(B, L, C // (groups * head_dim), groups, head_dim)  # (B, L, r, g, p)
     # mean of squares over (r, p) as a norm: one pass, no squared copy to keep for backward
-    ms = torch.linalg.vector_norm(h, dim=(2, 4), keepdim=True).square() / (C // groups)
+    ms = torch.linalg.vector_norm(h, dim=(2, 4), keepdim=True).square()
+    if mask is None:
+        ms = ms / (C // groups)
+    else:  # the kept share of each group's channels
+        ms = ms / mask.float().view(-1, groups, head_dim).sum(dim=(0, 2)).view(1, 1, 1, groups, 1)
     h = h * torch.rsqrt(ms + eps)
     return weight * h.view(B, L, C).to(y.dtype)
 
@@ -232,7 +249,12 @@ class Mamba2Mixer(nn.Module):
                 None if state is None else state.ssm,
             )
             y = y.reshape(Bsz, L, HP)
-        y = gated_group_rmsnorm(y, z, _take(self.norm.weight, 0, ch), G, P, self.eps)
+        head_mask = None
+        if probe is not None:  # soft router masks on the heads (B and C are shared per group, never masked)
+            ones = y.new_ones(HP)
+            head_mask = probe("mamba_heads", ones)
+            head_mask = None if head_mask is ones else head_mask
+        y = gated_group_rmsnorm(y, z, _take(self.norm.weight, 0, ch), G, P, self.eps, head_mask)
         out_w = _take(_take(self.out_proj.weight, 0, D), 1, ch)
         out_b = None if self.out_proj.bias is None else self.out_proj.bias[:D]
         out = F.linear(y.to(u.dtype), out_w, out_b)
@@ -548,7 +570,7 @@ class Block(nn.Module):
         tap = ctx.tap
         reads = tap is not None and type(tap).activation is not Tap.activation  # gates only: the plain path
         probe = functools.partial(tap.activation, layer) if reads else None
-        x = self.norm(h.to(self.norm.weight.dtype), ctx.hidden)
+        x = self.norm(h.to(self.norm.weight.dtype), ctx.hidden, ctx.hidden_mask)
         if probe is not None:
             x = probe("norm", x)
         if self.kind == "mamba":
@@ -571,6 +593,8 @@ class Block(nn.Module):
             out = self.mixer(x, active, probe=probe)
         if gate is not None:
             out = out * gate
+        if ctx.hidden_mask is not None:  # soft hidden mask: the residual stream keeps only the kept channels
+            out = out * ctx.hidden_mask.to(out.dtype)
         return h + out.to(h.dtype), state
 
 
@@ -585,6 +609,7 @@ class _StepContext:
     use_cache: bool
     capacity: int
     tap: Tap | None = None
+    hidden_mask: torch.Tensor | None = None  # (hidden,) soft router mask of the hidden channels
     keep_steps: bool = False  # Mamba layers keep their state after every token (speculative verify)
 
 
@@ -754,8 +779,18 @@ class HybridLM(nn.Module):
         emb_gate = None if tap is None else tap.embedding_gate()
         if emb_gate is not None:
             h = h * emb_gate
+        hid_mask = None if tap is None else tap.hidden_mask()
+        if hid_mask is not None:
+            h = h * hid_mask.to(h.dtype)
         ctx = _StepContext(
-            hidden, pad_mask, attn_mask, positions, cache is not None, cache.capacity if cache is not None else 0, tap
+            hidden,
+            pad_mask,
+            attn_mask,
+            positions,
+            cache is not None,
+            cache.capacity if cache is not None else 0,
+            tap,
+            hid_mask,
         )
         ctx.keep_steps = cache is not None and cache.keep_steps
         for i, block in enumerate(self.layers):
@@ -773,7 +808,7 @@ class HybridLM(nn.Module):
             cache.offset = offset + L
         if num_logits is not None:
             h = h[:, -num_logits:]
-        h = self.norm_f(h.to(self.norm_f.weight.dtype), hidden)
+        h = self.norm_f(h.to(self.norm_f.weight.dtype), hidden, hid_mask)
         if not head:
             return ModelOutput(logits=None, cache=cache, hidden_states=h)
         logits = F.linear(h, self.output_weight()[:, :hidden]).float()

@@ -17,7 +17,12 @@ class Tap:
     activation(layer, name, t): sees a named activation and returns it or a replacement.
         Names: "norm" (a block's pre-norm output, (B, L, hidden)), "mamba_x" (the x part of
         in_proj's output, (B, L, H*P)), "attn_out" (the input of o_proj, (B, L, nq*hd)),
-        "mlp_act" (neuron activations, (B, L, ffn)).
+        "mlp_act" (neuron activations, (B, L, ffn)), "mamba_heads" (ones (H*P,); a replacement
+        is a soft mask on the scan's output per head channel, which also leaves the masked
+        channels out of the gated group norm's mean, as slicing the heads does).
+    hidden_mask(): a soft mask (hidden,) of the hidden channels, or None: it multiplies the
+        embedding and every block's output, and every RMSNorm normalises over the kept share of
+        the channels, so that a 0/1 mask runs exactly the sliced hidden size.
     embedding_gate(): a factor on the embedding output, or None.
     block_gate(layer): a factor on the block's output, or None. In hard-mask router training
         these are straight-through factors equal to 1.0, so the forward is exactly the
@@ -28,6 +33,9 @@ class Tap:
         return t
 
     def embedding_gate(self) -> torch.Tensor | None:
+        return None
+
+    def hidden_mask(self) -> torch.Tensor | None:
         return None
 
     def block_gate(self, layer: int) -> torch.Tensor | None:

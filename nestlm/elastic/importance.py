@@ -75,6 +75,20 @@ class Importance:
         )
 
 
+def pick_device(name: str, what: str = "device") -> torch.device:
+    """``auto`` (CUDA when present), ``cuda`` or ``cpu``; ``cuda`` without a GPU is refused in one line."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cuda", "cpu"):
+        raise NestlmError(f"{what} {name!r} must be auto, cuda or cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NestlmError(f"{what} cuda: no CUDA GPU is visible to torch here; use --device cpu or auto")
+    return torch.device(name)
+
+
+SCORED = ("norm", "mamba_x", "attn_out", "mlp_act")  # the activations importance reads (Tap's names)
+
+
 class _Accumulator(Tap):
     """Sum over samples of (mean over sequence of |activation|)^2, per unit."""
 
@@ -82,6 +96,8 @@ class _Accumulator(Tap):
         self.sq: dict[tuple[int, str], torch.Tensor] = {}
 
     def activation(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in SCORED:  # e.g. "mamba_heads": a mask slot for router training, not an activation
+            return t
         out = t
         t = t.detach().float()
         if name.startswith("moe_"):  # per-expert sums over the routed tokens (see model.run_experts)

@@ -8,7 +8,10 @@ logits are scaled (logit scale rising 1 -> 10) and sampled with Gumbel-Softmax
 hard mode: the argmax option runs *sliced* (a small budget costs less compute) and a
     straight-through factor pi_max / pi_max.detach() (== 1.0) multiplies the block
     outputs, so the task loss reaches the router without changing the forward.
-soft mode: the full width runs with the mask sum_i pi_i * mask_i on every axis.
+soft mode: the full width runs with the mask sum_i pi_i * mask_i on every axis, applied where
+    slicing cuts (hidden: the embedding, every block output and every RMSNorm's mean; Mamba
+    heads: the scan output and the gated group norm's mean; attention heads: o_proj's input;
+    FFN: the neuron activations), so that at a one-hot pi it runs the sliced sub-network.
 The budget loss is |P(E[choices]) / target - 1|, zero within a tolerance, with P a
 differentiable parameter count (or memory: weights + KV + SSM state).
 After training each budget's argmax choices are frozen into an ArchSpec.
@@ -222,26 +225,27 @@ class ElasticRouters(nn.Module):
                 p = sample.probs[axis][r if self.heterogeneous else 0]
                 if axis == "mlp":
                     units, name, width = ls.ffn, "mlp_act", 1
-                elif axis == "mamba_heads":
-                    units, name, width = ls.heads, "mamba_x", ls.head_dim
+                elif axis == "mamba_heads":  # after the scan, so the group norm leaves masked heads out
+                    units, name, width = ls.heads, "mamba_heads", ls.head_dim
                 else:
                     units, name, width = ls.heads, "attn_out", ls.head_dim
                 keep = (torch.arange(units, device=vals.device)[None] < vals[:, None]).float()  # (n_choices, units)
                 m = (p[:, None] * keep).sum(0)  # (units,)
                 masks[(i, name)] = m.repeat_interleave(width) if width > 1 else m
-        hid = None
-        if "hidden" in sample.probs:
-            vals = self.values("hidden")
-            keep = (torch.arange(cfg.hidden_size, device=vals.device)[None] < vals[:, None]).float()
-            hid = (sample.probs["hidden"][0][:, None] * keep).sum(0)
 
         def probe(layer: int, name: str, t: torch.Tensor) -> torch.Tensor | None:
-            if name == "norm":
-                return None if hid is None else t * hid.to(t.dtype)
             m = masks.get((layer, name))
             return None if m is None else t * m.to(t.dtype)
 
         return probe
+
+    def soft_hidden_mask(self, sample: RouterSample) -> torch.Tensor | None:
+        """sum_i pi_i * mask_i over the hidden channels (the model applies it; see Tap.hidden_mask)."""
+        if "hidden" not in sample.probs:
+            return None
+        vals = self.values("hidden")
+        keep = (torch.arange(self.config.hidden_size, device=vals.device)[None] < vals[:, None]).float()
+        return (sample.probs["hidden"][0][:, None] * keep).sum(0)
 
     def soft_gates(self, sample: RouterSample) -> dict[str, Any]:
         """Depth in soft mode: each layer's output scaled by its probability of being kept."""
@@ -256,7 +260,7 @@ class ElasticRouters(nn.Module):
 
     def soft_tap(self, sample: RouterSample) -> Tap:
         """The Tap of soft mode: the full width under soft masks, depth as soft gates."""
-        return _MaskTap(self.soft_gates(sample), self.soft_probe(sample))
+        return _MaskTap(self.soft_gates(sample), self.soft_probe(sample), self.soft_hidden_mask(sample))
 
     # ------------------------------------------------------------------------- costs
     def keep_probs(self, sample: RouterSample) -> torch.Tensor:
@@ -399,13 +403,16 @@ class _GateTap(Tap):
 class _MaskTap(_GateTap):
     """Soft mode: the gates, plus masks sum_i pi_i * mask_i on the elastic activations."""
 
-    def __init__(self, gates: dict[str, Any], probe: Any) -> None:
+    def __init__(self, gates: dict[str, Any], probe: Any, hidden: torch.Tensor | None) -> None:
         super().__init__(gates)
-        self.probe = probe
+        self.probe, self.hidden = probe, hidden
 
     def activation(self, layer: int, name: str, t: torch.Tensor) -> torch.Tensor:
         new = self.probe(layer, name, t)
         return t if new is None else new
+
+    def hidden_mask(self) -> torch.Tensor | None:
+        return self.hidden
 
 
 def gumbel_schedule(step: int, total: int, tau: tuple[float, float], scale: tuple[float, float]) -> tuple[float, float]:

@@ -18,6 +18,7 @@ from typing import Any, Union
 import yaml
 
 from ..errors import NestlmError
+from .batching import global_batch
 
 
 class RecipeError(NestlmError):
@@ -35,6 +36,9 @@ class ModelSection:
     # None for the parent itself (the paper's setting). A pruned student distilled from its
     # unpruned parent (the prune + KD per size baseline) sets model.path=PRUNED, teacher=PARENT.
     teacher: str | None = None
+    # The parent's config.json (a path, or a shipped name such as nemotron-nano-12b-v2) for
+    # `nestlm train --dry-run` on a machine without model.path's weights
+    plan_config: str | None = None
 
 
 @dataclass
@@ -98,9 +102,15 @@ class StageSection:
 
     name: str = "stage"
     seq_len: int = 256
-    batch_size: int = 8
+    # Batch shape (train/batching.py): global_batch = sequences per optimizer step (all ranks),
+    # micro_batch = sequences per rank per forward/backward (default global_batch / world); the
+    # accumulation steps are global_batch / (micro_batch * world). Old recipes: batch_size = the
+    # global batch of one micro-step, times train.grad_accum per step (8 when nothing is given).
+    global_batch: int | None = None
+    micro_batch: int | None = None
+    batch_size: int | None = None
     steps: int | None = None
-    tokens: int | None = None  # alternative to steps: steps = tokens / (batch_size * seq_len)
+    tokens: int | None = None  # alternative to steps: steps = tokens / (global batch * seq_len)
     budget_probs: Any = "uniform"  # "uniform", a list (order of elastic.budgets) or {name: p}
     lr: float | None = None  # defaults to train.lr
     warmup_steps: int = 0
@@ -116,14 +126,18 @@ class TrainSection:
     lr: float = 3e-4
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    grad_clip: float = 1.0
-    grad_accum: int = 1
+    grad_clip: float = 1.0  # max gradient norm of the model (0: no clipping)
+    router_grad_clip: float | None = None  # of the routers, clipped apart from the model (None: grad_clip)
+    grad_accum: int = 1  # old recipes only (with stage batch_size); global_batch derives it
     seed: int = 0
     checkpoint_every: int = 100
     keep_last: int = 2
     eval_every: int = 0  # validation loss every N steps (0: at stage ends only)
     eval_batches: int = 4
-    dtype: str = "auto"  # "auto" = bf16 autocast on GPU, fp32 on CPU; or "float32" / "bfloat16"
+    # "bfloat16": fp32 master weights, gradients and AdamW moments, bf16 compute (FSDP2 MixedPrecisionPolicy
+    # when sharded, autocast in one process), the frozen teacher stored in bf16 (train/precision.py);
+    # "auto" = bfloat16 on GPU, float32 on CPU; "float16" is refused (it would need loss scaling)
+    dtype: str = "auto"
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile every block (nestlm.compile_model): same losses, faster steps
     device: str = "auto"
@@ -355,11 +369,23 @@ def validate(recipe: Recipe) -> None:
         )
     if not recipe.stages:
         raise RecipeError("a recipe needs at least one stage")
+    if recipe.train.grad_accum < 1:
+        raise RecipeError(f"train.grad_accum must be >= 1, got {recipe.train.grad_accum}")
     for s in recipe.stages:
         if (s.steps is None) == (s.tokens is None):
             raise RecipeError(f"stage {s.name!r}: give exactly one of steps and tokens")
-        if s.seq_len < 2 or s.batch_size < 1:
-            raise RecipeError(f"stage {s.name!r}: seq_len must be >= 2 and batch_size >= 1")
+        if s.seq_len < 2:
+            raise RecipeError(f"stage {s.name!r}: seq_len must be >= 2")
+        for key in ("global_batch", "micro_batch", "batch_size"):
+            if getattr(s, key) is not None and getattr(s, key) < 1:
+                raise RecipeError(f"stage {s.name!r}: {key} must be >= 1")
+        if s.global_batch is not None and (s.batch_size is not None or recipe.train.grad_accum != 1):
+            raise RecipeError(
+                f"stage {s.name!r}: give global_batch (+ micro_batch) or the old batch_size (+ train.grad_accum), "
+                "not both"
+            )
+        if s.global_batch is None and s.micro_batch is not None:
+            raise RecipeError(f"stage {s.name!r}: micro_batch needs global_batch")
         if recipe.train.mode == "elastic":
             stage_probs(recipe, s)
     if recipe.train.mode == "elastic" and not recipe.elastic.budgets:
@@ -370,7 +396,8 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"elastic.{name} must be [start, end], both > 0, got {v}")
 
 
-def stage_steps(stage: StageSection, grad_accum: int = 1) -> int:
+def stage_steps(stage: StageSection, train: TrainSection | None = None) -> int:
+    """Optimizer steps of a stage: ``steps``, or ``tokens`` / tokens per step (the global batch, any world size)."""
     if stage.steps is not None:
         return stage.steps
-    return max(1, stage.tokens // (stage.batch_size * stage.seq_len * grad_accum))
+    return max(1, stage.tokens // (global_batch(stage, train or TrainSection()) * stage.seq_len))

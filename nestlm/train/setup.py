@@ -14,13 +14,13 @@ import torch
 from ..compiler import compile_model
 from ..config import ModelConfig
 from ..elastic.importance import estimate_importance, reorder, require_reordered
-from ..elastic.training import DTYPES
 from ..errors import NestlmError
 from ..loading import load
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer, load_tokenizer
 from . import loader as loader_mod
 from . import shards, sources
+from .batching import global_batch
 from .distributed import DistInfo
 from .recipe import Recipe
 
@@ -33,12 +33,6 @@ def device_and_dist(device: str, init: Callable[[torch.device], DistInfo]) -> tu
         dev = torch.device("cuda", dist.local_rank)
         torch.cuda.set_device(dev)
     return dev, dist
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return None if dtype == "float32" else DTYPES[dtype]
 
 
 def build_parent(r: Recipe) -> HybridLM:
@@ -138,7 +132,7 @@ class StageData:
                 loader_mod.BlockLoader(
                     packed,
                     seq_len=stage.seq_len,
-                    batch_size=stage.batch_size,
+                    batch_size=global_batch(stage, self.recipe.train),  # the whole step; ranks take shares
                     seed=d.seed + stage_idx + 7919 * j,
                     val_fraction=d.val_fraction,
                     rank=rank if one else 0,
@@ -175,15 +169,22 @@ def frozen_teacher(model: HybridLM, recipe: Recipe) -> HybridLM:
     return teacher
 
 
-def auto_importance(model: HybridLM, recipe: Recipe, data: StageData, progress: bool) -> None:
-    """Rank and reorder a parent that was never ranked (or refuse, without elastic.auto_importance)."""
+def auto_importance(
+    model: HybridLM, recipe: Recipe, data: StageData, progress: bool, device: torch.device | None = None
+) -> None:
+    """Rank and reorder a parent that was never ranked (or refuse, without elastic.auto_importance).
+
+    The forward passes run on ``device`` (the run's: the GPU when there is one); the model
+    comes back to the CPU, where the trainer writes the ranked parent and copies the teacher."""
     e = recipe.elastic
     if not e.auto_importance:
         require_reordered(model, "elastic training")
+    if device is not None:
+        model.to(device)
     loader = data.loader(0, whole_batch=True)  # every rank ranks on the same data
     batches = [loader.next_batch()[0] for _ in range(e.importance_batches)]
     imp = estimate_importance(model, batches, progress=progress)
-    reorder(model, imp)
+    reorder(model.cpu(), imp)
 
 
 def compile_models(*models: HybridLM | None) -> None:
@@ -203,25 +204,6 @@ def optimizer(model: HybridLM, routers: torch.nn.Module | None, recipe: Recipe) 
             {"params": list(routers.parameters()), "lr": rlr, "base_lr": rlr, "weight_decay": 0.0, "eps": e.router_eps}
         )
     return torch.optim.AdamW(groups, lr=tr.lr, betas=tuple(tr.betas), weight_decay=tr.weight_decay)
-
-
-def clip_gradients(opt: torch.optim.Optimizer, max_norm: float, device: torch.device) -> torch.Tensor:
-    """Clip by the global norm over the model (FSDP2 DTensors when sharded) and the routers together."""
-    total = torch.zeros((), device=device)
-    groups = []
-    for g in opt.param_groups:
-        params = [p for p in g["params"] if p.grad is not None]
-        if not params:
-            continue
-        n = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if hasattr(n, "full_tensor"):  # a DTensor under FSDP2
-            n = n.full_tensor()
-        total = total + n.float().pow(2)
-        groups.append(params)
-    total = total.sqrt()
-    for params in groups:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
 
 
 def open_tensorboard(enabled: bool, out: Path) -> Any:

@@ -27,20 +27,23 @@ from ..elastic.router import ElasticRouters
 from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer
-from . import preempt, setup
+from . import precision, preempt, setup
+from .batching import stage_batching
 from .checkpointer import METRICS, Checkpointer, TrainState, python_rng_from_json, python_rng_to_json
 from .distributed import (
-    all_reduce_mean,
+    all_reduce_sum,
     average_gradients,
     barrier,
+    broadcast_parameters,
     full_state_dict,
     init_distributed,
     shard_model,
     shutdown,
 )
-from .losses import Head, ce_loss, kd_loss
+from .losses import IGNORE, Head, ce_loss, kd_loss
 from .recipe import Recipe, stage_probs, stage_steps, stored_fingerprint
 from .schedules import gumbel_schedule, set_lr
+from .step import clip_gradients, forward_backward, micro_batches
 
 RUN_FILE = "run.json"
 
@@ -60,7 +63,8 @@ class Trainer:
                 min(tr.threads, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tr.threads
             )
         self.device, self.dist = setup.device_and_dist(tr.device, init_distributed)
-        self.autocast = setup.autocast_dtype(tr.dtype, self.device)
+        self.precision = precision.resolve(tr.dtype, self.device, sharded=self.dist.enabled)
+        self.batching = [stage_batching(s, tr, self.dist.world) for s in recipe.stages]  # refused before any write
         self.elastic = tr.mode == "elastic"
         self.ckpt = Checkpointer(self.out, tr.keep_last, self.dist)
         self._check_out_dir(resume)
@@ -77,7 +81,7 @@ class Trainer:
             el.resolve_choices(self.model.config, e.axes)
             el.parse_budgets(e)
         if self.elastic and setup.needs_ranking(self.model, e):
-            setup.auto_importance(self.model, recipe, self.data, self.progress and self.dist.is_main)
+            setup.auto_importance(self.model, recipe, self.data, self.progress and self.dist.is_main, self.device)
             self._save_parent = True  # written once every check has passed
 
         # ---- budgets, teacher, routers
@@ -91,27 +95,28 @@ class Trainer:
         self.routers: ElasticRouters | None = None
         if self.routed:
             self.routers = el.make_routers(self.model.config, e, len(self.routed), order).to(self.device)
+            broadcast_parameters(self.routers, self.dist)  # identical on every rank from step 0
         self.teacher: HybridLM | None = None
         if self.elastic and not e.trainable_teacher:
-            self.teacher = setup.frozen_teacher(self.model, recipe)
+            self.teacher = precision.frozen(setup.frozen_teacher(self.model, recipe), self.precision)
         if not resume and self.dist.is_main:  # every check has passed: the run's directory starts here
             self.out.mkdir(parents=True, exist_ok=True)
             if self._save_parent:  # the ranked teacher, for comparisons
                 save_pretrained(self.model, self.out / "parent", tokenizer=self._byte_tokenizer())
             write_json(self.out / RUN_FILE, {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict()})
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        self.model.to(self.device).train()
+        precision.master_weights(self.model).to(self.device).train()
         self.model.gradient_checkpointing = tr.activation_checkpointing
         if self.teacher is not None:
             self.teacher.to(self.device)
         if self.dist.enabled:
-            shard_model(self.model)
+            shard_model(self.model, self.precision.mp_policy())
             if self.teacher is not None:
                 shard_model(self.teacher)
         if tr.compile:  # after sharding (FSDP2 wraps the blocks that are compiled), before any forward
             setup.compile_models(self.model, self.teacher)
         self.opt = setup.optimizer(self.model, self.routers, recipe)
-        self.total_steps = sum(stage_steps(s, 1) for s in recipe.stages)
+        self.total_steps = sum(stage_steps(s, tr) for s in recipe.stages)
         self.state = TrainState(budget_rng=None)
         self.sampler = el.BudgetSampler(self.budget_names, tr.seed)
         self.gumbel = torch.Generator().manual_seed(tr.seed + 1)
@@ -157,9 +162,9 @@ class Trainer:
     def _forward(self, model: HybridLM, x: torch.Tensor, **kw: Any) -> torch.Tensor | Head:
         """Logits, or with train.kd_chunk_tokens a Head (hidden states + weight) for the chunked losses."""
         chunk = self.recipe.train.kd_chunk_tokens
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        with self.precision.autocast(self.device):
             out = model(x, head=not chunk, **kw)
-        return Head(out.hidden_states, model.output_weight(), chunk, self.autocast) if chunk else out.logits
+        return Head(out.hidden_states, model.output_weight(), chunk, self.precision.compute) if chunk else out.logits
 
     # ---------------------------------------------------------------- one step
     def train_step(self, stage_idx: int, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
@@ -167,40 +172,21 @@ class Trainer:
         stage = rec.stages[stage_idx]
         budget = self.sampler.draw(stage_probs(rec, stage)) if self.elastic else "full"
         tau, scale = gumbel_schedule(self.state.global_step, self.total_steps, tuple(e.tau), tuple(e.logit_scale))
-        kd_sum = torch.zeros((), device=self.device)
-        bl_val, cost_val, arch, sample = 0.0, None, None, None
+        arch, sample = None, None
         if budget in self.routed:
             sample = self.routers.sample(self.routed.index(budget), tau, scale, generator=self.gumbel)
             if e.mask == "hard":
                 arch = self.routers.arch(sample.choice)
-        n_micro = len(batches)
-        for x, y in batches:
-            x, y = x.to(self.device), y.to(self.device)
-            if not self.elastic:
-                loss = ce_loss(self._forward(self.model, x), y)
-                kd_sum = kd_sum + loss.detach()
-                (loss / n_micro).backward()
-                continue
-            with torch.no_grad():
-                t_logits = self._forward(self.teacher if self.teacher is not None else self.model, x)
-            loss = el.student_loss(self._forward, self.model, self.routers, sample, arch, x, y, t_logits, e)
-            kd_sum = kd_sum + loss.detach()
-            # the router's (tiny) graph is shared by every micro-batch and the budget loss
-            (loss / n_micro).backward(retain_graph=sample is not None)
-        if sample is not None:
-            bl, cost = self.routers.budget_loss(sample, self.targets[budget], e.tolerance, **el.memory_kw(e))
-            (e.budget_loss_weight * bl).backward()
-            bl_val, cost_val = float(bl.detach()), float(cost.detach())
+        kd, bl_val, cost_val = forward_backward(self, budget, sample, arch, batches)
         if self.routers is not None:
             average_gradients(self.routers, self.dist)
-        kd = float(all_reduce_mean(kd_sum / n_micro, self.dist))
         if not math.isfinite(kd) or not math.isfinite(bl_val):
             raise TrainingError(
                 f"loss became {kd} at step {self.state.global_step} (stage {stage.name!r}, budget {budget!r}); "
                 f"stopped without saving. Last good checkpoint: {self.ckpt.latest() or 'none'}. Lower train.lr or "
                 "check the data"
             )
-        gnorm = setup.clip_gradients(self.opt, rec.train.grad_clip, self.device) if rec.train.grad_clip else None
+        norms = clip_gradients(self.opt, rec.train.grad_clip, rec.train.router_grad_clip, self.device)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         out: dict[str, Any] = {"budget": budget, "loss": kd, "ce": kd}  # plain training: the loss is the CE
@@ -211,9 +197,7 @@ class Trainer:
             out["expected_cost"] = cost_val
         if arch is not None:
             out["params"] = arch.num_parameters(self.model.config)
-        if gnorm is not None:
-            out["grad_norm"] = float(gnorm)
-        return out
+        return out | norms
 
     @torch.no_grad()
     def validate(self, stage_idx: int) -> dict[str, float]:
@@ -225,16 +209,19 @@ class Trainer:
             arch = None
             if budget in self.routed:  # unconstrained argmax: validation watches what the routers prefer now
                 arch = self.routers.freeze(self.routed.index(budget), scale=self.recipe.elastic.logit_scale[1])
-            total = 0.0
-            for x, y in batches:
+            total = torch.zeros(2, device=self.device)  # (sum of token-weighted losses, tokens) on the device
+            for x, y in (m for b in batches for m in micro_batches(*b, self.batching[stage_idx].micro_batch)):
                 x, y = x.to(self.device), y.to(self.device)
                 logits = self._forward(self.model, x, arch=arch)
                 if self.elastic:
                     t_logits = self._forward(self.teacher or self.model, x)
-                    total += float(kd_loss(logits, t_logits, self.recipe.elastic.kd_temperature, y))
+                    loss = kd_loss(logits, t_logits, self.recipe.elastic.kd_temperature, y)
                 else:
-                    total += float(ce_loss(logits, y))
-            out[budget] = float(all_reduce_mean(torch.tensor(total / len(batches)), self.dist))
+                    loss = ce_loss(logits, y)
+                n = (y != IGNORE).sum()
+                total += torch.stack([loss.detach().float() * n, n.float()])
+            total = all_reduce_sum(total, self.dist)
+            out[budget] = float(total[0] / total[1].clamp_min(1))
         self.model.train()
         return out
 
@@ -255,7 +242,7 @@ class Trainer:
             guard.__enter__()
             for si in range(self.state.stage, len(rec.stages)):
                 stage = rec.stages[si]
-                steps = stage_steps(stage, 1)
+                steps, shape = stage_steps(stage, rec.train), self.batching[si]
                 self.loader = self.data.loader(si)
                 start = self.state.stage_step if si == self.state.stage else 0
                 if start and self.state.data:
@@ -271,14 +258,14 @@ class Trainer:
                 for step in range(start, steps):
                     set_lr(self.opt, stage, rec.train.lr, step, steps)
                     t0 = time.perf_counter()
-                    batches = [self.loader.next_batch() for _ in range(rec.train.grad_accum)]
+                    batches = micro_batches(*self.loader.next_batch(), shape.micro_batch)  # this rank's share
                     m = self.train_step(si, batches)
                     dt = time.perf_counter() - t0
-                    ntok = sum(x.numel() for x, _ in batches) * self.dist.world
+                    ntok = shape.tokens(stage.seq_len)  # the global batch's, exact for any world size
                     self.state.global_step += 1
                     self.state.stage_step, self.state.stage = step + 1, si
                     m |= {"step": self.state.global_step, "stage": stage.name, "lr": self.opt.param_groups[0]["lr"]}
-                    m["tokens_per_s"] = ntok / dt
+                    m["tokens"], m["tokens_per_s"] = ntok, ntok / dt
                     self.state.history.append({"step": m["step"], "budget": m["budget"], "loss": m["loss"]})
                     self._log(m)
                     v = m.get("kd", m["loss"])
@@ -317,6 +304,7 @@ class Trainer:
     def finish(self) -> Path:
         """Freeze budgets and write the elastic checkpoint into --out (through the checkpoint owner)."""
         sd = full_state_dict(self.model, self.dist)
+        budgets = self.frozen_budgets() if self.elastic else {}  # on every rank: no rank-0-only compute
         if not self.dist.is_main:
             barrier(self.dist)
             return self.out
@@ -325,7 +313,7 @@ class Trainer:
         final.load_state_dict({k: v.cpu() for k, v in sd.items()}, assign=True)
         final.importance = self.model.importance
         final.source_dir = self.model.source_dir
-        final.elastic = self.frozen_budgets() if self.elastic else {}
+        final.elastic = budgets
         routers = self.routers.state_dict() if self.routers is not None else None
         save_into(final, self.out, routers=routers, tokenizer=self._byte_tokenizer())
         barrier(self.dist)
