@@ -37,3 +37,29 @@ def test_a_stage_blends_long_and_short_reasoning(tmp_path: Path) -> None:
     assert (out / "model.safetensors").is_file()
     saved = (out / "recipe.yaml").read_text()
     assert "reasoning:long" in saved and "weight: 0.7" in saved
+
+
+def test_resume_on_prepared_data_continues_at_the_same_token(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    prep = tmp_path / "prep"
+    prepare(["stdlib"], prep, ByteTokenizer(), "bytes", max_bytes=40000)
+    ov = ["stages.0.steps=6", "stages.1.steps=2", "train.checkpoint_every=3", f"data.train={prep}"]
+    whole = tmp_path / "whole"
+    train(load_recipe("tiny", ov), whole, progress=False)
+    out = tmp_path / "killed"
+    args = [sys.executable, "-m", "nestlm", "train", "tiny", "--out", str(out), "--no-progress", *ov]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (out / "checkpoints" / "step-00000003" / "state.json").is_file():
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+        assert time.time() - t0 < 300, "timed out waiting for the step-3 checkpoint"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    train(load_recipe("tiny", ov), out, resume=True, progress=False)
+    la = [r["loss"] for r in _rows(whole) if "loss" in r]
+    lb = [r["loss"] for r in _rows(out) if "loss" in r]
+    assert len(la) == 8 and la == lb  # the resumed run read the same tokens from step 4 on
