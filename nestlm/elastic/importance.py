@@ -86,7 +86,8 @@ def pick_device(name: str, what: str = "device") -> torch.device:
     return torch.device(name)
 
 
-SCORED = ("norm", "mamba_x", "attn_out", "mlp_act")  # the activations importance reads (Tap's names)
+# the activations importance reads (Tap's names); "moe_*" are per-expert sums from model.run_experts
+SCORED = ("norm", "mamba_x", "attn_out", "mlp_act", "moe_reap", "moe_expert_act")
 
 
 class _Accumulator(Tap):
