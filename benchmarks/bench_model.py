@@ -13,24 +13,30 @@ on the same data:
 * times a training step (forward + cross-entropy loss + backward; no optimizer);
 * times cached greedy decoding (``generate``), prefill included, at batch 1 and 4;
 
-and prints a table of tokens/s and the ratio nestlm / transformers. With ``--model nemotron_h_moe``
-(pattern ``--moe-pattern``, routed experts, top-k, expert and shared widths from their flags) it
-also times the MoE layer alone (forward + backward), and every MoE row twice: against transformers'
-default experts implementation (named in the row; ``grouped_mm`` in transformers 5) and against
-``eager`` (its per-expert loop), switched with ``set_experts_implementation``. Every timing is
-the median over ``--steps`` repetitions (nestlm and HF interleaved) after ``--warmup``
-untimed ones, with
-``torch.set_num_threads(--threads)``.
+each for nestlm eager and for nestlm with every block compiled (``nestlm.compile_model``,
+torch.compile's inductor backend; ``--no-compile`` skips it), and prints a table of tokens/s
+and the ratios nestlm / transformers, eager and compiled. Compilation happens in the parity
+checks and the warm-up repetitions, so the timed ones measure compiled code only.
+
+With ``--model nemotron_h_moe`` (pattern ``--moe-pattern``, routed experts, top-k, expert and
+shared widths from their flags) it also times the MoE layer alone (forward + backward; eager
+nestlm only, as ``compile_model`` compiles whole blocks), and every MoE row twice: against
+transformers' default experts implementation (named in the row; ``grouped_mm`` in transformers 5)
+and against ``eager`` (its per-expert loop), switched with ``set_experts_implementation``. Every
+timing is the median over ``--steps`` repetitions (nestlm and HF interleaved) after ``--warmup``
+untimed ones, with ``torch.set_num_threads(--threads)``.
 
     .venv/bin/python benchmarks/bench_model.py            # default CPU-sized config
     .venv/bin/python benchmarks/bench_model.py --quick    # a smaller config, seconds
     .venv/bin/python benchmarks/bench_model.py --model llama --quick
     .venv/bin/python benchmarks/bench_model.py --model nemotron_h_moe --quick
+    .venv/bin/python benchmarks/bench_model.py --no-compile   # eager nestlm only
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -79,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="small config and few repetitions (a smoke run)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd nestlm column")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.ffn, args.vocab = min(args.hidden, 256), min(args.ffn, 768), min(args.vocab, 2048)
@@ -156,8 +163,12 @@ def build_hf(args: argparse.Namespace):
     return hf
 
 
-def moe_layer_rows(args: argparse.Namespace, hf, ours, experts_impl: str) -> list[tuple[str, float, float]]:
-    """The first MoE layer alone, forward + backward, on normed-size random input (B x seq tokens)."""
+Row = tuple[str, float, float, float | None]  # name, HF tok/s, nestlm tok/s, compiled nestlm tok/s (or None)
+
+
+def moe_layer_rows(args: argparse.Namespace, hf, ours, experts_impl: str) -> list[Row]:
+    """The first MoE layer alone, forward + backward, on normed-size random input (B x seq tokens).
+    Eager nestlm only: ``compile_model`` compiles whole blocks, not a mixer on its own."""
     i = next(j for j, ls in enumerate(ours.config.layers) if ls.kind == "moe")
     a, b = hf.model.layers[i].mixer, ours.layers[i].mixer
     gen = torch.Generator().manual_seed(args.seed + 2)
@@ -177,7 +188,9 @@ def moe_layer_rows(args: argparse.Namespace, hf, ours, experts_impl: str) -> lis
 
     t_hf, t_ours = median_times([step(a), step(b)], args.steps, args.warmup)
     ntok = args.batch * args.seq
-    return [(f"MoE layer fwd+bwd (B={args.batch}, L={args.seq}) vs HF {experts_impl}", ntok / t_hf, ntok / t_ours)]
+    return [
+        (f"MoE layer fwd+bwd (B={args.batch}, L={args.seq}) vs HF {experts_impl}", ntok / t_hf, ntok / t_ours, None)
+    ]
 
 
 def median_times(fns: list[Callable[[], object]], steps: int, warmup: int) -> list[float]:
@@ -208,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         ours = nestlm.load(tmp)
     hf.eval()
     ours.eval()
+    comp = None if args.no_compile else nestlm.compile_model(copy.deepcopy(ours))
     n_params = sum(p.numel() for p in ours.parameters())
 
     gen = torch.Generator().manual_seed(args.seed + 1)
@@ -259,7 +273,45 @@ def main(argv: list[str] | None = None) -> None:
         same = a.shape == c.shape and bool((a == c).all())
         print(f"parity: greedy generate batch {b}: {'identical tokens' if same else 'TOKENS DIFFER'}")
 
-    rows: list[tuple[str, float, float]] = []
+    def comp_generate(p: torch.Tensor) -> torch.Tensor:
+        return comp.generate(p, max_new_tokens=args.new_tokens, eos_token_id=[])
+
+    if comp is not None:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            got_c = comp(ids).logits
+        print(
+            f"parity: max |logits compiled - eager nestlm| = {(got_c - got).abs().max().item():.2e} "
+            f"(first call, compilation included: {time.perf_counter() - t0:.1f} s)"
+        )
+        for b, p in prompts.items():
+            t0 = time.perf_counter()
+            same = bool((comp_generate(p) == our_generate(p)).all())
+            print(
+                f"parity: compiled greedy generate batch {b}: {'identical tokens' if same else 'TOKENS DIFFER'} "
+                f"(first call: {time.perf_counter() - t0:.1f} s)"
+            )
+
+    # ---- training step: forward + CE loss + backward
+    def hf_train() -> None:
+        hf.zero_grad(set_to_none=True)
+        ce_loss(hf(input_ids=ids, use_cache=False).logits, ids).backward()
+
+    def our_train() -> None:
+        ours.zero_grad(set_to_none=True)
+        ce_loss(ours(ids).logits, ids).backward()
+
+    def comp_train() -> None:
+        comp.zero_grad(set_to_none=True)
+        ce_loss(comp(ids).logits, ids).backward()
+
+    def timed_row(name: str, ntok: int, fns: list[Callable[[], object]]) -> Row:
+        """Tokens/s of HF, eager nestlm and (when compiled) compiled nestlm: medians, interleaved."""
+        ts = median_times(fns if comp is not None else fns[:2], args.steps, args.warmup)
+        return name, ntok / ts[0], ntok / ts[1], ntok / ts[2] if comp is not None else None
+
+    models = [hf, ours] + ([comp] if comp is not None else [])
+    rows: list[Row] = []
     # MoE: every row against transformers' default experts implementation, then against eager
     impls = [hf.config._experts_implementation, "eager"] if args.model == "nemotron_h_moe" else [None]
     for impl in impls:
@@ -269,39 +321,36 @@ def main(argv: list[str] | None = None) -> None:
             tag = f" vs HF {impl}"
             rows += moe_layer_rows(args, hf, ours, impl)
 
-        # ---- training step: forward + CE loss + backward
-        def hf_train() -> None:
-            hf.zero_grad(set_to_none=True)
-            ce_loss(hf(input_ids=ids, use_cache=False).logits, ids).backward()
-
-        def our_train() -> None:
-            ours.zero_grad(set_to_none=True)
-            ce_loss(ours(ids).logits, ids).backward()
-
-        hf.train()
-        ours.train()
-        ntok = args.batch * args.seq
-        t_hf, t_ours = median_times([hf_train, our_train], args.steps, args.warmup)
-        rows.append((f"train step (B={args.batch}, L={args.seq}, fwd+bwd){tag}", ntok / t_hf, ntok / t_ours))
-        hf.eval()
-        ours.eval()
-        hf.zero_grad(set_to_none=True)
-        ours.zero_grad(set_to_none=True)
+        for m in models:
+            m.train()
+        name = f"train step (B={args.batch}, L={args.seq}, fwd+bwd){tag}"
+        rows.append(timed_row(name, args.batch * args.seq, [hf_train, our_train, comp_train]))
+        for m in models:
+            m.eval()
+            m.zero_grad(set_to_none=True)
 
         # ---- cached greedy decode
         for b, p in prompts.items():
-            ntok = b * args.new_tokens
-            t_hf, t_ours = median_times(
-                [lambda p=p: hf_generate(p), lambda p=p: our_generate(p)], args.steps, args.warmup
-            )
-            rows.append((f"greedy decode (B={b}, {args.prompt}+{args.new_tokens}){tag}", ntok / t_hf, ntok / t_ours))
+            name = f"greedy decode (B={b}, {args.prompt}+{args.new_tokens}){tag}"
+            fns = [lambda p=p: hf_generate(p), lambda p=p: our_generate(p), lambda p=p: comp_generate(p)]
+            rows.append(timed_row(name, b * args.new_tokens, fns))
 
+    print_table(rows, compiled=comp is not None)
+
+
+def print_table(rows: list[Row], compiled: bool) -> None:
+    cols = ["HF tok/s", "nestlm tok/s", "compiled tok/s", "nestlm/HF", "compiled/HF"]
+    if not compiled:
+        cols = [c for c in cols if not c.startswith("compiled")]
     w = max(len(r[0]) for r in rows)
     print()
-    print(f"{'benchmark':<{w}} | {'HF tok/s':>10} | {'nestlm tok/s':>12} | {'nestlm/HF':>9}")
-    print(f"{'-' * w}-|-{'-' * 10}-|-{'-' * 12}-|-{'-' * 9}")
-    for name, hf_tps, our_tps in rows:
-        print(f"{name:<{w}} | {hf_tps:>10.1f} | {our_tps:>12.1f} | {our_tps / hf_tps:>8.2f}x")
+    print(" | ".join([f"{'benchmark':<{w}}"] + cols))
+    print("-|-".join(["-" * w] + ["-" * len(c) for c in cols]))
+    for name, hf_tps, our_tps, comp_tps in rows:
+        c_tps, c_ratio = ("-", "-") if comp_tps is None else (f"{comp_tps:.1f}", f"{comp_tps / hf_tps:.2f}x")
+        vals = [f"{hf_tps:.1f}", f"{our_tps:.1f}"] + ([c_tps] if compiled else [])
+        vals += [f"{our_tps / hf_tps:.2f}x"] + ([c_ratio] if compiled else [])
+        print(" | ".join([f"{name:<{w}}"] + [f"{v:>{len(c)}}" for v, c in zip(vals, cols, strict=True)]))
 
 
 if __name__ == "__main__":
