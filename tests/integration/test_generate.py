@@ -167,6 +167,18 @@ def test_cached_decode_equals_uncached_forward(clamped, pieces: list[int]) -> No
     assert max(errs) <= 1e-4, errs
 
 
+def _hf_cache_kwargs(hf, out) -> dict:
+    """The previous step's cache under the name this transformers takes: ``cache`` (NemotronH from about 5.2;
+    ``past_key_values`` is deprecated and goes in 5.40) or ``past_key_values`` (older releases)."""
+    import inspect
+
+    prev = getattr(out, "cache", None)
+    if prev is None:
+        prev = out.past_key_values
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    return {name: prev}
+
+
 def _step_by_step(hf, ours, ids: torch.Tensor, prefill: int) -> tuple[list[float], list[float]]:
     """Max abs logits differences per step: (transformers cached vs nestlm cached, transformers cached vs uncached)."""
     with torch.no_grad():
@@ -176,7 +188,7 @@ def _step_by_step(hf, ours, ids: torch.Tensor, prefill: int) -> tuple[list[float
         ours_vs_hf = [(ours(ids[:, :prefill], cache=cache).logits - out.logits).abs().max().item()]
         hf_drift = [(out.logits - ref[:, :prefill]).abs().max().item()]
         for t in range(prefill, ids.shape[1]):
-            out = hf(ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+            out = hf(ids[:, t : t + 1], use_cache=True, **_hf_cache_kwargs(hf, out))
             ours_vs_hf.append((ours(ids[:, t : t + 1], cache=cache).logits - out.logits).abs().max().item())
             hf_drift.append((out.logits[:, 0] - ref[:, t]).abs().max().item())
     return ours_vs_hf, hf_drift
