@@ -47,16 +47,15 @@ CONFIGS = Path(__file__).resolve().parent.parent / "assets" / "configs"
 def parent_config(recipe: Recipe) -> ModelConfig:
     """The parent's ModelConfig without its weights: model.path's config.json, else model.plan_config, else init."""
     from ..checkpoint import read_config_json, read_nestlm_config
-    from ..interop.nemotron_h import config_from_hf
+    from ..interop.formats import family
 
     m = recipe.model
     if m.path is not None and (Path(m.path) / "config.json").is_file():
         raw = read_config_json(Path(m.path))
         if raw.get("model_type") == "nestlm":
             return read_nestlm_config(Path(m.path), raw)
-        if raw.get("model_type") != "nemotron_h":
-            raise NestlmError(f"--dry-run reads nestlm and NemotronH configs; {m.path} is {raw.get('model_type')!r}")
-        return config_from_hf(raw, str(Path(m.path) / "config.json"))
+        where = str(Path(m.path) / "config.json")
+        return family(raw.get("model_type"), where).config_from_hf(raw, where)
     if m.plan_config is not None:
         p = Path(m.plan_config)
         if not p.is_file():
@@ -64,7 +63,8 @@ def parent_config(recipe: Recipe) -> ModelConfig:
         if not p.is_file():
             shipped = ", ".join(sorted(q.stem for q in CONFIGS.glob("*.json")))
             raise NestlmError(f"model.plan_config {m.plan_config!r} is not a file or a shipped config ({shipped})")
-        return config_from_hf(json.loads(p.read_text()), str(p))
+        raw = json.loads(p.read_text())
+        return family(raw.get("model_type"), str(p)).config_from_hf(raw, str(p))
     if m.init is not None:
         from .setup import build_parent
 
@@ -72,7 +72,7 @@ def parent_config(recipe: Recipe) -> ModelConfig:
             return build_parent(recipe).config
     raise NestlmError(
         f"--dry-run: model.path {m.path} is not on this machine; set model.plan_config to its config.json "
-        "(or a shipped name: nemotron-nano-12b-v2)"
+        f"(or a shipped name: {', '.join(sorted(q.stem for q in CONFIGS.glob('*.json')))})"
     )
 
 

@@ -88,3 +88,15 @@ def test_counts_quoted_in_the_recipe_are_exact(cfg) -> None:
     for hidden, heads, ffn, count in quoted:
         spec = full.replace(cfg, hidden=int(hidden), attn_heads=int(heads), mlp=int(ffn))
         assert spec.num_parameters(cfg) == int(count.replace(",", ""))
+
+
+def test_dry_run_plans_both_stages_from_the_shipped_shape(capsys: pytest.CaptureFixture) -> None:
+    from nestlm.cli import main
+
+    assert main(["train", str(RECIPE), "--dry-run", "--world-size", "64"]) == 0
+    out = capsys.readouterr().out
+    n = count_parameters(config_from_hf(QWEN3_8B))
+    assert f"parent: {n:,} parameters" in out
+    assert "global batch 1536 = micro-batch 1 x 24 accumulation steps x 64 ranks" in out
+    assert "global batch 384 = micro-batch 1 x 6 accumulation steps x 64 ranks" in out
+    assert "KD chunk 4096" in out
