@@ -130,3 +130,23 @@ def hf_logits(hf, ids: torch.Tensor) -> torch.Tensor:
 def dir_state(root: Path) -> dict[str, tuple[int, int]]:
     """Every path under ``root`` with its size and mtime: equal before and after means nothing was written."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.rglob("*"))}
+
+
+def assert_refused_in_one_line(capsys, tmp_path: Path, model_dir: Path, command: str, needle: str) -> None:
+    """``nestlm importance`` or ``generate`` on ``model_dir``: exit 2, one ``nestlm: error:`` line holding
+    ``needle``, no traceback, nothing written under ``tmp_path``."""
+    from nestlm.cli import main
+
+    before = dir_state(tmp_path)
+    argv = {
+        "importance": ["importance", "--model", str(model_dir), "--data", "stdlib", "--out", str(tmp_path / "out")],
+        "generate": ["generate", "--model", str(model_dir), "--prompt", "hi"],
+    }[command]
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nestlm: error: ") and needle in lines[0], err
+    assert "Traceback" not in err and out == ""
+    assert dir_state(tmp_path) == before and not (tmp_path / "out").exists()

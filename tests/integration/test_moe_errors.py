@@ -11,8 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import nestlm
-from nestlm.cli import main
-from tests.conftest import dir_state
+from tests.conftest import assert_refused_in_one_line
 from tests.moe_models import SHAPES, make_moe
 
 
@@ -53,19 +52,7 @@ def test_unsupported_moe_feature_is_one_line_exit_2_nothing_written(
     raw.update(edits)
     raw = {k: v for k, v in raw.items() if v is not None}
     (d / "config.json").write_text(json.dumps(raw))
-    before = dir_state(tmp_path)
-    argv = {
-        "importance": ["importance", "--model", str(d), "--data", "stdlib", "--out", str(tmp_path / "out")],
-        "generate": ["generate", "--model", str(d), "--prompt", "hi"],
-    }[command]
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nestlm: error: ") and needle in lines[0], err
-    assert "Traceback" not in err and out == ""
-    assert dir_state(tmp_path) == before and not (tmp_path / "out").exists()
+    assert_refused_in_one_line(capsys, tmp_path, d, command, needle)
 
 
 def test_mtp_layers_are_dropped_with_one_line(moe_dir: Path, tmp_path: Path, capsys) -> None:

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nestlm.cli import main
-from tests.conftest import dir_state
+from tests.conftest import assert_refused_in_one_line, dir_state
 from tests.transformer_models import make_transformer
 
 
@@ -87,19 +87,7 @@ def test_unsupported_feature_is_one_line_exit_2_nothing_written(
     d = tmp_path / "m"
     shutil.copytree(llama if source == "llama" else qwen2, d)
     _edit(d, **edits)
-    before = dir_state(tmp_path)
-    argv = {
-        "importance": ["importance", "--model", str(d), "--data", "stdlib", "--out", str(tmp_path / "out")],
-        "generate": ["generate", "--model", str(d), "--prompt", "hi"],
-    }[command]
-    capsys.readouterr()
-    rc = main(argv)
-    out, err = capsys.readouterr()
-    assert rc == 2, err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("nestlm: error: ") and needle in lines[0], err
-    assert "Traceback" not in err and out == ""
-    assert dir_state(tmp_path) == before and not (tmp_path / "out").exists()
+    assert_refused_in_one_line(capsys, tmp_path, d, command, needle)
 
 
 def test_tied_flag_with_a_different_head_is_refused(llama: Path, tmp_path: Path, capsys) -> None:
