@@ -4,15 +4,14 @@ Layout of a nestlm directory:
   config.json           {"model_type": "nestlm", "format_version": 1, "config": ModelConfig}
   model.safetensors     the state dict (no lm_head when tied); metadata: its tensors' sha256, checked on load
   importance.json       (ranked models) the Importance scores and layer order
-  elastic.json          (elastic checkpoints) every Budget: target, frozen ArchSpec, exact count
+  elastic.json          (elastic checkpoints) every Budget: target, frozen ArchSpec, exact total and active counts
   routers.safetensors   (elastic checkpoints) the trained routers' weights
   tokenizer files       carried over from the source directory (see TOKENIZER_FILES)
 Every write goes to a temporary sibling directory that is renamed into place, so a
 reader never sees a half-written checkpoint and a failed write leaves nothing behind.
 
-This module never imports the model: it writes any object with ``state_dict()``,
-``config``, ``elastic``, ``importance`` and ``source_dir``, and reads a directory into a
-``NestlmFiles`` record that ``nestlm.loading.load`` turns into a HybridLM.
+It never imports the model: it writes any object with ``state_dict()``, ``config``, ``elastic``, ``importance``
+and ``source_dir``, and reads a directory into ``NestlmFiles``, which ``nestlm.loading.load`` makes a HybridLM.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig
-from .elastic.arch import ArchSpec
+from .elastic.arch import ArchSpec, count_parameters
 from .elastic.importance import Importance
 from .errors import CheckpointError, NestlmError, OutputError
 from .tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILES
@@ -65,6 +64,7 @@ class Budget:
     fraction: float  # params / the parent's
     target_description: str = ""
     memory_bytes: int | None = None
+    active_params: int | None = None  # parameters per token (MoE: top-k routed experts); = params without MoE
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,17 +72,17 @@ class Budget:
             "target_description": self.target_description,
             "arch": self.arch.to_dict(),
             "params": self.params,
+            "active_params": self.active_params,
             "fraction": self.fraction,
             "memory_bytes": self.memory_bytes,
         }
 
     @classmethod
     def from_dict(cls, name: str, d: dict[str, Any], config: ModelConfig) -> Budget:
-        from .elastic.arch import count_parameters
-
         arch = ArchSpec.from_dict(d["arch"], config)
         params = int(d["params"]) if d.get("params") is not None else arch.num_parameters(config)
         fraction = float(d["fraction"]) if d.get("fraction") is not None else params / count_parameters(config)
+        active = d.get("active_params")  # absent from files written before MoE parents: counted
         return cls(
             name=name,
             target=str(d.get("target", "")),
@@ -91,6 +91,7 @@ class Budget:
             fraction=fraction,
             target_description=str(d.get("target_description", "")),
             memory_bytes=d.get("memory_bytes"),
+            active_params=arch.active_parameters(config) if active is None else int(active),
         )
 
 

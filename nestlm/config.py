@@ -82,7 +82,9 @@ class LayerSpec:
         return KIND_TO_CHAR[self.kind]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        # the kind's fields in declaration order (not dataclasses.asdict: its deep copy is the cost of
+        # searching thousands of ArchSpecs); the other fields are None by __post_init__
+        return {"kind": self.kind, **{k: getattr(self, k) for k in _ORDERED[self.kind]}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
@@ -92,6 +94,12 @@ class LayerSpec:
         if "kind" not in data:
             raise ConfigError(f"layer spec {data!r} has no 'kind' (one of {', '.join(KINDS)})")
         return cls(**data)
+
+
+_ORDERED = {
+    kind: tuple(f.name for f in dataclasses.fields(LayerSpec) if f.name in names)
+    for kind, names in LayerSpec.FIELDS.items()
+}
 
 
 @dataclass

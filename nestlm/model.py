@@ -404,6 +404,7 @@ def route(
     topk_group: int,
     norm_topk_prob: bool,
     scaling: float,
+    expert_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """NemotronH's router: (expert index, routing weight), each (T, top_k), for tokens x (T, D).
 
@@ -411,9 +412,13 @@ def route(
     unbiased scores of the chosen experts. Experts are grouped group-major (group g holds
     experts [g*E/G, (g+1)*E/G)); a group scores the sum of its top 2 and only the best
     ``topk_group`` groups may be chosen from.
+    ``expert_mask`` (E,) (router training, soft mode): an expert masked to 0 is never chosen (as if
+    sliced away), and the chosen experts' weights are scaled by their mask.
     """
     scores = F.linear(x.float(), weight.float()).sigmoid()  # (T, E)
     choice = scores + bias.float()
+    if expert_mask is not None:
+        choice = choice.masked_fill(expert_mask <= 0, float("-inf"))
     if topk_group < n_group:  # (all groups allowed: the mask would keep every expert)
         T, E = choice.shape
         grouped = choice.view(T, n_group, E // n_group)  # (T, G, E/G)
@@ -425,6 +430,8 @@ def route(
     w = scores.gather(1, index)
     if norm_topk_prob:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    if expert_mask is not None:
+        w = w * expert_mask.float()[index]
     return index, w * scaling
 
 
@@ -482,6 +489,8 @@ def run_experts(
     counts = torch.bincount(flat, minlength=up.shape[0])  # (E,)
     xs = x.index_select(0, token)  # (T*k, D), grouped by expert
     h = torch.relu(_expert_linear(xs, up, counts)).square()  # (T*k, F)
+    if probe is not None:
+        h = probe("moe_act", h)  # (T*k, F): neuron activations of the routed experts (soft masks)
     y = _expert_linear(h, down, counts).float() * w.reshape(-1)[order, None]  # (T*k, D)
     if probe is not None:
         stats = torch.zeros(up.shape[0], up.shape[1] + 2, dtype=torch.float32, device=x.device)
@@ -537,7 +546,14 @@ class MoE(nn.Module):
         x = u.reshape(-1, D)  # (T, D)
         gw = _take(_take(self.gate.weight, 0, esel), 1, D)
         bias = _take(self.gate.e_score_correction_bias, 0, esel)
-        index, w = route(x, gw, bias, self.top_k, self.n_group, self.topk_group, self.norm_topk_prob, self.scaling)
+        emask = None
+        if probe is not None:  # router training may mask experts on selection (Tap "moe_experts")
+            ones = torch.ones(E, device=u.device)
+            emask = probe("moe_experts", ones) if active is None else None
+            emask = None if emask is ones else emask
+        index, w = route(
+            x, gw, bias, self.top_k, self.n_group, self.topk_group, self.norm_topk_prob, self.scaling, emask
+        )
         up = _take(_take(_take(self.experts.up_proj, 0, esel), 1, f), 2, D)  # (E', f, D)
         down = _take(_take(_take(self.experts.down_proj, 0, esel), 1, D), 2, f)  # (E', D, f)
         routed = run_experts(x, up, down, index, w, probe).to(u.dtype).view(Bsz, L, D)

@@ -19,7 +19,9 @@ class Tap:
         in_proj's output, (B, L, H*P)), "attn_out" (the input of o_proj, (B, L, nq*hd)),
         "mlp_act" (neuron activations, (B, L, ffn)), "mamba_heads" (ones (H*P,); a replacement
         is a soft mask on the scan's output per head channel, which also leaves the masked
-        channels out of the gated group norm's mean, as slicing the heads does).
+        channels out of the gated group norm's mean, as slicing the heads does),
+        "moe_act" (routed-expert neuron activations, (T*k, ffn)), "moe_experts" (ones (E,); a
+        replacement masks experts on selection: one masked to 0 is never chosen).
     hidden_mask(): a soft mask (hidden,) of the hidden channels, or None: it multiplies the
         embedding and every block's output, and every RMSNorm normalises over the kept share of
         the channels, so that a 0/1 mask runs exactly the sliced hidden size.

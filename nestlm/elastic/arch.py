@@ -10,8 +10,6 @@ parameter count of ``model.slice(spec)``, and the bytes of serving it.
 from __future__ import annotations
 
 import dataclasses
-import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +17,6 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, LayerSpec, ModelConfig, check_moe_experts
-from ..errors import NestlmError
 from .counts import (  # noqa: F401  (re-exported: the counts were first defined here)
     DTYPE_BYTES,
     active_parameters,
@@ -29,10 +26,7 @@ from .counts import (  # noqa: F401  (re-exported: the counts were first defined
     layer_parameters,
     memory_bytes,
 )
-
-
-class ArchError(NestlmError):
-    """An ArchSpec that the parent cannot nest."""
+from .targets import MEASURES, ArchError, Target, measure, parse_target, target_error  # noqa: F401  (re-exported)
 
 
 def _layer_spec(i: int, kind: str, build: Callable[[], LayerSpec]) -> LayerSpec:
@@ -270,64 +264,26 @@ class ArchSpec:
         return " ".join(parts)
 
 
-# --------------------------------------------------------------------------- budget targets
-@dataclass(frozen=True)
-class Target:
-    """A budget target: a fraction of the parent's parameters, a parameter count, or a memory size."""
-
-    kind: str  # "fraction" | "params" | "memory"
-    value: float
-
-    def params(self, config: ModelConfig) -> float:
-        """Target parameter count (fraction and params targets)."""
-        if self.kind == "fraction":
-            return self.value * count_parameters(config)
-        if self.kind == "params":
-            return self.value
-        raise ValueError("a memory target has no parameter count; use bytes()")
-
-    def __str__(self) -> str:
-        if self.kind == "fraction":
-            return f"{self.value:g} of the parent's parameters"
-        if self.kind == "params":
-            return f"{self.value:.4g} parameters"
-        return f"{self.value / 2**30:.3g} GiB"
-
-
-_MEM = re.compile(r"^\s*([0-9.]+(?:e[0-9]+)?)\s*(k|m|g|t)(i?)b\s*$", re.IGNORECASE)
-
-
-def parse_target(value: str | float | int) -> Target:
-    """``0.5`` -> fraction, ``6e9`` -> params, ``12GB`` / ``12GiB`` -> memory bytes."""
-    if isinstance(value, str):
-        m = _MEM.match(value)
-        if m:
-            num, unit, binary = float(m.group(1)), m.group(2).lower(), bool(m.group(3))
-            if not num > 0:
-                raise ArchError(f"budget target {value!r}: a memory size must be positive")
-            scale = (1024 if binary else 1000) ** "kmgt".index(unit) * (1024 if binary else 1000)
-            return Target("memory", num * scale)
-        try:
-            value = float(value)
-        except ValueError:
-            raise ArchError(
-                f"budget target {value!r} is not a fraction (0.5), a parameter count (6e9) or a memory size (12GB)"
-            ) from None
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ArchError(f"budget target {value:g} must be a positive, finite number")
-    if value <= 1:
-        return Target("fraction", value)
-    if not value.is_integer():
-        raise ArchError(
-            f"budget target {value:g} is neither a fraction of the parent (<= 1) nor a whole parameter count"
-        )
-    return Target("params", value)
-
-
 # --------------------------------------------------------------------------- one-shot search
 def _round_to(x: float, step: int, lo: int, hi: int) -> int:
     return int(min(hi, max(lo, round(x / step) * step)))
+
+
+def _expert_counts(config: ModelConfig, e0: LayerSpec | None, target: Target) -> list[int | None]:
+    """Routed-expert counts the one-shot search tries: all of them, or, when a target asks for a total
+    *and* an active count (only expert count tells them apart), every count routing allows."""
+    if e0 is None:
+        return [None]
+    if len(target.goals(config)) < 2:
+        return [e0.experts]
+    out = []
+    for n in range(e0.experts, 0, -config.moe_n_group):
+        try:
+            check_moe_experts(config, n)
+        except ConfigError:
+            continue
+        out.append(n)
+    return out
 
 
 def closest_homogeneous(
@@ -340,9 +296,11 @@ def closest_homogeneous(
     min_width: float = 0.125,
 ) -> ArchSpec:
     """The homogeneous ArchSpec (same widths in every layer of a kind, no dropped layer) closest to
-    ``target``, shrinking hidden, Mamba heads and attention heads by one common factor and solving
-    the MLP width for the rest (Minitron-style width pruning). Within ``tolerance`` or ArchError.
-    No width goes below ``min_width`` of the parent's: past that a "sub-network" is noise.
+    ``target``, shrinking hidden, Mamba heads, attention heads and expert widths by one common
+    factor and solving the MLP width for the rest (Minitron-style width pruning); a target with a
+    total and an active count also chooses the number of routed experts (fewer experts cut the
+    total, not the active count). Within ``tolerance`` of every goal, or ArchError. No width goes
+    below ``min_width`` of the parent's: past that a "sub-network" is noise.
     """
     full = ArchSpec.full(config)
     mambas = [ls for ls in config.layers if ls.kind == "mamba"]
@@ -355,16 +313,17 @@ def closest_homogeneous(
     D = config.hidden_size
     hstep = 8 if D >= 64 else 1
     fstep = 8 if f0 is not None and f0.ffn >= 64 else 1
+    goals = target.goals(config)
+    mkw = {"dtype": dtype, "batch": batch, "context": context}
 
-    def cost(spec: ArchSpec) -> float:
+    def costs(spec: ArchSpec) -> list[float]:
         c = spec.to_config(config)
-        return memory_bytes(c, dtype, batch, context) if target.kind == "memory" else count_parameters(c)
+        return [measure(c, what, **mkw) for what, _ in goals]
 
-    goal = target.value if target.kind == "memory" else target.params(config)
-    best: tuple[float, float, ArchSpec] | None = None
-    steps = 200
-    for k in range(steps, int(min_width * steps) - 1, -1):
-        s = k / steps
+    def miss(spec: ArchSpec) -> float:
+        return max(abs(c / g - 1) for c, (_, g) in zip(costs(spec), goals, strict=True))
+
+    def widths(s: float, experts: int | None) -> dict[str, int]:
         kw: dict[str, int] = {"hidden": _round_to(s * D, hstep, hstep, D)}
         if m0 is not None:
             kw["mamba_heads"] = _round_to(s * m0.heads, m0.groups, m0.groups, m0.heads)
@@ -373,37 +332,60 @@ def closest_homogeneous(
         if e0 is not None:  # MoE: the routed experts and the shared expert narrower by the same factor
             kw["expert_ffn"] = _round_to(s * e0.ffn, 1, 1, e0.ffn)
             kw["shared_ffn"] = _round_to(s * e0.shared_ffn, 1, 1, e0.shared_ffn)
-        if f0 is not None:  # cost is linear in the MLP width: solve for it
-            f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
-            c_lo = cost(full.replace(**kw, mlp=f_lo))
-            c_hi = cost(full.replace(**kw, mlp=f0.ffn))
-            per = (c_hi - c_lo) / max(f0.ffn - f_lo, 1)
-            ffn = f0.ffn if per == 0 else _round_to(f_lo + (goal - c_lo) / per, fstep, f_lo, f0.ffn)
-            kw["mlp"] = ffn
-        spec = full.replace(**kw)
-        err = abs(cost(spec) - goal) / goal
-        balance = abs(kw["mlp"] / f0.ffn - s) if f0 is not None else 0.0
-        key = (0.0 if err <= tolerance else err, balance)
-        if best is None or key < best[:2]:
-            best = (key[0], key[1], spec)
+            kw["experts"] = experts
+        return kw
+
+    goal = goals[0][1]  # the MLP width is solved for the first goal
+    counts = _expert_counts(config, e0, target)
+
+    def expert_options(s: float) -> list[int | None]:
+        """Counts near the one that meets the total at scale s (the total is linear in the count)."""
+        if len(counts) < 3:
+            return counts
+        ti = next(i for i, (w, _) in enumerate(goals) if w == "params")
+        hi, lo = (costs(full.replace(**widths(s, n)))[ti] for n in (counts[0], counts[-1]))
+        want = counts[-1] + (goals[ti][1] - lo) / max(hi - lo, 1e-9) * (counts[0] - counts[-1])
+        return sorted(counts, key=lambda n: abs(n - want))[:2]
+
+    best: tuple[float, float, ArchSpec] | None = None
+    steps = 200
+    for k in range(steps, int(min_width * steps) - 1, -1):
+        s = k / steps
+        for experts in expert_options(s):
+            kw = widths(s, experts)
+            if f0 is not None:  # the first cost is linear in the MLP width: solve for it
+                f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
+                c_lo = costs(full.replace(**kw, mlp=f_lo))[0]
+                c_hi = costs(full.replace(**kw, mlp=f0.ffn))[0]
+                per = (c_hi - c_lo) / max(f0.ffn - f_lo, 1)
+                ffn = f0.ffn if per == 0 else _round_to(f_lo + (goal - c_lo) / per, fstep, f_lo, f0.ffn)
+                kw["mlp"] = ffn
+            spec = full.replace(**kw)
+            err = miss(spec)
+            balance = abs(kw["mlp"] / f0.ffn - s) if f0 is not None else 0.0
+            key = (0.0 if err <= tolerance else err, balance)
+            if best is None or key < best[:2]:
+                best = (key[0], key[1], spec)
     assert best is not None
     spec = best[2]
-    achieved = cost(spec)
-    if abs(achieved - goal) / goal > tolerance:
-        smallest = cost(
-            full.replace(
-                hidden=_round_to(min_width * D, hstep, hstep, D),
-                mamba_heads=_round_to(min_width * m0.heads, m0.groups, m0.groups, m0.heads) if m0 else None,
-                attn_heads=_round_to(min_width * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads) if a0 else None,
-                mlp=_round_to(min_width * f0.ffn, fstep, fstep, f0.ffn) if f0 else None,
-                expert_ffn=_round_to(min_width * e0.ffn, 1, 1, e0.ffn) if e0 else None,
-                shared_ffn=_round_to(min_width * e0.shared_ffn, 1, 1, e0.shared_ffn) if e0 else None,
-            )
+    if miss(spec) > tolerance:
+        smallest = full.replace(
+            hidden=_round_to(min_width * D, hstep, hstep, D),
+            mamba_heads=_round_to(min_width * m0.heads, m0.groups, m0.groups, m0.heads) if m0 else None,
+            attn_heads=_round_to(min_width * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads) if a0 else None,
+            mlp=_round_to(min_width * f0.ffn, fstep, fstep, f0.ffn) if f0 else None,
+            expert_ffn=_round_to(min_width * e0.ffn, 1, 1, e0.ffn) if e0 else None,
+            shared_ffn=_round_to(min_width * e0.shared_ffn, 1, 1, e0.shared_ffn) if e0 else None,
+            experts=counts[-1] if e0 else None,
         )
-        unit = "bytes" if target.kind == "memory" else "parameters"
+
+        def txt(cs: list[float]) -> str:
+            return " / ".join(f"{c:.4g} {'bytes' if w == 'memory' else w}" for c, (w, _) in zip(cs, goals, strict=True))
+
+        want = txt([g for _, g in goals])
         raise ArchError(
-            f"budget {target} ({goal:.4g} {unit}) cannot be reached within {tolerance:.0%}: the closest homogeneous "
-            f"sub-network has {achieved:.4g} (the smallest nests {smallest:.4g}, the parent {cost(full):.4g}); "
-            "give a budget in that range"
+            f"budget {target} ({want}) cannot be reached within {tolerance:.0%}: the closest homogeneous "
+            f"sub-network has {txt(costs(spec))} (the smallest nests {txt(costs(smallest))}, the parent "
+            f"{txt(costs(full))}); give a budget in that range"
         )
     return spec

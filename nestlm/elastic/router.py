@@ -11,14 +11,18 @@ hard mode: the argmax option runs *sliced* (a small budget costs less compute) a
 soft mode: the full width runs with the mask sum_i pi_i * mask_i on every axis, applied where
     slicing cuts (hidden: the embedding, every block output and every RMSNorm's mean; Mamba
     heads: the scan output and the gated group norm's mean; attention heads: o_proj's input;
-    FFN: the neuron activations), so that at a one-hot pi it runs the sliced sub-network.
+    FFN: the neuron activations; MoE: routed experts on *selection* (an expert masked to 0 can never be
+chosen, the chosen ones' routing weights scaled by their mask), the experts' and the shared
+expert's neurons), so that at a one-hot pi it runs the sliced sub-network.
 The budget loss is |P(E[choices]) / target - 1|, zero within a tolerance, with P a
-differentiable parameter count (or memory: weights + KV + SSM state).
+differentiable parameter count (total, or active per token for MoE; both for a target naming
+both, the losses added) or memory (weights + KV + SSM state).
 After training each budget's argmax choices are frozen into an ArchSpec.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 from typing import Any
@@ -29,63 +33,8 @@ import torch.nn.functional as F
 
 from ..config import ModelConfig
 from ..tap import Tap
-from .arch import DTYPE_BYTES, ArchError, ArchSpec, Target, block_cache_bytes, block_parameters
-
-AXES = ("hidden", "mamba_heads", "attn_heads", "mlp", "depth")
-AXIS_KIND = {"mamba_heads": "mamba", "attn_heads": "attention", "mlp": "mlp"}
-
-
-def resolve_choices(
-    config: ModelConfig, axes: dict[str, list[float | int]], n_layers_droppable: int | None = None
-) -> dict[str, list[int]]:
-    """Absolute, validated, descending choice lists per axis from sizes or fractions (<= 1.0).
-
-    hidden: channels; mamba_heads: heads per layer (a multiple of the groups); attn_heads:
-    query heads (a multiple of the KV heads); mlp: neurons; depth: layers dropped (0 = none).
-    The full size is always a choice (the first).
-    """
-    unknown = [a for a in axes if a not in AXES]
-    if unknown:
-        raise ArchError(f"unknown elastic axis {unknown[0]!r}; valid axes: {', '.join(AXES)}")
-    kinds = {k: [ls for ls in config.layers if ls.kind == k] for k in ("mamba", "attention", "mlp")}
-    out: dict[str, list[int]] = {}
-    for axis, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise ArchError(f"elastic axis {axis!r} needs a non-empty list of sizes or fractions, got {values!r}")
-        if axis == "depth":
-            vals = [int(v) for v in values]
-            bad = [v for v in vals if not 0 <= v < config.n_layers]
-            if bad:
-                raise ArchError(f"depth choice {bad[0]} must drop between 0 and {config.n_layers - 1} layers")
-            out[axis] = sorted(set(vals) | {0})
-            continue
-        if axis == "hidden":
-            full, mult, name = config.hidden_size, 1, "hidden"
-        else:
-            layers = kinds[AXIS_KIND[axis]]
-            if not layers:
-                raise ArchError(f"elastic axis {axis!r} has no {AXIS_KIND[axis]} layer to act on")
-            if len({(ls.heads, ls.groups, ls.kv_heads, ls.ffn) for ls in layers}) > 1:
-                raise ArchError(f"elastic axis {axis!r} needs the parent's {AXIS_KIND[axis]} layers to share widths")
-            ls = layers[0]
-            full, mult, name = {
-                "mamba_heads": (ls.heads, ls.groups, "Mamba groups"),
-                "attn_heads": (ls.heads, ls.kv_heads, "KV heads"),
-                "mlp": (ls.ffn, 1, "neurons"),
-            }[axis]
-        vals = []
-        for v in values:
-            n = round(v * full / mult) * mult if isinstance(v, float) and v <= 1.0 else int(v)
-            if n <= 0 or n > full:
-                raise ArchError(f"{axis} choice {v!r} gives {n}, outside 1..{full}")
-            if n % mult:
-                raise ArchError(
-                    f"{axis} choice {v!r} gives {n}, not a multiple of the {mult} {name} (every group keeps the "
-                    "same number of heads)"
-                )
-            vals.append(n)
-        out[axis] = sorted(set(vals) | {full}, reverse=True)
-    return out
+from .arch import DTYPE_BYTES, ArchError, ArchSpec, Target, block_cache_bytes, block_parameters, target_error
+from .axes import AXES, AXIS_FIELD, AXIS_KIND, resolve_choices  # noqa: F401  (re-exported)
 
 
 class Router(nn.Module):
@@ -177,17 +126,15 @@ class ElasticRouters(nn.Module):
         spec = ArchSpec.full(self.config)
         hidden = int(self.choices["hidden"][int(choice["hidden"][0])]) if "hidden" in choice else spec.hidden
         layers = list(spec.layers)
+        widths: dict[int, dict[str, int]] = {}  # layer -> the fields its axes set (a MoE layer has three)
         for axis, idxs in self.layers_of.items():
             if axis not in choice:
                 continue
             for r, i in enumerate(idxs):
                 c = int(choice[axis][r if self.heterogeneous else 0])
-                v = int(self.choices[axis][c])
-                ls = layers[i]
-                if axis == "mlp":
-                    layers[i] = type(ls)(**{**ls.to_dict(), "ffn": v})
-                else:
-                    layers[i] = type(ls)(**{**ls.to_dict(), "heads": v})
+                widths.setdefault(i, {})[AXIS_FIELD[axis]] = int(self.choices[axis][c])
+        for i, w in widths.items():
+            layers[i] = dataclasses.replace(layers[i], **w)
         if "depth" in choice:
             for i in self.dropped(int(self.choices["depth"][int(choice["depth"][0])])):
                 layers[i] = None
@@ -202,13 +149,15 @@ class ElasticRouters(nn.Module):
 
         gates: list[torch.Tensor | None] = [None] * self.config.n_layers
         depth = st(sample.probs["depth"], sample.choice["depth"])[0] if "depth" in sample.probs else None
-        for axis, idxs in self.layers_of.items():
-            g = st(sample.probs[axis], sample.choice[axis]) if axis in sample.probs else None
+        for axis, idxs in self.layers_of.items():  # a MoE layer multiplies the factors of its three axes
+            if axis not in sample.probs:
+                continue
+            g = st(sample.probs[axis], sample.choice[axis])
             for r, i in enumerate(idxs):
-                f = None if g is None else g[r if self.heterogeneous else 0]
-                if depth is not None:
-                    f = depth if f is None else f * depth
-                gates[i] = f
+                f = g[r if self.heterogeneous else 0]
+                gates[i] = f if gates[i] is None else gates[i] * f
+        if depth is not None:
+            gates = [depth if f is None else f * depth for f in gates]
         hidden = st(sample.probs["hidden"], sample.choice["hidden"])[0] if "hidden" in sample.probs else None
         return {"hidden": hidden, "layers": gates}
 
@@ -223,13 +172,20 @@ class ElasticRouters(nn.Module):
             for r, i in enumerate(idxs):
                 ls = cfg.layers[i]
                 p = sample.probs[axis][r if self.heterogeneous else 0]
-                if axis == "mlp":
-                    units, name, width = ls.ffn, "mlp_act", 1
+                if axis in ("mlp", "moe_shared_ffn"):  # (the shared expert is an MLP: its "mlp_act")
+                    units, name, width = getattr(ls, AXIS_FIELD[axis]), "mlp_act", 1
                 elif axis == "mamba_heads":  # after the scan, so the group norm leaves masked heads out
                     units, name, width = ls.heads, "mamba_heads", ls.head_dim
+                elif axis == "moe_experts":  # on selection; the first of every group, as slicing keeps
+                    units, name, width = ls.experts, "moe_experts", 1
+                elif axis == "moe_ffn":
+                    units, name, width = ls.ffn, "moe_act", 1
                 else:
                     units, name, width = ls.heads, "attn_out", ls.head_dim
-                keep = (torch.arange(units, device=vals.device)[None] < vals[:, None]).float()  # (n_choices, units)
+                rank, limit = torch.arange(units, device=vals.device), vals
+                if axis == "moe_experts":  # experts are ranked within their group: a group keeps a prefix
+                    rank, limit = rank % (units // cfg.moe_n_group), vals / cfg.moe_n_group
+                keep = (rank[None] < limit[:, None]).float()  # (n_choices, units)
                 m = (p[:, None] * keep).sum(0)  # (units,)
                 masks[(i, name)] = m.repeat_interleave(width) if width > 1 else m
 
@@ -282,10 +238,13 @@ class ElasticRouters(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         batch: int = 1,
         context: int = 4096,
+        what: str | None = None,
     ) -> torch.Tensor:
-        """Differentiable P(E[choices]): parameters, or bytes for a memory target."""
+        """Differentiable P(E[choices]) of measure ``what`` ("params", "active" per token, or "memory"
+        bytes; default: the target's first goal)."""
         cfg = self.config
         b = DTYPE_BYTES[dtype]
+        what = what or target.goals(cfg)[0][0]
 
         def expect(axis: str, row: int, default: float) -> Any:
             if axis not in sample.probs:
@@ -300,29 +259,30 @@ class ElasticRouters(nn.Module):
         rows = {i: r for idxs in self.layers_of.values() for r, i in enumerate(idxs)}
         for i, ls in enumerate(cfg.layers):
             w = {k: v for k, v in ls.to_dict().items() if k != "kind"}
-            if ls.kind == "mamba":
-                w["heads"] = expect("mamba_heads", rows[i], float(ls.heads))
-            elif ls.kind == "attention":
-                w["heads"] = expect("attn_heads", rows[i], float(ls.heads))
-            elif ls.kind == "mlp":
-                w["ffn"] = expect("mlp", rows[i], float(ls.ffn))
-            # (MoE layers keep their experts here: the expert axes have no router yet)
-            total = total + keep[i] * block_parameters(cfg, ls.kind, D, **w)
-            if target.kind == "memory":
+            for axis, kind in AXIS_KIND.items():  # the expected width of every axis acting on this layer
+                if kind == ls.kind:
+                    name = AXIS_FIELD[axis]
+                    w[name] = expect(axis, rows[i], float(w[name]))
+            total = total + keep[i] * block_parameters(cfg, ls.kind, D, **w, active=what == "active")
+            if what == "memory":
                 for k in ("ffn", "experts", "shared_ffn"):
                     w.pop(k, None)
                 cache = cache + keep[i] * block_cache_bytes(cfg, ls.kind, batch, context, b, **w)
-        if target.kind == "memory":
+        if what == "memory":
             return total * b + cache
         return total
 
     def budget_loss(
         self, sample: RouterSample, target: Target, tolerance: float = 0.05, **memory_kw: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(|P / target - 1| minus the tolerance, floored at 0; the expected cost)."""
-        goal = target.value if target.kind == "memory" else target.params(self.config)
-        cost = self.expected_cost(sample, target, **memory_kw)
-        return F.relu((cost / goal - 1.0).abs() - tolerance), cost
+        """(sum over the target's goals of |P / goal - 1| minus the tolerance, floored at 0; the expected
+        cost of the first goal)."""
+        losses, first = [], None
+        for what, goal in target.goals(self.config):
+            cost = self.expected_cost(sample, target, **memory_kw, what=what)
+            losses.append(F.relu((cost / goal - 1.0).abs() - tolerance))
+            first = cost if first is None else first
+        return sum(losses[1:], losses[0]), first
 
     @torch.no_grad()
     def freeze(
@@ -345,17 +305,21 @@ class ElasticRouters(nn.Module):
         if target is None:
             return self.arch(choice)
         cfg = self.config
-        goal = target.value if target.kind == "memory" else target.params(cfg)
+        goals = target.goals(cfg)
+        what, goal = goals[0]  # greedy steps follow the first goal
 
         def cost(ch: dict[str, torch.Tensor]) -> float:
             spec = self.arch(ch)
-            return spec.memory_bytes(cfg, **memory_kw) if target.kind == "memory" else spec.num_parameters(cfg)
+            return spec.memory_bytes(cfg, **memory_kw) if what == "memory" else spec.num_parameters(cfg)
+
+        def miss(ch: dict[str, torch.Tensor]) -> float:  # the largest relative miss over every goal
+            return target_error(cfg, self.arch(ch).to_config(cfg), target, **memory_kw)
 
         def score(ch: dict[str, torch.Tensor]) -> float:
             return float(sum(logp[a].gather(-1, c[:, None]).sum() for a, c in ch.items()))
 
         def ok(ch: dict[str, torch.Tensor]) -> bool:
-            return abs(cost(ch) / goal - 1) <= tolerance
+            return miss(ch) <= tolerance
 
         if ok(choice):
             return self.arch(choice)
@@ -364,7 +328,7 @@ class ElasticRouters(nn.Module):
             best, best_key = choice, None
             for combo in itertools.product(*(range(len(self.choices[a])) for a in axes)):
                 ch = {a: torch.tensor([c]) for a, c in zip(axes, combo, strict=True)}
-                err = abs(cost(ch) / goal - 1)
+                err = miss(ch)
                 key = (max(err - tolerance, 0.0), -score(ch))
                 if best_key is None or key < best_key:
                     best, best_key = ch, key

@@ -19,7 +19,7 @@ from ..checkpoint import Budget
 from ..config import ModelConfig
 from ..errors import NestlmError
 from ..train.losses import ce_loss, kd_loss
-from .arch import ArchSpec, Target, count_parameters, parse_target
+from .arch import ArchSpec, Target, count_parameters, measure, parse_target
 from .router import ElasticRouters, RouterSample, resolve_choices
 
 if TYPE_CHECKING:
@@ -50,25 +50,29 @@ def make_routers(cfg: ModelConfig, e: ElasticSection, n_budgets: int, layer_orde
 
 
 def check_reachable(cfg: ModelConfig, targets: dict[str, Target], e: ElasticSection, layer_order: Any) -> None:
-    """Every parameter target lies between the smallest choice the axes allow and the parent."""
-    total = count_parameters(cfg)
+    """Every parameter goal (total or active) lies between the smallest choice the axes allow and the parent."""
     for name, t in targets.items():
-        if t.kind == "memory":
+        goals = [(what, p) for what, p in t.goals(cfg) if what != "memory"]
+        if not goals:
             continue
-        p = t.params(cfg)
-        if p > total * 1.0001:
-            raise NestlmError(f"budget {name!r} asks for {p:.4g} parameters; the parent has only {total:.4g}")
+        # (built per target, as before active targets: the routers' init draws from the global RNG,
+        # and a run's router initialisation must not change)
         choices = resolve_choices(cfg, e.axes)
         smallest = ArchSpec.full(cfg)
         if choices:
             routers = ElasticRouters(cfg, choices, 1, layer_order=layer_order)
             smallest = routers.arch({a: torch.tensor([len(v) - 1]) for a, v in choices.items()})
-        low = smallest.num_parameters(cfg)
-        if p < low * (1 - e.tolerance):
-            raise NestlmError(
-                f"budget {name!r} ({t}) = {p:.4g} parameters is below the smallest choice the axes allow "
-                f"({low:.4g}); add smaller choices to elastic.axes or raise the budget"
-            )
+        for what, p in goals:
+            unit = "active parameters" if what == "active" else "parameters"
+            top = measure(cfg, what)
+            if p > top * 1.0001:
+                raise NestlmError(f"budget {name!r} asks for {p:.4g} {unit}; the parent has only {top:.4g}")
+            low = measure(smallest.to_config(cfg), what)
+            if p < low * (1 - e.tolerance):
+                raise NestlmError(
+                    f"budget {name!r} ({t}) = {p:.4g} {unit} is below the smallest choice the axes allow "
+                    f"({low:.4g}); add smaller choices to elastic.axes or raise the budget"
+                )
 
 
 class BudgetSampler:
@@ -135,5 +139,6 @@ def freeze_budgets(
             params=n,
             fraction=n / total,
             memory_bytes=spec.memory_bytes(cfg, DTYPES[m.dtype], m.batch, m.context),
+            active_params=spec.active_parameters(cfg),
         )
     return out

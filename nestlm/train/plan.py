@@ -100,6 +100,8 @@ def _block_act_per_token(cfg: ModelConfig, ls: Any) -> float:
         return 2 * (d + 2 * ls.ffn)
     if ls.kind == "attention":
         return 2 * (d + (2 * ls.heads + 2 * ls.kv_heads) * ls.head_dim)
+    if ls.kind == "moe":  # per token: its input gathered top-k times, each expert's hidden, the shared expert's
+        return 2 * (d + cfg.moe_top_k * (d + 2 * ls.ffn) + 2 * ls.shared_ffn)
     di = ls.heads * ls.head_dim
     ssd = 4 * (ls.heads * cfg.mamba_chunk_size + ls.heads * ls.head_dim * ls.d_state / cfg.mamba_chunk_size)
     return 2 * (d + 6 * di + 4 * ls.groups * ls.d_state + ls.heads) + ssd

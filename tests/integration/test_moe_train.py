@@ -1,0 +1,76 @@
+"""A tiny random NemotronH MoE parent through the whole pipeline, by the CLI: importance (REAP) ->
+two-stage elastic training over the expert axes -> frozen budgets, one given as an active-parameter
+target -> slice -> HF export -> transformers loads it with the same logits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import NemotronHForCausalLM
+
+import nestlm
+from nestlm.cli import main
+from nestlm.elastic.arch import ArchSpec
+from tests.moe_models import SHAPES, make_moe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_moe_parent_end_to_end(tmp_path: Path) -> None:
+    hf = make_moe(tmp_path / "hf", seed=2, **SHAPES["g1-k1-nonorm-bias"])
+    g = torch.Generator().manual_seed(0)
+    data = tmp_path / "tokens.jsonl"
+    rows = [torch.randint(3, 97, (5,), generator=g).repeat(40).tolist() for _ in range(24)]
+    data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
+    ranked = tmp_path / "ranked"
+    argv = ["importance", "--model", str(hf), "--data", str(data), "--out", str(ranked)]
+    assert main(argv + ["--seq-len", "64", "--batch-size", "4", "--num-samples", "16"]) == 0
+    parent = nestlm.load(ranked)
+    active_full = parent.num_parameters() - 2 * 48 * 16 * (6 - 1) * 2  # one routed expert of six per token
+    recipe = {
+        "name": "moe-tiny",
+        "model": {"path": str(ranked)},
+        "data": {"train": str(data), "tokenizer": "bytes", "val_fraction": 0.1},
+        "elastic": {
+            "budgets": {"full": 1.0, "small": "active=0.7"},
+            "axes": {
+                "hidden": [1.0, 0.75],
+                "moe_experts": [1.0, 4, 2],
+                "moe_ffn": [1.0, 0.75, 0.5],
+                "moe_shared_ffn": [1.0, 0.5],
+            },
+            "d_router": 32,
+        },
+        "train": {"lr": 1.0e-3, "checkpoint_every": 100, "threads": 1, "tensorboard": False},
+        "stages": [
+            {"name": "short", "seq_len": 32, "batch_size": 4, "steps": 12, "budget_probs": "uniform"},
+            {"name": "long", "seq_len": 64, "batch_size": 2, "steps": 8, "budget_probs": [0.5, 0.5]},
+        ],
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "recipe.yaml"), "--out", str(run), "--no-progress"]) == 0
+    model = nestlm.load(run).eval()
+    assert model.budgets == ["full", "small"]
+    budget = model.elastic["small"]
+    cfg = model.config
+    assert budget.active_params == budget.arch.active_parameters(cfg)
+    assert abs(budget.active_params / (0.7 * ArchSpec.full(cfg).active_parameters(cfg)) - 1) <= 0.05
+    saved = json.loads((run / "elastic.json").read_text())
+    assert json.dumps(saved).count("active_params") >= 2  # both counts recorded per budget
+    stages = {json.loads(line).get("stage") for line in (run / "metrics.jsonl").read_text().splitlines()}
+    assert {"short", "long"} <= stages
+
+    out = tmp_path / "small-hf"
+    assert main(["slice", "--model", str(run), "--budget", "small", "--out", str(out), "--format", "hf"]) == 0
+    small = NemotronHForCausalLM.from_pretrained(out).eval()
+    assert sum(p.numel() for p in small.parameters()) == budget.params
+    ids = torch.randint(3, 97, (2, 32), generator=g)
+    with torch.no_grad():
+        diff = (small(ids, use_cache=False).logits - model(ids, budget="small").logits).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert active_full > budget.active_params
