@@ -80,7 +80,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def _add_prune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="one-shot Minitron-style width pruning to a budget (the baseline)")
     p.add_argument("--model", required=True, help="a reordered model (from nestlm importance)")
-    p.add_argument("--budget", required=True, help="0.5 (fraction), 6e9 (parameters) or 12GB (memory)")
+    p.add_argument(
+        "--budget",
+        required=True,
+        help="0.5 (fraction), 6e9 (parameters), active=2e9 or 23e9,active=2.8e9 (MoE), 12GB (memory)",
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--tolerance", type=float, default=0.02)
     p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
