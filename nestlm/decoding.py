@@ -12,8 +12,9 @@ completes it), or until ``max_tokens`` tokens of that phase, in which case its `
 budget, its caches built by one prefill of the context so far: each phase is exactly a plain
 ``generate`` call at its budget on the context the phases before it left. The last phase runs
 to the request's own stop conditions (EOS, ``stop``, which sees the whole completion); the
-request's ``max_new_tokens`` caps all phases together, forced tokens included. Rows of a batch
-run together, each phase one left-padded batch (a row generates what it would alone).
+request's ``max_new_tokens`` (an int, or a list of one cap per row) caps all phases together,
+forced tokens included. Rows of a batch run together, each phase one left-padded batch (a row
+generates what it would alone).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .sampling import special_ids
-from .speculative import DecodingError, SpecStats, speculative_generate
+from .speculative import DecodingError, SpecStats, per_row_caps, speculative_generate
 from .tokenizer import load_tokenizer
 
 if TYPE_CHECKING:
@@ -83,45 +84,55 @@ def _phase(
     news: list[list[int]],
     ph: Phase,
     last: bool,
-    total: int,
+    totals: list[int],
     eos: set[int],
     tok: Any,
     stop: Callable[[torch.Tensor], torch.Tensor] | None,
+    row_stop: Callable[[int, list[int]], bool] | None,
     on_token: Callable[[int, int, torch.Tensor | None, str], None] | None,
     rows: list[int],
     kwargs: dict[str, Any],
 ) -> None:
     """Run one phase for ``rows`` (one left-padded plain ``generate`` at the phase's budget), cut each
-    row where its phase ended, append force ids, and extend ``ctxs`` / ``news`` in place."""
-    caps = [total - len(news[b]) if ph.max_tokens is None else min(ph.max_tokens, total - len(news[b])) for b in rows]
+    row where its phase ended, append force ids, and extend ``ctxs`` / ``news`` in place. Each
+    token goes to ``on_token`` as its step produces it (the forced ones after the phase)."""
+    left = [totals[b] - len(news[b]) for b in rows]
+    caps = [n if ph.max_tokens is None else min(ph.max_tokens, n) for n in left]
     L = max(len(ctxs[b]) for b in rows)
     ids = torch.zeros(len(rows), L, dtype=torch.long, device=kwargs["device"])
     mask = torch.zeros_like(ids)
     for j, b in enumerate(rows):
         ids[j, L - len(ctxs[b]) :] = torch.tensor(ctxs[b])
         mask[j, L - len(ctxs[b]) :] = 1
-    done_at: list[int | None] = [None] * len(rows)
+    done_at: list[int | None] = [None] * len(rows)  # the step whose token ended the row's phase
 
     def stop_fn(gen: torch.Tensor) -> torch.Tensor:
         n = gen.shape[1]
         for j, b in enumerate(rows):
             if done_at[j] is None:
                 g = gen[j].tolist()
-                hit = n >= caps[j] or (bool(ph.stop) and any(s in tok.decode(g) for s in ph.stop))
+                hit = n >= caps[j] or g[-1] in eos or (bool(ph.stop) and any(s in tok.decode(g) for s in ph.stop))
                 if last and stop is not None and not hit:
                     hit = bool(stop(torch.tensor([news[b] + g], device=gen.device))[0])
+                if last and row_stop is not None and not hit:
+                    hit = row_stop(b, news[b] + g)
                 if hit:
                     done_at[j] = n
         return torch.tensor([d is not None for d in done_at])
 
-    steps: list[torch.Tensor] = []
+    def on_step(logits: torch.Tensor, toks: torch.Tensor) -> None:
+        # called before stop_fn of the same step: a row whose phase has not ended yet owns this token
+        for j, t in enumerate(toks.tolist()):
+            if done_at[j] is None:
+                on_token(rows[j], t, logits[j], ph.budget)
+
     out = model.generate(
         ids,
         attention_mask=mask if len(rows) > 1 else None,
         max_new_tokens=max(caps),
         budget=ph.budget,
         stop=stop_fn,
-        on_step=(lambda lg, _t: steps.append(lg)) if on_token is not None else None,
+        on_step=on_step if on_token is not None else None,
         **{k: v for k, v in kwargs.items() if k != "device"},
     )
     for j, b in enumerate(rows):
@@ -129,16 +140,13 @@ def _phase(
         cut = done_at[j] if done_at[j] is not None else len(g)
         hit_eos = next((i + 1 for i, t in enumerate(g[:cut]) if t in eos), None)
         got = g[: hit_eos or cut]
-        for i, t in enumerate(got):
-            if on_token is not None:
-                on_token(b, t, steps[i][j], ph.budget)
         news[b] += got
         ctxs[b] += got
         if last or hit_eos:
             continue  # an EOS ends a non-final phase (and stays in the context)
         stopped = bool(ph.stop) and any(s in tok.decode(got) for s in ph.stop)
         if not stopped and ph.force is not None and len(got) == ph.max_tokens:
-            forced = list(tok.encode(ph.force))[: total - len(news[b])]
+            forced = list(tok.encode(ph.force))[: totals[b] - len(news[b])]
             for t in forced:
                 if on_token is not None:
                     on_token(b, t, None, "force")
@@ -151,7 +159,7 @@ def schedule_generate(
     model: HybridLM,
     input_ids: torch.Tensor,
     budget_schedule: Any,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | list[int] = 32,
     attention_mask: torch.Tensor | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
@@ -160,14 +168,16 @@ def schedule_generate(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[int, int, torch.Tensor | None, str], None] | None = None,
+    row_stop: Callable[[int, list[int]], bool] | None = None,
     **sampling: Any,
 ) -> torch.Tensor:
     """Generation under a budget schedule (see the module docstring); returns (B, L + new) as ``generate``.
 
     ``tokenizer`` (encode / decode) reads stop strings and encodes force texts; by default the
-    model directory's. ``stop`` is called per row with that row's whole completion (1, n).
+    model directory's. ``stop`` is called per row with that row's whole completion (1, n) in the
+    last phase; ``row_stop(row, completion)`` the same with the row's index.
     ``on_token(row, token, logits (V,) or None for a forced token, budget or "force")`` sees every
-    new token, phase by phase.
+    new token as it is produced, phase by phase.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -184,16 +194,18 @@ def schedule_generate(
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     kwargs = dict(sampling, eos_token_id=eos_ids.tolist(), pad_token_id=pad, generator=gen, device=input_ids.device)
     B = input_ids.shape[0]
+    totals = per_row_caps(max_new_tokens, B)
     ctxs = [
         (input_ids[b] if attention_mask is None else input_ids[b][attention_mask[b].bool()]).tolist() for b in range(B)
     ]
     news: list[list[int]] = [[] for _ in range(B)]
     going = list(range(B))  # rows that neither hit the total cap nor ended in an EOS of the last phase
     for i, ph in enumerate(phases):
-        going = [b for b in going if len(news[b]) < max_new_tokens]
+        going = [b for b in going if len(news[b]) < totals[b]]
         if not going:
             break
-        _phase(model, ctxs, news, ph, i == len(phases) - 1, max_new_tokens, eos, tok, stop, on_token, going, kwargs)
+        last = i == len(phases) - 1
+        _phase(model, ctxs, news, ph, last, totals, eos, tok, stop, row_stop, on_token, going, kwargs)
     width = max(len(r) for r in news)
     new = torch.full((B, width), pad, dtype=input_ids.dtype, device=input_ids.device)
     for b, r in enumerate(news):
@@ -217,6 +229,8 @@ def generate(
     ``budget_schedule``: phases at different budgets (module docstring); not with ``budget=``.
     ``draft_budget`` / ``draft_arch`` with ``num_draft_tokens`` (default 4): speculative decoding
     at the target ``budget`` / ``arch`` (nestlm.speculative); ``stats`` a SpecStats to fill in.
+    These two also take ``max_new_tokens`` as a list (one cap per row) and ``row_stop(row, tokens)``
+    (``stop`` with the row's index); plain decoding does not.
     """
     if budget_schedule is not None:
         if kwargs.get("budget") is not None or kwargs.get("arch") is not None:
@@ -232,4 +246,6 @@ def generate(
         return speculative_generate(model, input_ids, **draft, **kwargs)
     if num_draft_tokens is not None:
         raise DecodingError("num_draft_tokens= needs a draft: draft_budget= or draft_arch=")
+    if kwargs.get("row_stop") is not None or not isinstance(kwargs.get("max_new_tokens", 32), int):
+        raise DecodingError("row_stop= and per-row max_new_tokens need budget_schedule= or draft_budget=")
     return model.generate(input_ids, **kwargs)  # plain decoding

@@ -17,6 +17,7 @@ from .sampling import generation_defaults, sample_next, special_ids, warp_logits
 
 # what nestlm.decoding.generate takes on top of plain decoding's arguments
 SEVERAL_KEYS = {"budget_schedule", "draft_budget", "draft_arch", "num_draft_tokens", "tokenizer", "stats", "on_token"}
+SEVERAL_KEYS |= {"row_stop"}
 
 __all__ = ["generate", "generation_defaults", "sample_next", "special_ids", "warp_logits"]
 

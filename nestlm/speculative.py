@@ -85,6 +85,16 @@ def accept_reject(
     return n, torch.multinomial(res, 1, generator=generator).squeeze(-1)
 
 
+def per_row_caps(max_new_tokens: int | list[int], B: int) -> list[int]:
+    """``max_new_tokens`` as one cap per row: an int for every row, or a list of B ints."""
+    if isinstance(max_new_tokens, int):
+        return [max_new_tokens] * B
+    caps = list(max_new_tokens)
+    if len(caps) != B or not all(isinstance(c, int) and not isinstance(c, bool) for c in caps):
+        raise DecodingError(f"max_new_tokens must be an integer or a list of {B} integers (one per row)")
+    return caps
+
+
 def _mamba_now(cache: InferenceCache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     return {i: (st.conv, st.ssm) for i, st in enumerate(cache.layers) if isinstance(st, MambaState)}
 
@@ -257,7 +267,7 @@ def speculative_generate(
     draft_budget: str | None = None,
     draft_arch: ArchSpec | None = None,
     num_draft_tokens: int = 4,
-    max_new_tokens: int = 32,
+    max_new_tokens: int | list[int] = 32,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -270,12 +280,17 @@ def speculative_generate(
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stats: SpecStats | None = None,
     on_token: Callable[[int, int, torch.Tensor], None] | None = None,
+    row_stop: Callable[[int, list[int]], bool] | None = None,
 ) -> torch.Tensor:
     """``generate`` at the target (``budget`` / ``arch``) with ``draft_budget`` / ``draft_arch`` as the draft.
 
     Returns what ``generate`` returns: (B, L + new), rows padded with ``pad_token_id`` after EOS.
-    ``stop`` is called per row with that row's new tokens (1, n). ``stats``, when given, is filled
-    in (a :class:`SpecStats`). ``on_token(row, token, target_logits (V,))`` sees every output token.
+    ``stop`` is called per row with that row's new tokens (1, n); ``row_stop(row, new tokens)``
+    the same with the row's index. ``max_new_tokens`` may be a list, one cap per row: a row then
+    drafts at most what its own cap leaves (as it would alone), so its tokens and its counts in
+    ``stats.accepted_per_row`` / ``rejected_per_row`` are those of its solo run. ``stats``, when
+    given, is filled in (a :class:`SpecStats`). ``on_token(row, token, target_logits (V,))`` sees
+    every output token as it is produced.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -298,10 +313,11 @@ def speculative_generate(
         dec.stats = stats
     st = dec.stats
     B, L = input_ids.shape
+    caps = per_row_caps(max_new_tokens, B)
     st.accepted_per_row, st.rejected_per_row = [0] * B, [0] * B
     out: list[list[int]] = [[] for _ in range(B)]
-    live = torch.ones(B, dtype=torch.bool)
-    if max_new_tokens <= 0:
+    live = torch.tensor([c > 0 for c in caps], dtype=torch.bool)
+    if max(caps) <= 0:
         return input_ids
 
     def emit(b: int, tok: int, logits: torch.Tensor) -> bool:
@@ -309,17 +325,19 @@ def speculative_generate(
         out[b].append(tok)
         if on_token is not None:
             on_token(b, tok, logits)
-        if tok in eos or len(out[b]) >= max_new_tokens:
+        if tok in eos or len(out[b]) >= caps[b]:
+            return True
+        if row_stop is not None and row_stop(b, out[b]):
             return True
         return stop is not None and bool(stop(torch.tensor([out[b]], device=input_ids.device))[0])
 
-    logits = dec.prefill(input_ids, attention_mask, L + max_new_tokens + k + 2)
+    logits = dec.prefill(input_ids, attention_mask, L + max(caps) + k + 2)
     cur = dec.first(logits)
     for b in range(B):
-        if emit(b, int(cur[b]), logits[b]):
+        if live[b] and emit(b, int(cur[b]), logits[b]):
             live[b] = False
     while bool(live.any()):
-        left = max(max_new_tokens - len(out[b]) for b in range(B) if live[b])
+        left = max(caps[b] - len(out[b]) for b in range(B) if live[b])
         kk = min(k, left - 1)
         drafts, n, tl = dec.round(cur, kk, live.to(cur.device))
         nxt = dec.next
@@ -327,20 +345,25 @@ def speculative_generate(
         for b in range(B):
             if not live[b]:
                 continue
-            if kk == 0:
+            # the drafts this row would have run alone: no more than its own cap leaves room for
+            kb = min(kk, caps[b] - len(out[b]) - 1)
+            nb = min(nl[b], kb)
+            if kb == 0:
                 st.plain_steps += 1
             else:
                 st.rounds += 1
-                st.rounds_none += nl[b] == 0
-                st.rounds_all += nl[b] == kk
-                st.rounds_some += 0 < nl[b] < kk
-                st.drafted += kk
-                st.accepted += nl[b]
-                st.rejected += kk - nl[b]
-                st.rejected_per_row[b] += kk - nl[b]
-            toks = dl[b][: nl[b]] + [xl[b]]
+                st.rounds_none += nb == 0
+                st.rounds_all += nb == kb
+                st.rounds_some += 0 < nb < kb
+                st.drafted += kb
+                st.accepted += nb
+                st.rejected += kb - nb
+                st.rejected_per_row[b] += kb - nb
+            # past its own drafts the row takes the target's token there: the accepted draft
+            # (greedy: the target's argmax) when it accepted more; the row ends with it
+            toks = dl[b][:nb] + [xl[b] if nb == nl[b] else dl[b][nb]]
             for j, tok in enumerate(toks):
-                if j < nl[b]:
+                if j < nb:
                     st.accepted_per_row[b] += 1
                 if emit(b, tok, tl[b, j]):
                     live[b] = False

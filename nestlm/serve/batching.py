@@ -1,5 +1,5 @@
 """Batch plumbing of the scheduler: joining and trimming per-row inference caches, and the
-latency figures ``model: "auto"`` decides on.
+latency figures ``model: "auto"`` decides on, and the logprob entries of a token.
 
 Rows of one batch have different context lengths: their KV caches are right-aligned (left
 padding) with a key mask of real tokens, the layout ``model.generate`` uses for a left-padded
@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -156,3 +157,12 @@ class LatencyTracker:
             if est is None or est <= self.target_ms:
                 return b
         return names[-1]
+
+
+def logprob_info(lp: torch.Tensor, tok: int, top: int) -> dict[str, Any]:
+    """logprob of ``tok`` under the log-probabilities ``lp`` (V,), and the ``top`` most likely tokens."""
+    out: dict[str, Any] = {"logprob": float(lp[tok]), "top": []}
+    if top > 0:
+        vals, ids = torch.topk(lp, min(top, lp.shape[-1]))
+        out["top"] = list(zip(ids.tolist(), vals.tolist(), strict=True))
+    return out

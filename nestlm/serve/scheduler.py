@@ -17,6 +17,11 @@ left-padded batch, so each row attends only to its own tokens and rotary positio
 real tokens only; the Mamba state of a row is its own. Greedy output of each request equals
 ``model.generate`` of that prompt alone, token for token.
 
+Requests with several budgets in one generation (``budget_schedule``, ``draft_budget``) do not
+join these batches: at admission, the greedy ones that share a decoding plan run as one batched
+``model.generate`` call (sampled ones alone, each with its own seeded generator), their tokens
+streamed as they come, while the batched rows wait; see :mod:`nestlm.serve.several`.
+
 ``auto`` requests get the largest budget whose recent per-token latency (time between two
 decode steps of that budget's batch, measured over the last ``window_s`` seconds) meets the
 latency target; see :class:`LatencyTracker`.
@@ -35,7 +40,8 @@ import torch
 
 from ..cache import InferenceCache
 from ..generate import generation_defaults, sample_next
-from .batching import LatencyTracker, _row_caches_join, _trim_left
+from .batching import LatencyTracker, _row_caches_join, _trim_left, logprob_info
+from .several import plan_key, run_several
 
 
 class QueueFull(Exception):
@@ -64,7 +70,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     # Several budgets in one generation: generate's budget_schedule= (with tokenizer=) or
-    # draft_budget= / num_draft_tokens=. Such a request runs alone (see Scheduler._run_several).
+    # draft_budget= / num_draft_tokens=. Greedy ones of one admission sharing a plan run as one
+    # batched generate call, sampled ones alone (nestlm.serve.several).
     several: dict[str, Any] | None = None
     accepted: int = 0  # speculative decoding: draft tokens accepted / rejected (usage)
     rejected: int = 0
@@ -99,6 +106,9 @@ class Counters:
     cancelled: int = 0
     steps_per_budget: dict[str, int] = field(default_factory=dict)
     auto_choices: dict[str, int] = field(default_factory=dict)
+    several_calls: int = 0  # model.generate calls for requests with a budget schedule or a draft
+    several_requests: int = 0  # requests those calls answered
+    several_rows: int = 0  # the most requests in one such call
 
 
 class Scheduler:
@@ -160,6 +170,9 @@ class Scheduler:
             "cancelled": c.cancelled,
             "steps_per_budget": dict(c.steps_per_budget),
             "auto_choices": dict(c.auto_choices),
+            "several_calls": c.several_calls,
+            "several_requests": c.several_requests,
+            "several_rows": c.several_rows,
         }
 
     def start(self) -> None:
@@ -206,13 +219,15 @@ class Scheduler:
             self._decode(b)
 
     def _admit(self) -> None:
-        """Take waiting requests into free slots; prefill those of one budget together."""
+        """Take waiting requests into free slots; prefill those of one budget together. Requests with
+        several budgets run first, one batched generate call per plan (nestlm.serve.several)."""
         free = self.max_batch - self.active()
         taken: list[Request] = []
         with self.cond:
             while self.waiting and len(taken) < free:
                 taken.append(self.waiting.popleft())
         groups: dict[str | None, list[Request]] = {}
+        several: dict[Any, tuple[str | None, list[Request]]] = {}
         for req in taken:
             if req.cancelled:
                 self.counters.cancelled += 1
@@ -228,11 +243,14 @@ class Scheduler:
                 req.generator = torch.Generator(device=self.device)
                 seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
                 req.generator.manual_seed(seed)
-            if req.several is not None:  # run alone, start to end, before the batched rows go on
-                self._run_several(req, name)
+            if req.several is not None:  # one generate call per plan, before the batched rows go on
+                key = plan_key(req, name)
+                several.setdefault(("alone", id(req)) if key is None else key, (name, []))[1].append(req)
                 continue
             # echo needs every position's logits: such a request is prefilled alone
             groups.setdefault((name, id(req)) if req.echo_logprobs else name, []).append(req)
+        for name, reqs in several.values():
+            run_several(self, reqs, name)
         for key, reqs in groups.items():
             try:
                 self._prefill(key[0] if isinstance(key, tuple) else key, reqs)
@@ -266,7 +284,7 @@ class Scheduler:
             lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)  # (L-1, V): logits of tokens 1..L-1
             info: list[Any] = [None]
             for j, tok in enumerate(req.prompt[1:]):
-                info.append(_logprob_info(lp[j], tok, req.logprobs or 0))
+                info.append(logprob_info(lp[j], tok, req.logprobs or 0))
             req.sink(("prompt_logprobs", info))
         logits = out.logits[:, -1]  # (B, V)
         keep, toks = [], []
@@ -321,55 +339,6 @@ class Scheduler:
         batch.last = torch.tensor(nxt, device=self.device)
         self._drop(batch, done)
 
-    def _run_several(self, req: Request, name: str | None) -> None:
-        """A request with a budget schedule or a draft budget: ``model.generate`` of its prompt alone,
-        so its tokens are the in-process ones; logprobs are those of the budget that chose each token
-        (the target's when speculative; 0 for a schedule's forced tokens). Not batched: the rows of
-        the batches wait while it runs."""
-        from ..speculative import SpecStats
-
-        try:
-            stats = SpecStats()
-            logits: list[torch.Tensor | None] = []
-            kw = dict(req.several)
-            if "budget_schedule" in kw:
-                kw["on_token"] = lambda _r, tok, lg, _b: logits.append(lg)
-            else:
-                kw |= dict(budget=name, stats=stats, on_token=lambda _r, tok, lg: logits.append(lg))
-            sampling = dict(do_sample=req.temperature > 0, temperature=req.temperature or 1.0, top_p=req.top_p)
-
-            def stop(new: torch.Tensor) -> torch.Tensor:
-                return torch.tensor([req.stop is not None and req.stop(new[0].tolist())])
-
-            ids = torch.tensor([req.prompt], device=self.device)
-            out = self.model.generate(
-                ids, max_new_tokens=req.max_tokens, generator=req.generator, stop=stop, **sampling, **kw
-            )
-            new = out[0, len(req.prompt) :].tolist()
-        except Exception as e:
-            req.sink(("error", f"{type(e).__name__}: {e}"))
-            return
-        self.counters.prefills += 1
-        req.accepted, req.rejected = sum(stats.accepted_per_row), sum(stats.rejected_per_row)
-        reason = "length"
-        for j, tok in enumerate(new):
-            if tok in self.eos_ids:
-                if j == len(new) - 1:  # the EOS token ends the text and is not part of it
-                    reason = "stop"
-                continue  # an EOS that ended a schedule's phase is not text either
-            info = None
-            if req.logprobs is not None:
-                lg = logits[j] if j < len(logits) else None
-                lp = None if lg is None else torch.log_softmax(lg.float(), dim=-1)
-                info = _logprob_info(lp, tok, req.logprobs) if lp is not None else {"logprob": 0.0, "top": []}
-            req.generated.append(tok)
-            req.sink(("token", tok, info))
-        if reason == "length" and req.stop is not None and req.stop(req.generated):
-            reason = "stop"
-        if reason == "length" and len(new) < req.max_tokens:
-            reason = "stop"
-        self._finish(req, reason)
-
     def _drop(self, batch: _Batch, index: list[int], cancelled: bool = False) -> None:
         if not index:
             return
@@ -400,7 +369,7 @@ class Scheduler:
             return True
         info = None
         if req.logprobs is not None:
-            info = _logprob_info(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)
+            info = logprob_info(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)
         req.generated.append(tok)
         req.sink(("token", tok, info))
         if req.stop is not None and req.stop(req.generated):
@@ -414,12 +383,3 @@ class Scheduler:
     def _finish(self, req: Request, reason: str) -> None:
         self.counters.finished += 1
         req.sink(("done", reason))
-
-
-def _logprob_info(lp: torch.Tensor, tok: int, top: int) -> dict[str, Any]:
-    """logprob of ``tok`` under the log-probabilities ``lp`` (V,), and the ``top`` most likely tokens."""
-    out: dict[str, Any] = {"logprob": float(lp[tok]), "top": []}
-    if top > 0:
-        vals, ids = torch.topk(lp, min(top, lp.shape[-1]))
-        out["top"] = list(zip(ids.tolist(), vals.tolist(), strict=True))
-    return out

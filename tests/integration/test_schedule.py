@@ -120,6 +120,41 @@ def test_batch_rows_equal_their_solo_schedules(model) -> None:
         assert out[b, 10:].tolist() == by_hand(model, prompt, first, "75", 12)
 
 
+def test_per_row_caps_row_stop_and_streamed_tokens(model) -> None:
+    """max_new_tokens as a list (one cap per row) and row_stop: each row equals its solo schedule with
+    its own cap (and stop=); on_token sees each row's tokens as they come, phase by phase."""
+    full = prompts(3, 10, seed=5)
+    ids, mask = full.clone(), torch.ones_like(full)
+    ids[1, :4], mask[1, :4] = 0, 0
+    rows = [full[0:1], full[1:2, 4:], full[2:3]]
+    sched = [{"budget": "50", "max_tokens": 4, "force": "=>"}, {"budget": "75"}]
+    caps = [12, 5, 9]
+    kw = dict(budget_schedule=sched, tokenizer=TOK)
+    pairs = zip(rows, caps, strict=True)
+    solo = [model.generate(r, max_new_tokens=n, **kw)[0, r.shape[1] :].tolist() for r, n in pairs]
+    stop = lambda new: torch.tensor([new.shape[1] >= 7])  # noqa: E731  (the last phase's 1st token)
+    solo[2] = model.generate(rows[2], max_new_tokens=caps[2], stop=stop, **kw)[0, 10:].tolist()
+    assert len(solo[2]) == 7 and len(solo[1]) == 5
+    seen: list[tuple[int, int, str]] = []
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=caps,
+        on_token=lambda b, t, _lg, name: seen.append((b, t, name)),
+        row_stop=lambda b, new: b == 2 and len(new) >= 7,
+        **kw,
+    )
+    for b in range(3):
+        assert out[b, 10 : 10 + len(solo[b])].tolist() == solo[b], b
+        assert [t for r, t, _ in seen if r == b] == solo[b]
+        names = [n for r, _, n in seen if r == b]
+        assert names[:6] == (["50"] * 4 + ["force"] * 2)[: len(names)] and set(names[6:]) <= {"75"}
+    with pytest.raises(DecodingError, match="one per row"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=[3, 4], **kw)
+    with pytest.raises(DecodingError, match="need budget_schedule= or draft_budget="):  # plain decoding: stop=
+        model.generate(ids, attention_mask=mask, budget="50", row_stop=lambda b, new: False)
+
+
 @pytest.mark.parametrize(
     "sched, msg",
     [

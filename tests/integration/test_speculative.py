@@ -207,6 +207,45 @@ def test_batched_rows_equal_their_solo_results() -> None:
         assert_greedy_equal(model, None, solo[:, n:], out[b : b + 1, 12:], "full")
 
 
+def test_per_row_caps_and_row_stop_give_each_rows_solo_run() -> None:
+    """max_new_tokens as a list and row_stop: each row's tokens, and its accepted / rejected counts, are
+    those of its solo run with its own cap (the server batches requests of different max_tokens)."""
+    model = hybrid(vocab=32, init_std=0.1)
+    lengths, caps = [12, 7, 10, 9], [NEW, 5, 14, 3]
+    full = prompts(4, 12, seed=7, vocab=32)
+    mask = torch.zeros(4, 12, dtype=torch.long)
+    ids = torch.zeros(4, 12, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, 12 - n :], mask[b, 12 - n :] = full[b, :n], 1
+    kw = dict(budget="full", draft_budget="75", num_draft_tokens=3)
+    solo = []
+    for b, n in enumerate(lengths):
+        st = SpecStats()
+        out = model.generate(full[b : b + 1, :n], max_new_tokens=caps[b], stats=st, **kw)[0, n:].tolist()
+        solo.append((out, st.accepted_per_row[0], st.rejected_per_row[0]))
+    stop_at = 6  # row 2 stops after 6 tokens through row_stop, as its solo run with stop= does
+    st_stop = SpecStats()
+    stop = lambda new: torch.tensor([new.shape[1] >= stop_at])  # noqa: E731
+    cut = model.generate(full[2:3, :10], max_new_tokens=caps[2], stats=st_stop, stop=stop, **kw)[0, 10:].tolist()
+    seen: list[tuple[int, int]] = []
+    st = SpecStats()
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=caps,
+        stats=st,
+        on_token=lambda b, t, _lg: seen.append((b, t)),
+        row_stop=lambda b, new: b == 2 and len(new) >= stop_at,
+        **kw,
+    )
+    for b in range(4):
+        want, acc, rej = (cut, st_stop.accepted_per_row[0], st_stop.rejected_per_row[0]) if b == 2 else solo[b]
+        assert out[b, 12 : 12 + len(want)].tolist() == want, b
+        assert (st.accepted_per_row[b], st.rejected_per_row[b]) == (acc, rej), b
+        assert [t for r, t in seen if r == b] == want  # on_token saw exactly the row's tokens
+    assert len(solo[3][0]) == 3 and solo[3][1] + solo[3][2] == 1  # a cap of 3: one token, one draft, one token
+
+
 @pytest.mark.parametrize("grid", ["fast", pytest.param("all", marks=pytest.mark.slow)])
 def test_transformer_parent(grid: str) -> None:
     model = llama(init_std=0.1)
