@@ -159,6 +159,18 @@ class LatencyTracker:
         return names[-1]
 
 
+def left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts as one left-padded batch (B, L) and its attention mask (1 on real tokens), as
+    ``model.generate`` takes a batch."""
+    L = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    mask = torch.zeros(len(prompts), L, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, L - len(p) :] = torch.tensor(p)
+        mask[i, L - len(p) :] = 1
+    return ids, mask
+
+
 def logprob_info(lp: torch.Tensor, tok: int, top: int) -> dict[str, Any]:
     """logprob of ``tok`` under the log-probabilities ``lp`` (V,), and the ``top`` most likely tokens."""
     out: dict[str, Any] = {"logprob": float(lp[tok]), "top": []}

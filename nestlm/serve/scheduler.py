@@ -40,7 +40,7 @@ import torch
 
 from ..cache import InferenceCache
 from ..generate import generation_defaults, sample_next
-from .batching import LatencyTracker, _row_caches_join, _trim_left, logprob_info
+from .batching import LatencyTracker, _row_caches_join, _trim_left, left_pad, logprob_info
 from .several import plan_key, run_several
 
 
@@ -262,12 +262,8 @@ class Scheduler:
         """One forward over the prompts of ``reqs`` (left-padded, as ``model.generate`` takes a batch),
         their first tokens, and their cache rows joined to the running batch of budget ``name``."""
         batch = self.batches[name]
-        L = max(len(r.prompt) for r in reqs)
-        ids = torch.zeros(len(reqs), L, dtype=torch.long)
-        mask = torch.zeros(len(reqs), L, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, L - len(r.prompt) :] = torch.tensor(r.prompt)
-            mask[i, L - len(r.prompt) :] = 1
+        ids, mask = left_pad([r.prompt for r in reqs])
+        L = ids.shape[1]
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = InferenceCache(self.model.config.n_layers, capacity=L + max(r.max_tokens for r in reqs))
         echo = len(reqs) == 1 and reqs[0].echo_logprobs

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .batching import logprob_info
+from .batching import left_pad, logprob_info
 
 if TYPE_CHECKING:
     from .scheduler import Request, Scheduler
@@ -88,12 +88,7 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
     if "budget_schedule" not in kw:
         kw |= dict(budget=name, stats=stats)
     sampled = first.temperature > 0  # then alone (plan_key)
-    L = max(len(r.prompt) for r in reqs)
-    ids = torch.zeros(len(reqs), L, dtype=torch.long)
-    mask = torch.zeros(len(reqs), L, dtype=torch.long)
-    for i, r in enumerate(reqs):
-        ids[i, L - len(r.prompt) :] = torch.tensor(r.prompt)
-        mask[i, L - len(r.prompt) :] = 1
+    ids, mask = left_pad([r.prompt for r in reqs])
     try:
         sched.model.generate(
             ids.to(sched.device),
