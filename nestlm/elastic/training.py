@@ -49,6 +49,16 @@ def make_routers(cfg: ModelConfig, e: ElasticSection, n_budgets: int, layer_orde
     )
 
 
+def fixed_archs(
+    cfg: ModelConfig, targets: dict[str, Target], names: list[str], e: ElasticSection
+) -> dict[str, ArchSpec]:
+    """``elastic.router: fixed``: each budget's homogeneous one-shot architecture (as ``nestlm prune``)."""
+    from .arch import closest_homogeneous
+
+    kw = memory_kw(e)
+    return {n: closest_homogeneous(cfg, targets[n], tolerance=e.tolerance, **kw) for n in names}
+
+
 def check_reachable(cfg: ModelConfig, targets: dict[str, Target], e: ElasticSection, layer_order: Any) -> None:
     """Every parameter goal (total or active) lies between the smallest choice the axes allow and the parent."""
     for name, t in targets.items():
@@ -98,8 +108,8 @@ def student_loss(
     e: ElasticSection,
 ) -> torch.Tensor:
     """The distillation loss of one micro-batch at the step's budget (+ CE for a trainable teacher)."""
-    if sample is None:  # the full budget: no masks
-        s_logits = forward(model, x)
+    if sample is None:  # the full budget (no masks), or a fixed sub-network (elastic.router: fixed)
+        s_logits = forward(model, x) if arch is None else forward(model, x, arch=arch)
         loss = kd_loss(s_logits, t_logits, e.kd_temperature, y)
         if e.trainable_teacher:
             loss = loss + ce_loss(s_logits, y)
@@ -119,13 +129,16 @@ def freeze_budgets(
     routers: ElasticRouters | None,
     e: ElasticSection,
     elastic: bool,
+    fixed: dict[str, ArchSpec] | None = None,
 ) -> dict[str, Budget]:
     """Each budget's frozen architecture (within tolerance of its target) as a Budget record."""
     total = count_parameters(cfg)
     out = {}
     for name in names:
         t = targets.get(name, Target("fraction", 1.0))
-        if name in routed:
+        if fixed and name in fixed:
+            spec = fixed[name]
+        elif name in routed:
             spec = routers.freeze(routed.index(name), t, e.tolerance, scale=e.logit_scale[1], **memory_kw(e))
         else:
             spec = ArchSpec.full(cfg)

@@ -87,6 +87,10 @@ class ElasticSection:
     tau: list[float] = field(default_factory=lambda: [1.0, 0.05])
     logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
     mask: str = "hard"  # "hard" (sliced, straight-through) or "soft" (pi-weighted masks)
+    # "learned": Gumbel-Softmax routers choose each budget's sub-network (the paper). "fixed": no
+    # routers; each budget is the homogeneous one-shot choice (`nestlm prune --budget`), trained nested
+    # as is (Minitron widths, MatFormer-style): the ablation that isolates what the routers cost or give
+    router: str = "learned"
     budget_loss_weight: float = 1.0
     tolerance: float = 0.05
     kd_temperature: float = 1.0
@@ -355,6 +359,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("model.teacher needs train.mode: elastic with elastic.trainable_teacher: false")
     if recipe.elastic.mask not in ("hard", "soft"):
         raise RecipeError(f"elastic.mask {recipe.elastic.mask!r} must be 'hard' or 'soft'")
+    if recipe.elastic.router not in ("learned", "fixed"):
+        raise RecipeError(f"elastic.router {recipe.elastic.router!r} must be 'learned' or 'fixed'")
     if recipe.data.tokenizer not in ("model", "bytes"):
         raise RecipeError(f"data.tokenizer {recipe.data.tokenizer!r} must be 'model' or 'bytes'")
     if recipe.data.packing not in ("stream", "rows"):

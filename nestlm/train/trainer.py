@@ -93,6 +93,9 @@ class Trainer:
         self.full_budgets = {n for n, t in self.targets.items() if t.kind == "fraction" and t.value >= 1.0}
         self.routed = [n for n in self.budget_names if n not in self.full_budgets] if self.elastic else []
         self.routers: ElasticRouters | None = None
+        self.fixed: dict[str, Any] = {}  # elastic.router: fixed: budget -> its one-shot ArchSpec, no routers
+        if self.routed and e.router == "fixed":
+            self.fixed, self.routed = el.fixed_archs(self.model.config, self.targets, self.routed, e), []
         if self.routed:
             self.routers = el.make_routers(self.model.config, e, len(self.routed), order).to(self.device)
             broadcast_parameters(self.routers, self.dist)  # identical on every rank from step 0
@@ -172,7 +175,7 @@ class Trainer:
         stage = rec.stages[stage_idx]
         budget = self.sampler.draw(stage_probs(rec, stage)) if self.elastic else "full"
         tau, scale = gumbel_schedule(self.state.global_step, self.total_steps, tuple(e.tau), tuple(e.logit_scale))
-        arch, sample = None, None
+        arch, sample = self.fixed.get(budget), None
         if budget in self.routed:
             sample = self.routers.sample(self.routed.index(budget), tau, scale, generator=self.gumbel)
             if e.mask == "hard":
@@ -206,7 +209,7 @@ class Trainer:
         out = {}
         batches = self.loader.val_batches(self.recipe.train.eval_batches)
         for budget in self.budget_names if batches else []:
-            arch = None
+            arch = self.fixed.get(budget)
             if budget in self.routed:  # unconstrained argmax: validation watches what the routers prefer now
                 arch = self.routers.freeze(self.routed.index(budget), scale=self.recipe.elastic.logit_scale[1])
             total = torch.zeros(2, device=self.device)  # (sum of token-weighted losses, tokens) on the device
@@ -299,7 +302,8 @@ class Trainer:
 
     def frozen_budgets(self) -> dict[str, Any]:
         cfg, e = self.model.config, self.recipe.elastic
-        return el.freeze_budgets(cfg, self.budget_names, self.targets, self.routed, self.routers, e, self.elastic)
+        names, targets = self.budget_names, self.targets
+        return el.freeze_budgets(cfg, names, targets, self.routed, self.routers, e, self.elastic, self.fixed)
 
     def finish(self) -> Path:
         """Freeze budgets and write the elastic checkpoint into --out (through the checkpoint owner)."""

@@ -84,3 +84,29 @@ def test_plain_mode_lowers_cross_entropy(tmp_path: Path) -> None:
     assert "ce" in r[0] and "kd" not in r[0]
     assert sum(x["ce"] for x in r[-3:]) < sum(x["ce"] for x in r[:3])
     assert nestlm.load(out).budgets == []
+
+
+def test_fixed_router_trains_the_one_shot_archs(tmp_path: Path) -> None:
+    """elastic.router=fixed: no routers; every budget is `nestlm prune`'s homogeneous choice, trained nested."""
+    from nestlm.elastic.arch import closest_homogeneous, parse_target
+
+    out = tmp_path / "run"
+    rec = load_recipe("tiny", FAST + ["elastic.router=fixed"])
+    train(rec, out, progress=False)
+    r = rows(out)
+    assert len(r) == 12 and not any("budget_loss" in x and x["budget_loss"] != 0 for x in r)
+    model = nestlm.load(out)
+    parent = nestlm.load(out / "parent")
+    x = held_out()
+    with torch.no_grad():
+        teacher = parent(x).logits
+        for name, t in rec.elastic.budgets.items():
+            want = closest_homogeneous(parent.config, parse_target(t), tolerance=rec.elastic.tolerance)
+            arch = model.budget(name).arch
+            assert arch.to_dict() == want.to_dict(), name
+            if name != "full":  # each trained nested budget nearer the teacher than before
+                before = float(kd_loss(parent(x, arch=arch).logits, teacher))
+                assert float(kd_loss(model(x, arch=arch).logits, teacher)) < before, name
+    assert not (out / "routers.safetensors").exists()
+    with pytest.raises(Exception, match="elastic.router"):
+        load_recipe("tiny", ["elastic.router=frozen"])

@@ -1,0 +1,207 @@
+"""Why elastic loses claim 1 in small: routers, token split, learning rate, one at a time.
+
+    python benchmarks/study_claim1.py --out DIR              # about an hour on one core
+    python benchmarks/study_claim1.py --out DIR --quick      # a smoke run of a few minutes
+
+`paper_in_small.py` finds the nested 75% and 50% budgets far below pruning + distilling each size
+on its own. Candidate causes, each isolated by one change to the elastic run (stage 1 of the
+demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ranked parent):
+
+  elastic            learned routers (the paper), T1 tokens for the family
+  elastic, fixed     no routers: each budget is the one-shot pruned architecture (elastic.router=fixed)
+  elastic, 3 T1      learned routers, three times the steps: each small budget sees about T1
+  elastic, lr 5e-4   learned routers at 5x the learning rate
+  prune+KD           per size, T1 tokens for that size alone (as in paper_in_small)
+  prune+KD, T1/3     per size, the share of steps a small budget gets in the elastic run
+
+Greedy exact match on the same held-out short problems (difficulty 1) for every model, paired
+differences against prune+KD at T1 with 95% bootstrap intervals. Writes DIR/results.json after
+every model (a partial run keeps what it measured) and DIR/report.md at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import nestlm
+
+
+def _sibling(name: str):  # the study's runs, scoring and tables, from the benchmark next to this one
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+study = _sibling("paper_in_small")
+
+SMALL = study.SMALL
+
+
+def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The elastic runs of the investigation (stage 1 only), each one change from ``base``."""
+    base = json.loads(json.dumps(base))
+    base["stages"] = base["stages"][:1]
+    out = {"elastic": base}
+    fixed = json.loads(json.dumps(base))
+    fixed["elastic"]["router"] = "fixed"
+    out["elastic, fixed"] = fixed
+    longer = json.loads(json.dumps(base))
+    longer["stages"][0]["steps"] *= 3
+    out["elastic, 3 T1"] = longer
+    lr = json.loads(json.dumps(base))
+    lr["train"]["lr"] = 5e-4
+    out["elastic, lr 5e-4"] = lr
+    return out
+
+
+def _train(out: Path, name: str, rec: dict[str, Any]) -> tuple[Path, int, float]:
+    slug = name.replace(", ", "-").replace(" ", "").replace("/", "over")
+    d = out / slug
+    path = out / f"{slug}.yaml"
+    path.write_text(yaml.safe_dump(rec, sort_keys=False))
+    t = time.time()
+    print(f"[claim1] training {name} ({study._tokens(rec):,} tokens)", flush=True)
+    study._nestlm(["train", str(path), "--out", str(d), "--no-progress"], out / f"{slug}.log")
+    return d, study._tokens(rec), time.time() - t
+
+
+def _arch_line(model: Any, budget: str | None) -> str:
+    """hidden / Mamba heads / attention heads / FFN of a homogeneous (or first-layer) budget."""
+    arch = model.budget(budget).arch if budget and model.budgets else None
+    cfg = model.config if arch is None else arch.to_config(model.config)
+    kinds: dict[str, str] = {}
+    for ls in cfg.layers:
+        if ls.kind == "mamba":
+            kinds.setdefault("mamba", f"{ls.heads}")
+        elif ls.kind == "attention":
+            kinds.setdefault("attn", f"{ls.heads}")
+        elif ls.kind == "mlp":
+            kinds.setdefault("ffn", f"{ls.ffn}")
+    return f"hidden {cfg.hidden_size}, " + ", ".join(f"{k} {v}" for k, v in kinds.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", required=True, help="a new directory (or one this script started: runs are reused)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (3 steps, 24 problems)")
+    ap.add_argument("--ranked", default=None, help="an already ranked parent (default: rank the shipped one)")
+    ap.add_argument("--n", type=int, default=300, help="held-out short problems per cell")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these methods (names as in the table)")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    ranked = Path(args.ranked) if args.ranked else out / "parent-ranked"
+    if not ranked.exists():
+        study._nestlm(
+            ["importance", "--model", str(study.PARENT), "--data", "reasoning:short", "--out", str(ranked)]
+            + ["--seq-len", "320", "--num-samples", "16" if args.quick else "64"],
+            out / "importance.log",
+        )
+    n = 24 if args.quick else args.n
+    ev = study.Evaluator(n, 0, batch_size=48, device="cpu", max_new_tokens=48 if args.quick else None)
+    base = study.study_recipe(1.0, args.quick, "cpu", 0)
+    base["train"]["threads"] = args.threads
+    base["model"]["path"] = str(ranked)
+    res_path = out / "results.json"
+    res: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {"models": {}, "runs": {}}
+
+    def save() -> None:
+        res["wall_s"] = time.time() - t0
+        res_path.write_text(json.dumps(res, indent=1))
+
+    def score(method: str, d: Path, budgets: list[str | None], tokens: int, seconds: float) -> None:
+        model = nestlm.load(d)
+        for b in budgets:
+            key = f"{method}/{b or 'own'}"
+            if key in res["models"]:
+                continue
+            s = ev(d, b, ("short",))
+            s["arch"] = _arch_line(model, b)
+            res["models"][key] = s
+            print(f"[claim1] {key}: {100 * sum(s['short']) / len(s['short']):.1f}%  ({s['arch']})", flush=True)
+        res["runs"][method] = {"tokens": tokens, "seconds": seconds}
+        save()
+
+    wanted = set(args.only) if args.only else None
+    variants = elastic_variants(base)
+    order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
+    for method in order:
+        if (wanted and method not in wanted) or method in res["runs"]:
+            continue
+        if method in variants:
+            d, tok, sec = _train(out, method, variants[method])
+            score(method, d, ["full", *SMALL], tok, sec)
+            continue
+        steps = variants["elastic"]["stages"][0]["steps"]
+        steps = steps if method == "prune+KD" else max(1, steps // 3)
+        elastic = nestlm.load(out / "elastic")
+        tok_sum, sec_sum = 0, 0.0
+        for b in SMALL:
+            pruned = out / f"pruned-{b}"
+            if not pruned.exists():
+                n_params = elastic.num_parameters(budget=b)
+                study._nestlm(
+                    ["prune", "--model", str(ranked), "--budget", str(n_params), "--out", str(pruned)],
+                    out / f"prune-{b}.log",
+                )
+            rec = json.loads(json.dumps(variants["elastic"]))
+            rec["name"] = f"kd-{b}"
+            rec["model"] = {"path": str(pruned), "teacher": str(ranked)}
+            rec["elastic"]["budgets"] = {"full": 1.0}
+            rec["stages"][0]["steps"] = steps
+            rec["stages"][0]["warmup_steps"] = min(rec["stages"][0]["warmup_steps"], max(1, steps // 10))
+            d, tok, sec = _train(out, f"{method} {b}", rec)
+            tok_sum, sec_sum = tok_sum + tok, sec_sum + sec
+            key = f"{method}/{b}"
+            if key not in res["models"]:
+                s = ev(d, None, ("short",))
+                s["arch"] = _arch_line(nestlm.load(d), None)
+                res["models"][key] = s
+                print(f"[claim1] {key}: {100 * sum(s['short']) / len(s['short']):.1f}%  ({s['arch']})", flush=True)
+        res["runs"][method] = {"tokens": tok_sum, "seconds": sec_sum}
+        save()
+    report = write_report(out, res, n)
+    print(report)
+    return 0
+
+
+def write_report(out: Path, res: dict[str, Any], n: int) -> str:
+    m = res["models"]
+    ref = {b: m.get(f"prune+KD/{b}") for b in SMALL}
+    L = ["# Claim 1, investigated: what the elastic small budgets lack", ""]
+    L.append(
+        f"Stage 1 of the demo's recipe (short problems), greedy exact match on {n} held-out difficulty-1 "
+        "problems, % [95% Wilson]; paired differences vs prune+KD at T1 [95% bootstrap]."
+    )
+    L += ["", "| method | tokens (family or per size) | budget | params | architecture | accuracy | vs prune+KD T1 |"]
+    L.append("|---|---|---|---|---|---|---|")
+    for key, s in m.items():
+        method, b = key.rsplit("/", 1)
+        tok = res["runs"].get(method, {}).get("tokens")
+        per = tok // len(SMALL) if tok and method.startswith("prune") else tok
+        cmp = "-"
+        if b in SMALL and ref.get(b) is not None and not key.startswith("prune+KD/"):
+            cmp = study._diff(study.compare(s["short"], ref[b]["short"]))
+        tok_s = f"{per:,}" if per else "-"
+        acc = study._cell(study.acc_cell(s["short"]))
+        L.append(f"| {method} | {tok_s} | {b} | {s['params']:,} | {s['arch']} | {acc} | {cmp} |")
+    L.append("")
+    text = "\n".join(L)
+    (out / "report.md").write_text(text)
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
