@@ -8,6 +8,7 @@ made at one budget must be used at that budget.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,9 +41,9 @@ class MambaState:
 
     conv: torch.Tensor  # (B, conv channels, K-1)
     ssm: torch.Tensor  # (B, heads, head_dim, d_state), fp32
-    # With InferenceCache.keep_steps: (conv, ssm) after each token of the last forward,
-    # (B, L, channels, K-1) and (B, L, heads, head_dim, d_state), to roll back to (speculative decoding).
-    steps: tuple[torch.Tensor, torch.Tensor] | None = None
+    # With InferenceCache.keep_steps: (conv, ssm) after each token of the last forward, to roll back
+    # to (speculative decoding): conv (B, L, channels, K-1), ssm an ssd.SSMSteps (``.at(t)``).
+    steps: tuple[torch.Tensor, Any] | None = None
 
 
 class InferenceCache:

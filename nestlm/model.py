@@ -47,7 +47,8 @@ from .cache import AttentionState, InferenceCache, MambaState
 from .config import LayerSpec, ModelConfig
 from .elastic.index import expert_index, head_channels, query_channels
 from .errors import UnknownBudgetError
-from .ssd import causal_conv1d, ssd_scan, ssd_step, ssd_steps
+from .ssd import causal_conv1d, ssd_scan, ssd_step
+from .ssd_steps import ssd_steps
 from .tap import Tap
 
 if TYPE_CHECKING:
@@ -231,7 +232,7 @@ class Mamba2Mixer(nn.Module):
             y, ssm_steps = ssd_steps(
                 state.ssm, x.view(Bsz, L, H, P), dt, A, Bm.view(Bsz, L, G, N), Cm.view(Bsz, L, G, N), Dskip
             )
-            y, ssm = y.reshape(Bsz, L, HP), ssm_steps[:, -1]
+            y, ssm = y.reshape(Bsz, L, HP), ssm_steps.at(L - 1)
             hist = torch.cat([state.conv.to(xbc_in.dtype), xbc_in], dim=-1)  # (B, C, K-1+L)
             steps = (hist.unfold(-1, self.K - 1, 1)[:, :, 1:].transpose(1, 2), ssm_steps)  # conv: (B, L, C, K-1)
         elif state is not None and L == 1:  # recurrent step

@@ -25,6 +25,7 @@ import torch
 from .cache import AttentionState, InferenceCache, MambaState
 from .errors import NestlmError
 from .sampling import special_ids, warp_logits
+from .ssd_steps import SSMSteps
 
 if TYPE_CHECKING:
     from .elastic.arch import ArchSpec
@@ -107,13 +108,14 @@ def keep_tokens(
 ) -> None:
     """Roll ``cache`` back so that row b holds only the first keep[b] of the ``added`` tokens of the
     last forward(s). Mamba states come from ``steps`` (layer -> (conv (B, added, C, K-1), ssm
-    (B, added, H, P, N))) or, where absent, from MambaState.steps of a keep_steps forward."""
+    (B, added, H, P, N))) or, where absent, from MambaState.steps of a keep_steps forward (an SSMSteps)."""
     B = keep.shape[0]
     rows = torch.arange(B, device=keep.device)
     for i, st in enumerate(cache.layers):
         if isinstance(st, MambaState):
             conv, ssm = steps[i] if steps is not None else st.steps
-            st.conv, st.ssm, st.steps = conv[rows, keep - 1].contiguous(), ssm[rows, keep - 1].contiguous(), None
+            h = ssm.at(keep - 1) if isinstance(ssm, SSMSteps) else ssm[rows, keep - 1]
+            st.conv, st.ssm, st.steps = conv[rows, keep - 1].contiguous(), h.contiguous(), None
     cut = added - int(keep.max())  # slots no row keeps: truncate
     holes = bool((keep < keep.max()).any())
     if holes:  # slots some rows keep and others not: masked out of the rejecting rows' keys
@@ -219,7 +221,7 @@ class SpeculativeDecoder:
             out = model(inp, arch=self.draft, cache=self.dc, num_logits=1)
             if self.dc.keep_steps:  # the states after each unread token, then after cur
                 lay = {i: st_.steps for i, st_ in enumerate(self.dc.layers) if isinstance(st_, MambaState)}
-                d_states += [{i: (c[:, t], h[:, t]) for i, (c, h) in lay.items()} for t in range(m)]
+                d_states += [{i: (c[:, t], h.at(t)) for i, (c, h) in lay.items()} for t in range(m)]
                 self.dc.keep_steps = False
             d_states.append(_mamba_now(self.dc))
             d_logits.append(out.logits[:, -1])

@@ -249,28 +249,6 @@ def ssd_step(
     return y.to(x.dtype), state
 
 
-def ssd_steps(
-    state: torch.Tensor,
-    x: torch.Tensor,
-    dt: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ssd_step`` over L tokens, keeping the state after every one (speculative verify: exact rollback).
-
-    x: (b, L, H, P); dt: (b, L, H); B, C: (b, L, G, N). Returns y (b, L, H, P) and the states
-    (b, L, H, P, N) after each token, each the one a token-by-token decode reaches.
-    """
-    ys, states = [], []
-    for t in range(x.shape[1]):
-        y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
-        ys.append(y)
-        states.append(state)
-    return torch.stack(ys, 1), torch.stack(states, 1)
-
-
 def ssd_scan(
     x: torch.Tensor,
     dt: torch.Tensor,

@@ -161,10 +161,17 @@ def _assert_states_equal(spec_cache: InferenceCache, plain: InferenceCache, row:
     return checked
 
 
-@pytest.mark.parametrize("make", [hybrid, llama], ids=["hybrid", "llama"])
+def wide_state():
+    """small_vocab's budgets with a large SSM state: the verify forward takes ssd_steps' quadratic form."""
+    m = hybrid(vocab=32, init_std=0.1, mamba_heads=8, mamba_head_dim=32, d_state=128)
+    m.elastic.clear()
+    return with_budgets(m, (("full", "1.0"), ("90", "0.9"), ("75", "0.75")))
+
+
+@pytest.mark.parametrize("make", [hybrid, wide_state, llama], ids=["hybrid", "wide-state", "llama"])
 def test_states_after_rejection_equal_plain_decoding(make, small_vocab) -> None:
     """After rounds with rejections, target and draft caches equal plain decoding of the kept tokens."""
-    model = small_vocab if make is hybrid else make(init_std=0.1)
+    model = small_vocab if make is hybrid else make() if make is wide_state else make(init_std=0.1)
     vocab = model.config.vocab_size
     ids = prompts(2, 9, seed=5, vocab=vocab)
     target, draft = model.budget("full").arch, model.budget(model.budgets[1]).arch

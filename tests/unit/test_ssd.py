@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nestlm import ssd
+from nestlm import ssd, ssd_steps
 
 
 def naive(x, dt, A, B, C, D=None, h0=None):
@@ -101,6 +101,35 @@ def test_step_repeated_equals_scan(with_state: bool, H: int, G: int) -> None:
         assert yt.shape == (2, H, 5) and h.dtype == torch.float32
         assert maxdiff(yt, y[:, t]) < 1e-4, t
     assert maxdiff(h, hT) < 1e-4
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 9])
+@pytest.mark.parametrize(("H", "G", "P", "N"), [(6, 2, 5, 4), (4, 1, 5, 4), (16, 4, 32, 64)])
+@pytest.mark.parametrize("with_D", [True, False])
+def test_steps_keep_every_state_of_the_token_by_token_decode(
+    L: int, H: int, G: int, P: int, N: int, with_D: bool
+) -> None:
+    """ssd_steps (the verify forward; the last shape takes its quadratic form) equals L sequential
+    ssd_step calls and the float64 recurrence, at every token and for per-row token indices."""
+    x, dt, A, B, C, D = inputs(L, H=H, G=G, P=P, N=N, seed=4)
+    D = D if with_D else None
+    dt = dt * 3  # strong decays too
+    h0 = torch.randn(2, H, P, N, generator=torch.Generator().manual_seed(5)) * 0.3
+    y, steps = ssd_steps.ssd_steps(h0, x, dt, A, B, C, D)
+    assert (steps.states is None) == (L * H * P * N >= 2**17)  # both paths are covered
+    y_loop, states_loop = ssd_steps.ssd_steps_loop(h0, x, dt, A, B, C, D)
+
+    def close(a: torch.Tensor, ref: torch.Tensor) -> bool:  # fp32 rounding of sums of N terms: relative
+        return maxdiff(a, ref) < 1e-5 * max(1.0, ref.abs().max().item())
+
+    assert y.shape == (2, L, H, P) and len(steps) == L and close(y, y_loop)
+    for t in range(L):  # every kept state is the recurrence's after token t
+        yt, ht = naive(x[:, : t + 1], dt[:, : t + 1], A, B[:, : t + 1], C[:, : t + 1], D, h0)
+        h = steps.at(t)
+        assert h.shape == (2, H, P, N) and h.dtype == torch.float32
+        assert close(h, ht) and close(h, states_loop[:, t]) and close(y[:, t], yt[:, t]), t
+    idx = torch.tensor([L - 1, 0])  # rows rolled back to different tokens
+    assert close(steps.at(idx), torch.stack([states_loop[0, L - 1], states_loop[1, 0]]))
 
 
 def test_step_equals_recurrence_without_D() -> None:
