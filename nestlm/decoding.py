@@ -250,8 +250,9 @@ def generate(
     ``budget_schedule``: phases at different budgets (module docstring); not with ``budget=``.
     ``draft_budget`` / ``draft_arch`` with ``num_draft_tokens`` (default 4): speculative decoding
     at the target ``budget`` / ``arch`` (nestlm.speculative); ``stats`` a SpecStats to fill in.
-    These two also take ``max_new_tokens`` as a list (one cap per row) and ``row_stop(row, tokens)``
-    (``stop`` with the row's index); plain decoding does not.
+    These two also take ``max_new_tokens`` as a list (one cap per row), ``row_stop(row, tokens)``
+    (``stop`` with the row's index), ``on_token`` and ``on_done(row)``; plain decoding does not
+    (its hook is ``on_step``). All three take ``generator=`` a list, one per row.
     """
     if budget_schedule is not None:
         if kwargs.get("budget") is not None or kwargs.get("arch") is not None:
@@ -267,6 +268,8 @@ def generate(
         return speculative_generate(model, input_ids, **draft, **kwargs)
     if num_draft_tokens is not None:
         raise DecodingError("num_draft_tokens= needs a draft: draft_budget= or draft_arch=")
-    if kwargs.get("row_stop") is not None or not isinstance(kwargs.get("max_new_tokens", 32), int):
-        raise DecodingError("row_stop= and per-row max_new_tokens need budget_schedule= or draft_budget=")
+    hooks = [k for k in ("row_stop", "on_token", "on_done") if kwargs.get(k) is not None]
+    if hooks or not isinstance(kwargs.get("max_new_tokens", 32), int):  # (plain decoding has on_step=)
+        what = "=, ".join(hooks) + "= and " if hooks else ""
+        raise DecodingError(f"{what}per-row max_new_tokens need budget_schedule= or draft_budget=")
     return model.generate(input_ids, **kwargs)  # plain decoding

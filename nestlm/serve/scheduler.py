@@ -51,7 +51,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Request:
-    """One sequence to generate. Events go to ``sink`` from the scheduler thread:
+    """One sequence to generate. Events go to ``sink`` from the scheduler thread (the several-budget
+    runner's thread for a request with ``several``):
     ("token", id, logprob_info | None), ("prompt_logprobs", list) and finally ("done", finish_reason)
     or ("error", message). ``stop(generated_ids)`` -> True ends the request with finish_reason "stop".
     """
