@@ -90,12 +90,14 @@ def _phase(
     stop: Callable[[torch.Tensor], torch.Tensor] | None,
     row_stop: Callable[[int, list[int]], bool] | None,
     on_token: Callable[[int, int, torch.Tensor | None, str], None] | None,
+    on_done: Callable[[int], None],
     rows: list[int],
     kwargs: dict[str, Any],
 ) -> None:
     """Run one phase for ``rows`` (one left-padded plain ``generate`` at the phase's budget), cut each
     row where its phase ended, append force ids, and extend ``ctxs`` / ``news`` in place. Each
-    token goes to ``on_token`` as its step produces it (the forced ones after the phase)."""
+    token goes to ``on_token`` as its step produces it (the forced ones after the phase); a row
+    whose generation ended (the last phase's end, or the total cap) goes to ``on_done`` then."""
     left = [totals[b] - len(news[b]) for b in rows]
     caps = [n if ph.max_tokens is None else min(ph.max_tokens, n) for n in left]
     L = max(len(ctxs[b]) for b in rows)
@@ -105,6 +107,7 @@ def _phase(
         ids[j, L - len(ctxs[b]) :] = torch.tensor(ctxs[b])
         mask[j, L - len(ctxs[b]) :] = 1
     done_at: list[int | None] = [None] * len(rows)  # the step whose token ended the row's phase
+    gens = kwargs["generator"]  # one, or one per row of the whole batch
 
     def stop_fn(gen: torch.Tensor) -> torch.Tensor:
         n = gen.shape[1]
@@ -118,6 +121,8 @@ def _phase(
                     hit = row_stop(b, news[b] + g)
                 if hit:
                     done_at[j] = n
+                    if last or len(news[b]) + n >= totals[b]:
+                        on_done(b)
         return torch.tensor([d is not None for d in done_at])
 
     def on_step(logits: torch.Tensor, toks: torch.Tensor) -> None:
@@ -133,7 +138,8 @@ def _phase(
         budget=ph.budget,
         stop=stop_fn,
         on_step=on_step if on_token is not None else None,
-        **{k: v for k, v in kwargs.items() if k != "device"},
+        generator=[gens[b] for b in rows] if isinstance(gens, list) else gens,
+        **{k: v for k, v in kwargs.items() if k not in ("device", "generator")},
     )
     for j, b in enumerate(rows):
         g = out[j, L:].tolist()
@@ -152,6 +158,8 @@ def _phase(
                     on_token(b, t, None, "force")
             news[b] += forced
             ctxs[b] += forced
+            if forced and len(news[b]) >= totals[b]:
+                on_done(b)
 
 
 @torch.inference_mode()
@@ -166,9 +174,10 @@ def schedule_generate(
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     tokenizer: Any = None,
     seed: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     on_token: Callable[[int, int, torch.Tensor | None, str], None] | None = None,
     row_stop: Callable[[int, list[int]], bool] | None = None,
+    on_done: Callable[[int], None] | None = None,
     **sampling: Any,
 ) -> torch.Tensor:
     """Generation under a budget schedule (see the module docstring); returns (B, L + new) as ``generate``.
@@ -177,7 +186,9 @@ def schedule_generate(
     model directory's. ``stop`` is called per row with that row's whole completion (1, n) in the
     last phase; ``row_stop(row, completion)`` the same with the row's index.
     ``on_token(row, token, logits (V,) or None for a forced token, budget or "force")`` sees every
-    new token as it is produced, phase by phase.
+    new token as it is produced, phase by phase; ``on_done(row)`` is called once, as soon as a
+    row has its last token. ``generator`` may be a list, one per row, each row drawing from its own
+    over all its phases as it would alone with that generator.
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -189,7 +200,9 @@ def schedule_generate(
             raise DecodingError("a budget schedule with stop or force text needs a tokenizer (tokenizer=)")
     eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
     eos = set(eos_ids.tolist())
-    gen = generator
+    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if isinstance(gen, list) and len(gen) != input_ids.shape[0]:
+        raise DecodingError(f"generator= as a list needs one generator per row ({input_ids.shape[0]}), got {len(gen)}")
     if gen is None and seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     kwargs = dict(sampling, eos_token_id=eos_ids.tolist(), pad_token_id=pad, generator=gen, device=input_ids.device)
@@ -200,12 +213,20 @@ def schedule_generate(
     ]
     news: list[list[int]] = [[] for _ in range(B)]
     going = list(range(B))  # rows that neither hit the total cap nor ended in an EOS of the last phase
+    told: set[int] = set()
+
+    def done(b: int) -> None:
+        if b not in told:
+            told.add(b)
+            if on_done is not None:
+                on_done(b)
+
     for i, ph in enumerate(phases):
         going = [b for b in going if len(news[b]) < totals[b]]
         if not going:
             break
         last = i == len(phases) - 1
-        _phase(model, ctxs, news, ph, last, totals, eos, tok, stop, row_stop, on_token, going, kwargs)
+        _phase(model, ctxs, news, ph, last, totals, eos, tok, stop, row_stop, on_token, done, going, kwargs)
     width = max(len(r) for r in news)
     new = torch.full((B, width), pad, dtype=input_ids.dtype, device=input_ids.device)
     for b, r in enumerate(news):
@@ -229,8 +250,9 @@ def generate(
     ``budget_schedule``: phases at different budgets (module docstring); not with ``budget=``.
     ``draft_budget`` / ``draft_arch`` with ``num_draft_tokens`` (default 4): speculative decoding
     at the target ``budget`` / ``arch`` (nestlm.speculative); ``stats`` a SpecStats to fill in.
-    These two also take ``max_new_tokens`` as a list (one cap per row) and ``row_stop(row, tokens)``
-    (``stop`` with the row's index); plain decoding does not.
+    These two also take ``max_new_tokens`` as a list (one cap per row), ``row_stop(row, tokens)``
+    (``stop`` with the row's index), ``on_token`` and ``on_done(row)``; plain decoding does not
+    (its hook is ``on_step``). All three take ``generator=`` a list, one per row.
     """
     if budget_schedule is not None:
         if kwargs.get("budget") is not None or kwargs.get("arch") is not None:
@@ -246,6 +268,8 @@ def generate(
         return speculative_generate(model, input_ids, **draft, **kwargs)
     if num_draft_tokens is not None:
         raise DecodingError("num_draft_tokens= needs a draft: draft_budget= or draft_arch=")
-    if kwargs.get("row_stop") is not None or not isinstance(kwargs.get("max_new_tokens", 32), int):
-        raise DecodingError("row_stop= and per-row max_new_tokens need budget_schedule= or draft_budget=")
+    hooks = [k for k in ("row_stop", "on_token", "on_done") if kwargs.get(k) is not None]
+    if hooks or not isinstance(kwargs.get("max_new_tokens", 32), int):  # (plain decoding has on_step=)
+        what = "=, ".join(hooks) + "= and " if hooks else ""
+        raise DecodingError(f"{what}per-row max_new_tokens need budget_schedule= or draft_budget=")
     return model.generate(input_ids, **kwargs)  # plain decoding

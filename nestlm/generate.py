@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import InferenceCache
-from .sampling import generation_defaults, sample_next, special_ids, warp_logits
+from .sampling import generation_defaults, sample_next, sample_rows, special_ids, warp_logits
 
 # what nestlm.decoding.generate takes on top of plain decoding's arguments
 SEVERAL_KEYS = {"budget_schedule", "draft_budget", "draft_arch", "num_draft_tokens", "tokenizer", "stats", "on_token"}
-SEVERAL_KEYS |= {"row_stop"}
+SEVERAL_KEYS |= {"row_stop", "on_done"}
 
 __all__ = ["generate", "generation_defaults", "sample_next", "special_ids", "warp_logits"]
 
@@ -41,7 +41,7 @@ def generate(
     arch: Any = None,
     seed: int | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
     **several: Any,
 ) -> torch.Tensor:
@@ -51,7 +51,8 @@ def generate(
     generation stops once every row has finished (as transformers does).
     ``stop``, when given, is called after each step with the new tokens so far (B, n)
     and returns a bool (B,) of rows that are done too (stop strings, for instance).
-    ``generator`` (sampling) is used as given, else one is seeded from ``seed``.
+    ``generator`` (sampling) is used as given, else one is seeded from ``seed``; a list of them,
+    one per row, has each unfinished row draw from its own, as it would alone with that generator.
     ``on_step(logits, tokens)``, when given, sees each step's logits (B, vocab) and chosen tokens (B,).
 
     Several budgets in one generation (``budget_schedule=``, speculative decoding with
@@ -73,7 +74,9 @@ def generate(
     spec = model.resolve_arch(arch, budget)
     cfg = model.config
     eos_ids, pad_token_id = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
-    gen = generator
+    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if isinstance(gen, list) and len(gen) != input_ids.shape[0]:
+        raise ValueError(f"generator= as a list needs one generator per row ({input_ids.shape[0]}), got {len(gen)}")
     if gen is None and seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
 
@@ -83,7 +86,10 @@ def generate(
     tokens = [input_ids]
     unfinished = torch.ones(Bsz, dtype=torch.bool, device=input_ids.device)
     for step in range(max_new_tokens):
-        nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, gen)
+        if do_sample and isinstance(gen, list):  # finished rows draw nothing, as they would not alone
+            nxt = sample_rows(out.logits[:, -1], unfinished, temperature, top_k, top_p, gen)
+        else:
+            nxt = sample_next(out.logits[:, -1], do_sample, temperature, top_k, top_p, gen)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         if on_step is not None:
             on_step(out.logits[:, -1], nxt)

@@ -48,6 +48,23 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def sample_rows(
+    logits: torch.Tensor,
+    draw: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """The next token of each row from logits (B, vocab), row b drawn from its own generator
+    ``generators[b]`` where ``draw[b]`` (the argmax elsewhere: a token nobody keeps). Each row draws
+    as :func:`sample_next` on that row alone would: what its solo run with that generator draws."""
+    tok = logits.argmax(dim=-1)
+    for b in draw.nonzero().flatten().tolist():
+        tok[b] = sample_next(logits[b : b + 1], True, temperature, top_k, top_p, generators[b])[0]
+    return tok
+
+
 def generation_defaults(model: HybridLM) -> dict[str, Any]:
     """eos_token_id / pad_token_id of the model directory's generation_config.json, where present.
 

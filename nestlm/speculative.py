@@ -145,13 +145,14 @@ class SpeculativeDecoder:
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise DecodingError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
         self.model, self.target, self.draft, self.k = model, target, draft, k
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
         self.gen = generator
+        self.per_row = isinstance(generator, list)  # one generator per row: each row draws what it would alone
         self.stats = SpecStats()
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
@@ -159,12 +160,20 @@ class SpeculativeDecoder:
         warped = warp_logits(logits.reshape(-1, shape[-1]), self.temperature, self.top_k, self.top_p)
         return warped.softmax(-1).view(shape)
 
-    def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(tokens (B,), their warped distribution (B, V) or None when greedy) from logits (B, V)."""
+    def _choose(self, logits: torch.Tensor, draw: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens (B,), their warped distribution (B, V) or None when greedy) from logits (B, V).
+        With one generator per row, only rows with ``draw[b]`` (all when None) draw, each from its
+        own generator as its solo run would; the others get the argmax (a token nobody keeps)."""
         if not self.do_sample:
             return logits.argmax(-1), None
         q = self._probs(logits)
-        return torch.multinomial(q, 1, generator=self.gen).squeeze(-1), q
+        if not self.per_row:
+            return torch.multinomial(q, 1, generator=self.gen).squeeze(-1), q
+        tok = logits.argmax(-1)
+        for b, g in enumerate(self.gen):
+            if draw is None or draw[b]:
+                tok[b] = torch.multinomial(q[b : b + 1], 1, generator=g)[0, 0]
+        return tok, q
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, capacity: int) -> torch.Tensor:
         """Prefill both caches; returns the target's logits (B, V) for the first new token."""
@@ -178,9 +187,10 @@ class SpeculativeDecoder:
         self.unread = input_ids.new_zeros(input_ids.shape[0], 0)
         return out.logits[:, -1]
 
-    def first(self, logits: torch.Tensor) -> torch.Tensor:
-        """The first new token of each row, from the prefill's target logits."""
-        tok, _ = self._choose(logits)
+    def first(self, logits: torch.Tensor, live: torch.Tensor | None = None) -> torch.Tensor:
+        """The first new token of each row, from the prefill's target logits (per-row generators:
+        rows not ``live`` draw nothing)."""
+        tok, _ = self._choose(logits, None if live is None else live.tolist())
         if not self.do_sample:
             self._ties(logits[:, None], torch.zeros(len(tok), dtype=torch.long, device=tok.device))
         return tok
@@ -205,13 +215,39 @@ class SpeculativeDecoder:
         warped draft distributions q (B, k, V) the drafts (B, k) were drawn from."""
         return accept_reject(self._probs(target_logits), q, drafts, self.gen)
 
-    def round(self, cur: torch.Tensor, kk: int, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def accept_rows(
+        self, tl: torch.Tensor, q: list[torch.Tensor], drafts: torch.Tensor, live: list[bool], kbs: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sampling with one generator per row: (accepted counts, next tokens), row b deciding on its
+        own first kbs[b] drafts with its own generator, exactly as its solo round of kbs[b] drafts
+        does (rows not ``live`` draw nothing)."""
+        p = self._probs(tl)  # (B, kk + 1, V)
+        n, nxt = torch.zeros(len(live), dtype=torch.long, device=tl.device), tl[:, 0].argmax(-1)
+        for b, g in enumerate(self.gen):
+            kb = kbs[b]
+            if not live[b]:
+                continue
+            if kb == 0:  # no draft: the solo round samples the target's first position (as _choose)
+                nxt[b] = torch.multinomial(p[b, :1], 1, generator=g)[0, 0]
+                continue
+            qb = torch.stack([x[b : b + 1] for x in q[:kb]], 1)  # (1, kb, V)
+            nb, xb = accept_reject(p[b : b + 1, : kb + 1], qb, drafts[b : b + 1, :kb], g)
+            n[b], nxt[b] = nb[0], xb[0]
+        return n, nxt
+
+    def round(
+        self, cur: torch.Tensor, kk: int, live: torch.Tensor, kbs: list[int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One round from the pending tokens ``cur`` (B,) with ``kk`` drafts.
 
         Returns (drafts (B, kk), accepted counts n (B,), the target's logits (B, kk + 1, V)); row b's
-        new tokens are drafts[b, :n[b]] followed by the target's token, ``self.next[b]``.
+        new tokens are drafts[b, :n[b]] followed by the target's token, ``self.next[b]``. With one
+        generator per row, row b samples and judges only its first ``kbs[b]`` drafts (what its own
+        cap leaves it; kk when None), so its draws are those of its solo run.
         """
         model, st = self.model, self.stats
+        live_l = live.tolist()
+        kbs = [kk] * len(cur) if kbs is None else kbs
         d_toks, d_probs, d_states, d_logits = [], [], [], []
         m = self.unread.shape[1]  # tokens before cur the draft has not read yet (all rows alike)
         x = cur
@@ -225,7 +261,7 @@ class SpeculativeDecoder:
                 self.dc.keep_steps = False
             d_states.append(_mamba_now(self.dc))
             d_logits.append(out.logits[:, -1])
-            x, q = self._choose(out.logits[:, -1])
+            x, q = self._choose(out.logits[:, -1], [lv and j < kb for lv, kb in zip(live_l, kbs, strict=True)])
             d_toks.append(x)
             d_probs.append(q)
         st.draft_steps += kk
@@ -233,7 +269,11 @@ class SpeculativeDecoder:
         v_in = torch.cat([cur[:, None], drafts], 1)  # (B, kk + 1)
         tl = model(v_in, arch=self.target, cache=self.tc).logits  # (B, kk + 1, V)
         st.verify_steps += 1
-        if self.do_sample and kk:
+        if self.do_sample and self.per_row:
+            if kk:
+                self.draft_logits = torch.stack(d_logits, 1)
+            n, nxt = self.accept_rows(tl, d_probs, drafts, live_l, kbs)
+        elif self.do_sample and kk:
             self.draft_logits = torch.stack(d_logits, 1)  # (B, kk, V) unwarped, for diagnostics
             n, nxt = self.accept(tl, torch.stack(d_probs, 1), drafts)
         elif self.do_sample:
@@ -278,11 +318,12 @@ def speculative_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     seed: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
     stop: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stats: SpecStats | None = None,
     on_token: Callable[[int, int, torch.Tensor], None] | None = None,
     row_stop: Callable[[int, list[int]], bool] | None = None,
+    on_done: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """``generate`` at the target (``budget`` / ``arch``) with ``draft_budget`` / ``draft_arch`` as the draft.
 
@@ -292,7 +333,10 @@ def speculative_generate(
     drafts at most what its own cap leaves (as it would alone), so its tokens and its counts in
     ``stats.accepted_per_row`` / ``rejected_per_row`` are those of its solo run. ``stats``, when
     given, is filled in (a :class:`SpecStats`). ``on_token(row, token, target_logits (V,))`` sees
-    every output token as it is produced.
+    every output token as it is produced; ``on_done(row)`` is called once a row has its last token
+    (its counts in ``stats`` are final then). ``generator`` may be a list, one per row: row b then
+    draws from its own, in the order and shapes of its solo run, so a sampled row's tokens equal
+    its solo run with that generator (up to float noise of the batched forward).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -304,7 +348,9 @@ def speculative_generate(
     draft = model.resolve_arch(draft_arch, draft_budget)
     if do_sample and temperature <= 0:
         raise DecodingError(f"temperature must be > 0 when sampling, got {temperature}")
-    gen = generator
+    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if isinstance(gen, list) and len(gen) != input_ids.shape[0]:
+        raise DecodingError(f"generator= as a list needs one generator per row ({input_ids.shape[0]}), got {len(gen)}")
     if gen is None and seed is not None:
         gen = torch.Generator(device=input_ids.device).manual_seed(seed)
     eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
@@ -322,33 +368,40 @@ def speculative_generate(
     if max(caps) <= 0:
         return input_ids
 
-    def emit(b: int, tok: int, logits: torch.Tensor) -> bool:
-        """Append one token to row b; True when the row is done."""
-        out[b].append(tok)
-        if on_token is not None:
-            on_token(b, tok, logits)
+    def ends(b: int, tok: int) -> bool:
         if tok in eos or len(out[b]) >= caps[b]:
             return True
         if row_stop is not None and row_stop(b, out[b]):
             return True
         return stop is not None and bool(stop(torch.tensor([out[b]], device=input_ids.device))[0])
 
+    def emit(b: int, tok: int, logits: torch.Tensor) -> bool:
+        """Append one token to row b; True when the row is done (and on_done has been told)."""
+        out[b].append(tok)
+        if on_token is not None:
+            on_token(b, tok, logits)
+        done = ends(b, tok)
+        if done and on_done is not None:
+            on_done(b)
+        return done
+
     logits = dec.prefill(input_ids, attention_mask, L + max(caps) + k + 2)
-    cur = dec.first(logits)
+    cur = dec.first(logits, live)
     for b in range(B):
         if live[b] and emit(b, int(cur[b]), logits[b]):
             live[b] = False
     while bool(live.any()):
         left = max(caps[b] - len(out[b]) for b in range(B) if live[b])
         kk = min(k, left - 1)
-        drafts, n, tl = dec.round(cur, kk, live.to(cur.device))
+        # the drafts each row would run alone: no more than its own cap leaves room for
+        kbs = [min(kk, caps[b] - len(out[b]) - 1) for b in range(B)]
+        drafts, n, tl = dec.round(cur, kk, live.to(cur.device), kbs)
         nxt = dec.next
         dl, nl, xl = drafts.tolist(), n.tolist(), nxt.tolist()
         for b in range(B):
             if not live[b]:
                 continue
-            # the drafts this row would have run alone: no more than its own cap leaves room for
-            kb = min(kk, caps[b] - len(out[b]) - 1)
+            kb = kbs[b]
             nb = min(nl[b], kb)
             if kb == 0:
                 st.plain_steps += 1

@@ -18,9 +18,10 @@ real tokens only; the Mamba state of a row is its own. Greedy output of each req
 ``model.generate`` of that prompt alone, token for token.
 
 Requests with several budgets in one generation (``budget_schedule``, ``draft_budget``) do not
-join these batches: at admission, the greedy ones that share a decoding plan run as one batched
-``model.generate`` call (sampled ones alone, each with its own seeded generator), their tokens
-streamed as they come, while the batched rows wait; see :mod:`nestlm.serve.several`.
+join these batches: at admission, those that share a decoding plan go as one batched
+``model.generate`` call (each sampled row with its own seeded generator) to the several-budget
+runner's thread, which runs such calls one after another, their tokens streamed as they come,
+while this loop goes on decoding the batched rows; see :mod:`nestlm.serve.several`.
 
 ``auto`` requests get the largest budget whose recent per-token latency (time between two
 decode steps of that budget's batch, measured over the last ``window_s`` seconds) meets the
@@ -41,7 +42,7 @@ import torch
 from ..cache import InferenceCache
 from ..generate import generation_defaults, sample_next
 from .batching import LatencyTracker, _row_caches_join, _trim_left, left_pad, logprob_info
-from .several import plan_key, run_several
+from .several import SHUTDOWN, SeveralRunner, plan_key, run_several
 
 
 class QueueFull(Exception):
@@ -50,7 +51,8 @@ class QueueFull(Exception):
 
 @dataclass
 class Request:
-    """One sequence to generate. Events go to ``sink`` from the scheduler thread:
+    """One sequence to generate. Events go to ``sink`` from the scheduler thread (the several-budget
+    runner's thread for a request with ``several``):
     ("token", id, logprob_info | None), ("prompt_logprobs", list) and finally ("done", finish_reason)
     or ("error", message). ``stop(generated_ids)`` -> True ends the request with finish_reason "stop".
     """
@@ -70,8 +72,8 @@ class Request:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     # Several budgets in one generation: generate's budget_schedule= (with tokenizer=) or
-    # draft_budget= / num_draft_tokens=. Greedy ones of one admission sharing a plan run as one
-    # batched generate call, sampled ones alone (nestlm.serve.several).
+    # draft_budget= / num_draft_tokens=. Those of one admission sharing a plan run as one batched
+    # generate call on the several-budget runner's thread (nestlm.serve.several).
     several: dict[str, Any] | None = None
     accepted: int = 0  # speculative decoding: draft tokens accepted / rejected (usage)
     rejected: int = 0
@@ -137,6 +139,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.cond = threading.Condition()
         self.counters = Counters()
+        self.lock = threading.Lock()  # counters the several-budget runner's thread changes too
+        self.several = SeveralRunner(self)
         self._rr = 0
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -145,7 +149,7 @@ class Scheduler:
     # ------------------------------------------------------------- interface
     def submit(self, req: Request) -> None:
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + self.several.pending() >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} waiting requests); retry later")
             self.waiting.append(req)
             self.cond.notify()
@@ -158,7 +162,8 @@ class Scheduler:
         c = self.counters
         return {
             "active": self.active(),
-            "queued": len(self.waiting),
+            "queued": len(self.waiting) + self.several.pending(),  # pending: admitted, waiting for the runner
+            "several_active": len(self.several.running),  # requests in the several-budget call running now
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "prefills": c.prefills,
@@ -177,13 +182,16 @@ class Scheduler:
 
     def start(self) -> None:
         self._stop = False
+        self.several.start()
         self._thread = threading.Thread(target=self._loop, name="nestlm-scheduler", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop both threads: the running decode step and several-budget call end at their next token."""
         with self.cond:
             self._stop = True
             self.cond.notify()
+        self.several.stop()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -204,7 +212,7 @@ class Scheduler:
                     b.rows, b.cache, b.last = [], None, None
         for b in self.batches.values():
             for r in b.rows:
-                r.sink(("error", "the server is shutting down"))
+                r.sink(("error", SHUTDOWN))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -220,7 +228,8 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Take waiting requests into free slots; prefill those of one budget together. Requests with
-        several budgets run first, one batched generate call per plan (nestlm.serve.several)."""
+        several budgets go to the several-budget runner, one batched generate call per plan
+        (nestlm.serve.several); a scheduler that was not started runs those calls here, first."""
         free = self.max_batch - self.active()
         taken: list[Request] = []
         with self.cond:
@@ -230,7 +239,8 @@ class Scheduler:
         several: dict[Any, tuple[str | None, list[Request]]] = {}
         for req in taken:
             if req.cancelled:
-                self.counters.cancelled += 1
+                with self.lock:
+                    self.counters.cancelled += 1
                 req.sink(("done", "cancelled"))
                 continue
             name = req.budget
@@ -243,14 +253,16 @@ class Scheduler:
                 req.generator = torch.Generator(device=self.device)
                 seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
                 req.generator.manual_seed(seed)
-            if req.several is not None:  # one generate call per plan, before the batched rows go on
-                key = plan_key(req, name)
-                several.setdefault(("alone", id(req)) if key is None else key, (name, []))[1].append(req)
+            if req.several is not None:  # one generate call per plan, on the runner's thread
+                several.setdefault(plan_key(req, name), (name, []))[1].append(req)
                 continue
             # echo needs every position's logits: such a request is prefilled alone
             groups.setdefault((name, id(req)) if req.echo_logprobs else name, []).append(req)
-        for name, reqs in several.values():
-            run_several(self, reqs, name)
+        for key, (name, reqs) in several.items():
+            if self.several.alive():
+                self.several.put(key, name, reqs)
+            else:
+                run_several(self, reqs, name)
         for key, reqs in groups.items():
             try:
                 self._prefill(key[0] if isinstance(key, tuple) else key, reqs)
@@ -274,7 +286,8 @@ class Scheduler:
             attention_mask=mask if len(reqs) > 1 else None,
             num_logits=None if echo else 1,
         )
-        self.counters.prefills += len(reqs)
+        with self.lock:
+            self.counters.prefills += len(reqs)
         if echo:
             req = reqs[0]
             lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)  # (L-1, V): logits of tokens 1..L-1
@@ -340,7 +353,8 @@ class Scheduler:
             return
         for i in index:
             if cancelled:
-                self.counters.cancelled += 1
+                with self.lock:
+                    self.counters.cancelled += 1
                 batch.rows[i].sink(("done", "cancelled"))
         keep = [i for i in range(len(batch.rows)) if i not in set(index)]
         if not keep:
@@ -377,5 +391,6 @@ class Scheduler:
         return False
 
     def _finish(self, req: Request, reason: str) -> None:
-        self.counters.finished += 1
+        with self.lock:
+            self.counters.finished += 1
         req.sink(("done", reason))

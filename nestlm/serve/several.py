@@ -1,27 +1,36 @@
 """Requests with several budgets in one generation (``budget_schedule``, ``draft_budget``): batched
-``model.generate`` calls, streamed token by token.
+``model.generate`` calls, streamed token by token, on a thread of their own.
 
-Greedy requests taken in one admission that share a decoding plan (the same budget schedule, or
-the same target budget, draft budget and ``num_draft_tokens``) run as ONE ``model.generate``
-call over their left-padded prompts. Each row keeps its own ``max_tokens`` (a per-row
-``max_new_tokens`` list) and stop strings (``row_stop``): a row generates what it would alone,
-so each result equals in-process ``generate`` of that prompt, and a speculative row's accepted
-and rejected draft counts are those of its solo run. Sampled requests (temperature > 0) run
-alone: a call has one generator, and each seeded request must draw from its own, as in-process
-``generate(seed=...)`` does.
+Requests taken in one admission that share a decoding plan (the same budget schedule, or the
+same target budget, draft budget and ``num_draft_tokens``; sampled ones also the same
+temperature and top_p) run as ONE ``model.generate`` call over their left-padded prompts; a
+plan's requests of later admissions still waiting for the runner join the call it starts next.
+Each row keeps its own ``max_tokens`` (a per-row ``max_new_tokens`` list), stop strings
+(``row_stop``) and, when sampled, its own seeded generator (``generator=`` one per row: each
+row draws what it would draw alone), so each result equals in-process ``generate`` of that
+prompt (with its seed), and a speculative row's accepted and rejected draft counts are those of
+its solo run.
 
-Tokens go to their request's sink as the decoder produces them (its ``on_token``). Logprobs are
-those of the budget that chose each token: the target's when speculative, a schedule phase's own,
-and ``{"logprob": 0.0, "top": []}`` for a schedule's forced tokens (which have no logits). EOS
-tokens are not text (one that ends a schedule's phase neither). A request cancelled during the
-call gets ("done", "cancelled") and no further event; its row stops at its next token where the
-decoder allows (a schedule checks stops in its last phase only). The other requests get "done"
-when the call ends. The call runs on the scheduler thread: the batched rows wait meanwhile.
+Tokens go to their request's sink as the decoder produces them (its ``on_token``), and each
+row's ("done", reason) as soon as the decoder has its last token (``on_done``), not at the end
+of the call. Logprobs are those of the budget that chose each token: the target's when
+speculative, a schedule phase's own, and ``{"logprob": 0.0, "top": []}`` for a schedule's
+forced tokens (which have no logits). EOS tokens are not text (one that ends a schedule's phase
+neither). A request cancelled during the call gets ("done", "cancelled") and no further event;
+its row stops at its next token where the decoder allows (a schedule checks stops in its last
+phase only), and a call whose requests have all been told ends at once.
+
+The calls run one after another on the runner's thread (:class:`SeveralRunner`) while the
+scheduler loop goes on decoding the batched rows (the weights are read-only; counters shared
+with the loop change under ``Scheduler.lock``). On shutdown the running call ends at its next
+token and its requests, and those still waiting for the runner, get ("error", "the server is
+shutting down"). A scheduler driven by ``step()`` alone, not started, runs the calls inline.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -32,15 +41,20 @@ from .batching import left_pad, logprob_info
 if TYPE_CHECKING:
     from .scheduler import Request, Scheduler
 
+SHUTDOWN = "the server is shutting down"
 
-def plan_key(req: Request, name: str | None) -> Hashable | None:
-    """Requests of one admission with equal keys run as one batched call; None: this one runs alone."""
-    if req.temperature > 0:
-        return None
+
+class _EndCall(Exception):
+    """Raised from on_token to end a call early: every request has been told, or the server stops."""
+
+
+def plan_key(req: Request, name: str | None) -> Hashable:
+    """Requests with equal keys run as one batched call."""
     kw = req.several or {}
+    sampling = (req.temperature, req.top_p) if req.temperature > 0 else None
     if "budget_schedule" in kw:
-        return "schedule", json.dumps(kw["budget_schedule"], sort_keys=True), id(kw.get("tokenizer"))
-    return "draft", name, kw.get("draft_budget"), kw.get("num_draft_tokens")
+        return "schedule", json.dumps(kw["budget_schedule"], sort_keys=True), id(kw.get("tokenizer")), sampling
+    return "draft", name, kw.get("draft_budget"), kw.get("num_draft_tokens"), sampling
 
 
 def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None:
@@ -48,28 +62,57 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
     from ..speculative import SpecStats
 
     c = sched.counters
-    c.several_calls += 1
-    c.several_requests += len(reqs)
-    c.several_rows = max(c.several_rows, len(reqs))
-    c.prefills += len(reqs)
+    with sched.lock:
+        c.several_calls += 1
+        c.several_requests += len(reqs)
+        c.several_rows = max(c.several_rows, len(reqs))
+        c.prefills += len(reqs)
     eos = sched.eos_ids
+    stats = SpecStats()
     new: list[list[int]] = [[] for _ in reqs]  # every token of each row, EOS included
-    told = [False] * len(reqs)  # the request has had its last event ("done" cancelled or "error")
+    told = [False] * len(reqs)  # the request has had its last event
+
+    def counts(i: int) -> None:  # final once the row is done: set before its "done" is sent
+        if stats.accepted_per_row:  # a stream cut at a stop string by the app is cancelled, and reports them
+            reqs[i].accepted, reqs[i].rejected = stats.accepted_per_row[i], stats.rejected_per_row[i]
 
     def cancel(i: int) -> None:
         told[i] = True
-        c.cancelled += 1
+        counts(i)
+        with sched.lock:
+            c.cancelled += 1
         reqs[i].sink(("done", "cancelled"))
 
-    def on_token(i: int, tok: int, logits: torch.Tensor | None, _budget: str | None = None) -> None:
-        new[i].append(tok)
+    def finish(i: int) -> None:
         req = reqs[i]
-        if told[i]:
-            return
         if req.cancelled:
             cancel(i)
             return
-        if tok in eos:
+        told[i] = True
+        counts(i)
+        reason = "stop" if new[i] and new[i][-1] in eos else "length"  # an EOS ended the text
+        if reason == "length" and req.stop is not None and req.stop(req.generated):
+            reason = "stop"
+        if reason == "length" and len(new[i]) < req.max_tokens:
+            reason = "stop"
+        sched._finish(req, reason)
+
+    def on_done(i: int) -> None:
+        if not told[i]:
+            finish(i)
+        if all(told):  # nobody listens any more (the rows left are cancelled ones)
+            raise _EndCall
+
+    def on_token(i: int, tok: int, logits: torch.Tensor | None, _budget: str | None = None) -> None:
+        if sched._stop:
+            raise _EndCall
+        new[i].append(tok)
+        req = reqs[i]
+        if not told[i] and req.cancelled:
+            cancel(i)
+        if all(told):
+            raise _EndCall
+        if told[i] or tok in eos:
             return
         info = None
         if req.logprobs is not None:
@@ -83,11 +126,10 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
         return req.cancelled or (req.stop is not None and req.stop(toks))
 
     first = reqs[0]
-    stats = SpecStats()
-    kw: dict[str, Any] = dict(first.several or {}, on_token=on_token, row_stop=row_stop)
+    kw: dict[str, Any] = dict(first.several or {}, on_token=on_token, row_stop=row_stop, on_done=on_done)
     if "budget_schedule" not in kw:
         kw |= dict(budget=name, stats=stats)
-    sampled = first.temperature > 0  # then alone (plan_key)
+    sampled = first.temperature > 0  # then every request of the call samples alike (plan_key)
     ids, mask = left_pad([r.prompt for r in reqs])
     try:
         sched.model.generate(
@@ -97,25 +139,91 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
             do_sample=sampled,
             temperature=first.temperature if sampled else 1.0,
             top_p=first.top_p if sampled else None,
-            generator=first.generator if sampled else None,
+            generator=[r.generator for r in reqs] if sampled else None,
             **kw,
         )
+    except _EndCall:
+        pass
     except Exception as e:
         for i, req in enumerate(reqs):
             if not told[i]:
+                told[i] = True
                 req.sink(("error", f"{type(e).__name__}: {e}"))
         return
     for i, req in enumerate(reqs):
-        if stats.accepted_per_row:  # a stream cut at a stop string by the app is cancelled, and reports them
-            req.accepted, req.rejected = stats.accepted_per_row[i], stats.rejected_per_row[i]
-        if told[i]:
-            continue
-        if req.cancelled:
-            cancel(i)
-            continue
-        reason = "stop" if new[i] and new[i][-1] in eos else "length"  # an EOS ended the text
-        if reason == "length" and req.stop is not None and req.stop(req.generated):
-            reason = "stop"
-        if reason == "length" and len(new[i]) < req.max_tokens:
-            reason = "stop"
-        sched._finish(req, reason)
+        if not told[i]:
+            if sched._stop:
+                told[i] = True
+                req.sink(("error", SHUTDOWN))
+            else:  # a row the decoder did not report (none expected)
+                finish(i)
+
+
+class SeveralRunner:
+    """The thread that runs the several-budget calls one after another (see the module docstring)."""
+
+    def __init__(self, sched: Scheduler) -> None:
+        self.sched = sched
+        self.cond = threading.Condition()
+        self.jobs: list[tuple[Hashable, str | None, list[Request]]] = []  # (plan key, target budget, requests)
+        self.running: list[Request] = []
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def pending(self) -> int:
+        """Requests waiting for the runner (not yet in a call)."""
+        with self.cond:
+            return sum(len(j[2]) for j in self.jobs)
+
+    def put(self, key: Hashable, name: str | None, reqs: list[Request]) -> None:
+        with self.cond:
+            if not self.stopping:
+                self.jobs.append((key, name, reqs))
+                self.cond.notify()
+                return
+        for r in reqs:  # admitted while the server stops
+            r.sink(("error", SHUTDOWN))
+
+    def start(self) -> None:
+        self.stopping = False
+        self.thread = threading.Thread(target=self._loop, name="nestlm-several", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping and not self.jobs:
+                    self.cond.wait()
+                if self.stopping:
+                    break
+                key, name, reqs = self.jobs.pop(0)
+                rest = []  # the plan's requests of later admissions join this call, up to max_batch rows
+                for job in self.jobs:
+                    if job[:2] == (key, name) and len(reqs) + len(job[2]) <= self.sched.max_batch:
+                        reqs = reqs + job[2]
+                    else:
+                        rest.append(job)
+                self.jobs, self.running = rest, reqs
+            try:
+                with torch.inference_mode():
+                    run_several(self.sched, reqs, name)
+            except Exception as e:  # run_several tells its requests of errors; this is a bug: fail them
+                for r in reqs:
+                    r.sink(("error", f"internal error: {type(e).__name__}: {e}"))
+            finally:
+                self.running = []
+        with self.cond:
+            jobs, self.jobs = self.jobs, []
+        for _, _, reqs in jobs:
+            for r in reqs:
+                r.sink(("error", SHUTDOWN))
