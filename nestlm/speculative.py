@@ -6,8 +6,9 @@ target's next token are kept. Greedy output is the target's own greedy output; s
 the standard rule (:func:`accept_reject`), so the output distribution is the target's.
 
 Rollback is exact, per row. A verify forward runs with ``InferenceCache.keep_steps``: every Mamba
-layer keeps its SSM and conv state after each of the k + 1 tokens (the one-token recurrence,
-as plain decoding runs it), and a row that accepted n drafts takes the state after token n.
+layer keeps its conv state after each of the k + 1 tokens and its SSM states as an
+``ssd_steps.SSMSteps`` (the one-token recurrence's states, or for large states the inputs that
+give any one of them), and a row that accepted n drafts takes the state after token n.
 The draft's single steps are kept the same way. The KV cache keeps one length for all rows:
 slots a row rejected are masked out of its key mask (later tokens never see them, and rotary
 positions count real tokens only), and slots every row rejected are cut off the end. With
