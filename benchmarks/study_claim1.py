@@ -11,6 +11,7 @@ demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ra
   elastic, fixed     no routers: each budget is the one-shot pruned architecture (elastic.router=fixed)
   elastic, 3 T1      learned routers, three times the steps: each small budget sees about T1
   elastic, lr 5e-4   learned routers at 5x the learning rate
+  elastic, router lr 10x  learned routers at a tenth of their learning rate (router_lr_mult 10, not 100)
   prune+KD           per size, T1 tokens for that size alone (as in paper_in_small)
   prune+KD, T1/3     per size, the share of steps a small budget gets in the elastic run
 
@@ -60,6 +61,9 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     lr = json.loads(json.dumps(base))
     lr["train"]["lr"] = 5e-4
     out["elastic, lr 5e-4"] = lr
+    slow = json.loads(json.dumps(base))
+    slow["elastic"]["router_lr_mult"] = 10.0  # the routers commit later (default 100)
+    out["elastic, router lr 10x"] = slow
     return out
 
 
@@ -137,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.only) if args.only else None
     variants = elastic_variants(base)
     order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
+    order += ["elastic, router lr 10x"]
     for method in order:
         if (wanted and method not in wanted) or method in res["runs"]:
             continue

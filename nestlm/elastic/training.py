@@ -10,6 +10,7 @@ each budget's argmax choices are frozen into a ``Budget`` record.
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,25 @@ def student_loss(
     return kd_loss(s_logits, t_logits, e.kd_temperature, y)
 
 
+def _warn_if_moved(name: str, argmax: ArchSpec, frozen: ArchSpec, cfg: ModelConfig, e: ElasticSection) -> None:
+    """Say so when the routers' own choice lies outside the tolerance, so freezing took another one.
+
+    Near the end of a run the router probabilities saturate (tau ~0.05, logit scale ~10), and the
+    budget loss's gradient through them vanishes: a choice just outside the tolerance then stays
+    there, and the frozen sub-network is one training seldom ran (benchmarks/study_claim1.py)."""
+    if argmax.to_dict() == frozen.to_dict():
+        return
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+        return
+    a, f, total = argmax.num_parameters(cfg), frozen.num_parameters(cfg), count_parameters(cfg)
+    warnings.warn(
+        f"budget {name!r}: the routers' own choice ({a:,} parameters, {a / total:.1%}) is outside the "
+        f"{e.tolerance:.0%} tolerance; frozen to the most probable choice within it ({f:,}), which training "
+        "seldom ran. Raise elastic.budget_loss_weight or elastic.tolerance, or use elastic.router: fixed",
+        stacklevel=2,
+    )
+
+
 def freeze_budgets(
     cfg: ModelConfig,
     names: list[str],
@@ -140,6 +160,7 @@ def freeze_budgets(
             spec = fixed[name]
         elif name in routed:
             spec = routers.freeze(routed.index(name), t, e.tolerance, scale=e.logit_scale[1], **memory_kw(e))
+            _warn_if_moved(name, routers.freeze(routed.index(name), scale=e.logit_scale[1]), spec, cfg, e)
         else:
             spec = ArchSpec.full(cfg)
         n = spec.num_parameters(cfg)

@@ -195,3 +195,31 @@ def test_freezing_an_unreachable_target_picks_the_closest_choice():
         routers.arch(_one_hot(routers, c).choice).num_parameters(cfg)
         for c in _combos(routers, {a: 1 for a in routers.choices})
     )
+
+
+def test_freezing_says_when_the_routers_own_choice_is_outside_the_tolerance():
+    """A saturated router left outside the tolerance: freeze_budgets warns, naming both counts; inside, silence."""
+    import warnings
+
+    from nestlm.elastic.training import freeze_budgets
+    from nestlm.train.recipe import ElasticSection
+
+    cfg = _config()
+    routers = _routers(cfg, seed=6)
+    e = ElasticSection(budgets={"full": 1.0, "half": 0.5}, axes=AXES, tolerance=0.05)
+    targets = {"full": Target("fraction", 1.0), "half": Target("fraction", 0.5)}
+    with torch.no_grad():  # every axis's router prefers the full width: 100% of the parent, far from 50%
+        for r in routers.routers.values():
+            r.net[-1].bias.copy_(torch.tensor([50.0] + [0.0] * (r.net[-1].bias.numel() - 1)))
+            r.net[-1].weight.zero_()
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = freeze_budgets(cfg, ["full", "half"], targets, ["half"], routers, e, True)
+    assert abs(out["half"].params / (0.5 * count_parameters(cfg)) - 1) <= 0.05
+    msgs = [str(x.message) for x in w]
+    assert len(msgs) == 1 and "'half'" in msgs[0] and f"{count_parameters(cfg):,}" in msgs[0]
+    assert f"{out['half'].params:,}" in msgs[0] and "outside the 5% tolerance" in msgs[0]
+    with warnings.catch_warnings(record=True) as w:  # a target the argmax meets: no warning
+        warnings.simplefilter("always")
+        freeze_budgets(cfg, ["full", "half"], {**targets, "half": Target("fraction", 1.0)}, ["half"], routers, e, True)
+    assert not w
