@@ -9,6 +9,10 @@ import torch
 
 from .ssd import ssd_step
 
+# L * H * P * N from which a verify forward takes the quadratic form (below: the L-step loop,
+# whose few small ops are cheaper there on CPU; benchmarks/bench_generate.py measures both)
+QUADRATIC_MIN = 2**17
+
 
 class SSMSteps:
     """The SSM state after each of the L tokens of a verify forward, computed when asked for.
@@ -68,7 +72,7 @@ def ssd_steps(
     """
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    if L * H * P * N < 2**17:  # measured on CPU: the loop's few small ops are cheaper here
+    if L * H * P * N < QUADRATIC_MIN:
         y, states = ssd_steps_loop(state, x, dt, A, B, C, D)
         return y, SSMSteps(states=states)
     R = H // G
