@@ -12,6 +12,7 @@ demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ra
   elastic, 3 T1      learned routers, three times the steps: each small budget sees about T1
   elastic, lr 5e-4   learned routers at 5x the learning rate
   elastic, router lr 10x  learned routers at a tenth of their learning rate (router_lr_mult 10, not 100)
+  elastic, fixed, 3 T1    no routers and three times the steps
   prune+KD           per size, T1 tokens for that size alone (as in paper_in_small)
   prune+KD, T1/3     per size, the share of steps a small budget gets in the elastic run
 
@@ -61,6 +62,9 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     lr = json.loads(json.dumps(base))
     lr["train"]["lr"] = 5e-4
     out["elastic, lr 5e-4"] = lr
+    fixed3 = json.loads(json.dumps(longer))
+    fixed3["elastic"]["router"] = "fixed"
+    out["elastic, fixed, 3 T1"] = fixed3
     slow = json.loads(json.dumps(base))
     slow["elastic"]["router_lr_mult"] = 10.0  # the routers commit later (default 100)
     out["elastic, router lr 10x"] = slow
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300, help="held-out short problems per cell")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="run only these methods (names as in the table)")
+    ap.add_argument(
+        "--merge", nargs="+", default=None, help="add the models of these earlier --out directories and write the report"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -138,10 +145,20 @@ def main(argv: list[str] | None = None) -> int:
         res["runs"][method] = {"tokens": tokens, "seconds": seconds}
         save()
 
+    if args.merge:  # runs made in parallel into other directories (same ranked parent, same problems)
+        for other in args.merge:
+            o = json.loads((Path(other) / "results.json").read_text())
+            for k, v in o["models"].items():
+                res["models"].setdefault(k, v)
+            for k, v in o["runs"].items():
+                res["runs"].setdefault(k, v)
+        save()
+        print(write_report(out, res, n))
+        return 0
     wanted = set(args.only) if args.only else None
     variants = elastic_variants(base)
     order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
-    order += ["elastic, router lr 10x"]
+    order += ["elastic, router lr 10x", "elastic, fixed, 3 T1"]
     for method in order:
         if (wanted and method not in wanted) or method in res["runs"]:
             continue
