@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", nargs="*", default=None, help="run only these methods (names as in the table)")
     ap.add_argument(
-        "--merge", nargs="+", default=None, help="add the models of these earlier --out directories and write the report"
+        "--merge", nargs="+", default=None, help="add the models of these other --out directories; write the report"
     )
     args = ap.parse_args(argv)
     out = Path(args.out)
