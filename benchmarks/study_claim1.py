@@ -97,6 +97,18 @@ def _arch_line(model: Any, budget: str | None) -> str:
     return f"hidden {cfg.hidden_size}, " + ", ".join(f"{k} {v}" for k, v in kinds.items())
 
 
+def _kd(res: dict[str, Any], out: Path, ranked: Path, others: list[str]) -> None:
+    """The KD table of the learned-router and fixed-architecture runs, wherever their directories are."""
+    dirs = {}
+    for name, slug in (("elastic", "elastic"), ("elastic, fixed", "elastic-fixed")):
+        for base in [out, *map(Path, others)]:
+            if (base / slug / "elastic.json").exists():
+                dirs[name] = base / slug
+                break
+    if len(dirs) == 2:
+        res["kd"] = kd_at_archs(ranked, dirs)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--out", required=True, help="a new directory (or one this script started: runs are reused)")
@@ -152,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 res["models"].setdefault(k, v)
             for k, v in o["runs"].items():
                 res["runs"].setdefault(k, v)
+        _kd(res, out, ranked, args.merge)
         save()
         print(write_report(out, res, n))
         return 0
@@ -194,9 +207,41 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[claim1] {key}: {100 * sum(s['short']) / len(s['short']):.1f}%  ({s['arch']})", flush=True)
         res["runs"][method] = {"tokens": tok_sum, "seconds": sec_sum}
         save()
+    _kd(res, out, ranked, [])
+    save()
     report = write_report(out, res, n)
     print(report)
     return 0
+
+
+@torch.no_grad()
+def kd_at_archs(ranked: Path, runs: dict[str, Path], n: int = 64) -> list[dict[str, Any]]:
+    """KL(parent || model) per solution token, on n held-out problems, of the untrained parent (one-shot)
+    and of each run's trained weights, at each run's frozen 75 and 50 architectures."""
+    from nestlm.tasks.reasoning import test_problems
+    from nestlm.tokenizer import ByteTokenizer
+    from nestlm.train.losses import IGNORE, kd_loss
+
+    tok = ByteTokenizer()
+    parent = nestlm.load(ranked).eval()
+    rows = [(tok.encode(p.prompt), tok.encode(p.cot)) for p in test_problems(n, "short", 1, start=5000)]
+    L = max(len(q) + len(a) for q, a in rows)
+    x = torch.zeros((n, L), dtype=torch.long)
+    y = torch.full((n, L), IGNORE, dtype=torch.long)  # only the solution tokens are targets
+    for i, (q, a) in enumerate(rows):
+        x[i, : len(q) + len(a)] = torch.tensor(q + a)
+        y[i, len(q) - 1 : len(q) + len(a) - 1] = torch.tensor(a)
+    teacher = parent(x).logits
+    models = {"parent (one-shot)": parent} | {name: nestlm.load(d).eval() for name, d in runs.items()}
+    out = []
+    for arch_of in runs:
+        for b in SMALL:
+            arch = models[arch_of].budget(b).arch
+            row = {"arch of": arch_of, "budget": b, "params": arch.num_parameters(parent.config)}
+            for name, m in models.items():
+                row[name] = float(kd_loss(m(x, arch=arch).logits, teacher, 1.0, y))
+            out.append(row)
+    return out
 
 
 def write_report(out: Path, res: dict[str, Any], n: int) -> str:
@@ -220,6 +265,15 @@ def write_report(out: Path, res: dict[str, Any], n: int) -> str:
         acc = study._cell(study.acc_cell(s["short"]))
         L.append(f"| {method} | {tok_s} | {b} | {s['params']:,} | {s['arch']} | {acc} | {cmp} |")
     L.append("")
+    if res.get("kd"):
+        names = [k for k in res["kd"][0] if k not in ("arch of", "budget", "params")]
+        L += ["KL(parent || model) per solution token (64 held-out problems) at each run's frozen architecture:", ""]
+        L.append("| architecture of | budget | params | " + " | ".join(names) + " |")
+        L.append("|---|---|---|" + "---|" * len(names))
+        for r in res["kd"]:
+            vals = " | ".join(f"{r[k]:.3f}" for k in names)
+            L.append(f"| {r['arch of']} | {r['budget']} | {r['params']:,} | {vals} |")
+        L.append("")
     text = "\n".join(L)
     (out / "report.md").write_text(text)
     return text
