@@ -13,6 +13,7 @@ demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ra
   elastic, lr 5e-4   learned routers at 5x the learning rate
   elastic, router lr 10x  learned routers at a tenth of their learning rate (router_lr_mult 10, not 100)
   elastic, fixed, 3 T1    no routers and three times the steps
+  elastic, one-shot init  learned routers fitted first to prefer the one-shot choice (elastic.router_init)
   prune+KD           per size, T1 tokens for that size alone (as in paper_in_small)
   prune+KD, T1/3     per size, the share of steps a small budget gets in the elastic run
 
@@ -65,6 +66,9 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     fixed3 = json.loads(json.dumps(longer))
     fixed3["elastic"]["router"] = "fixed"
     out["elastic, fixed, 3 T1"] = fixed3
+    warm = json.loads(json.dumps(base))
+    warm["elastic"]["router_init"] = "one-shot"
+    out["elastic, one-shot init"] = warm
     slow = json.loads(json.dumps(base))
     slow["elastic"]["router_lr_mult"] = 10.0  # the routers commit later (default 100)
     out["elastic, router lr 10x"] = slow
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.only) if args.only else None
     variants = elastic_variants(base)
     order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
-    order += ["elastic, router lr 10x", "elastic, fixed, 3 T1"]
+    order += ["elastic, router lr 10x", "elastic, fixed, 3 T1", "elastic, one-shot init"]
     for method in order:
         if (wanted and method not in wanted) or method in res["runs"]:
             continue

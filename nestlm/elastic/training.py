@@ -9,18 +9,22 @@ each budget's argmax choices are frozen into a ``Budget`` record.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from ..checkpoint import Budget
 from ..config import ModelConfig
 from ..errors import NestlmError
 from ..train.losses import ce_loss, kd_loss
 from .arch import ArchSpec, Target, count_parameters, measure, parse_target
+from .axes import AXIS_FIELD
 from .router import ElasticRouters, RouterSample, resolve_choices
 
 if TYPE_CHECKING:
@@ -58,6 +62,66 @@ def fixed_archs(
 
     kw = memory_kw(e)
     return {n: closest_homogeneous(cfg, targets[n], tolerance=e.tolerance, **kw) for n in names}
+
+
+def warm_start_routers(
+    routers: ElasticRouters,
+    cfg: ModelConfig,
+    targets: dict[str, Target],
+    routed: list[str],
+    e: ElasticSection,
+    p: float = 0.6,
+) -> dict[str, ArchSpec]:
+    """``elastic.router_init: one-shot``: fit the routers, before training, to put probability ``p``
+    on each budget's one-shot choice, and return those choices (budget -> ArchSpec).
+
+    The one-shot choice is the grid combination (of the axes' choices) within the tolerance of every
+    goal that is nearest, in the sum over axes of |log width ratio|, to the homogeneous architecture
+    ``nestlm prune`` picks (one factor for every width, the MLP solved for the rest). Randomly
+    initialised routers commit within a few dozen steps to choices whose one-shot distillation loss
+    is far worse (benchmarks/study_claim1.py); this starts them where pruning would, free to move.
+    Plain Adam on the routers alone (no random draws: a run's other random streams are unchanged).
+    """
+    from .arch import closest_homogeneous, target_error
+
+    if routers.heterogeneous:
+        raise NestlmError("elastic.router_init: one-shot needs homogeneous routers (elastic.heterogeneous: false)")
+    axes, kw = list(routers.choices), memory_kw(e)
+    want_idx: dict[int, dict[str, int]] = {}
+    chosen: dict[str, ArchSpec] = {}
+    for j, name in enumerate(routed):
+        spec = closest_homogeneous(cfg, targets[name], tolerance=e.tolerance, **kw)
+        want = {"hidden": spec.hidden, "depth": 0}
+        for a in axes:
+            if a in AXIS_FIELD:
+                want[a] = getattr(spec.layers[routers.layers_of[a][0]], AXIS_FIELD[a])
+        best, best_key = None, None
+        for combo in itertools.product(*(range(len(routers.choices[a])) for a in axes)):
+            ch = {a: torch.tensor([c]) for a, c in zip(axes, combo, strict=True)}
+            arch = routers.arch(ch)
+            miss = target_error(cfg, arch.to_config(cfg), targets[name], **kw)
+            dist = sum(
+                abs(math.log((routers.choices[a][c] + 1) / (want[a] + 1))) for a, c in zip(axes, combo, strict=True)
+            )
+            key = (max(miss - e.tolerance, 0.0), dist)
+            if best_key is None or key < best_key:
+                best, best_key = combo, key
+        want_idx[j] = dict(zip(axes, best, strict=True))
+        chosen[name] = routers.arch({a: torch.tensor([c]) for a, c in want_idx[j].items()})
+    opt = torch.optim.Adam(routers.parameters(), lr=1e-2)
+    for _ in range(500):
+        loss, done = 0.0, True
+        for j, idx in want_idx.items():
+            for a, lg in routers.logits(j).items():
+                logp = F.log_softmax(lg[0], dim=-1)[idx[a]]
+                done &= float(logp.detach().exp()) >= p
+                loss = loss + F.relu(math.log(p) - logp)  # up to p, no further: the routers stay free to move
+        if done:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return chosen
 
 
 def check_reachable(cfg: ModelConfig, targets: dict[str, Target], e: ElasticSection, layer_order: Any) -> None:
@@ -135,8 +199,9 @@ def _warn_if_moved(name: str, argmax: ArchSpec, frozen: ArchSpec, cfg: ModelConf
     a, f, total = argmax.num_parameters(cfg), frozen.num_parameters(cfg), count_parameters(cfg)
     warnings.warn(
         f"budget {name!r}: the routers' own choice ({a:,} parameters, {a / total:.1%}) is outside the "
-        f"{e.tolerance:.0%} tolerance; frozen to the most probable choice within it ({f:,}), which training "
-        "seldom ran. Raise elastic.budget_loss_weight or elastic.tolerance, or use elastic.router: fixed",
+        f"{e.tolerance:.0%} tolerance, so the budget is frozen to the most probable choice within it ({f:,}), "
+        "another sub-network than the one the routers prefer. Raise elastic.budget_loss_weight or "
+        "elastic.tolerance, or try elastic.router_init: one-shot or elastic.router: fixed",
         stacklevel=2,
     )
 

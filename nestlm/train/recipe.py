@@ -91,6 +91,9 @@ class ElasticSection:
     # routers; each budget is the homogeneous one-shot choice (`nestlm prune --budget`), trained nested
     # as is (Minitron widths, MatFormer-style): the ablation that isolates what the routers cost or give
     router: str = "learned"
+    # "random": routers start at random (the paper). "one-shot": fitted first to prefer, with p = 0.6, the
+    # axes' choice nearest the homogeneous one-shot architecture (elastic.training.warm_start_routers)
+    router_init: str = "random"
     budget_loss_weight: float = 1.0
     tolerance: float = 0.05
     kd_temperature: float = 1.0
@@ -359,6 +362,8 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("model.teacher needs train.mode: elastic with elastic.trainable_teacher: false")
     if recipe.elastic.mask not in ("hard", "soft"):
         raise RecipeError(f"elastic.mask {recipe.elastic.mask!r} must be 'hard' or 'soft'")
+    if recipe.elastic.router_init not in ("random", "one-shot"):
+        raise RecipeError(f"elastic.router_init {recipe.elastic.router_init!r} must be 'random' or 'one-shot'")
     if recipe.elastic.router not in ("learned", "fixed"):
         raise RecipeError(f"elastic.router {recipe.elastic.router!r} must be 'learned' or 'fixed'")
     if recipe.data.tokenizer not in ("model", "bytes"):

@@ -97,7 +97,10 @@ class Trainer:
         if self.routed and e.router == "fixed":
             self.fixed, self.routed = el.fixed_archs(self.model.config, self.targets, self.routed, e), []
         if self.routed:
-            self.routers = el.make_routers(self.model.config, e, len(self.routed), order).to(self.device)
+            self.routers = el.make_routers(self.model.config, e, len(self.routed), order)
+            if e.router_init == "one-shot" and not resume:  # (a resumed run restores its routers)
+                el.warm_start_routers(self.routers, self.model.config, self.targets, self.routed, e)
+            self.routers.to(self.device)
             broadcast_parameters(self.routers, self.dist)  # identical on every rank from step 0
         self.teacher: HybridLM | None = None
         if self.elastic and not e.trainable_teacher:

@@ -30,8 +30,9 @@ def rows(out: Path) -> list[dict]:
         ["elastic.axes.depth=[0,1,2]"],
         ["elastic.trainable_teacher=true"],
         ["train.activation_checkpointing=true", "train.grad_accum=2"],
+        ["elastic.router_init=one-shot"],
     ],
-    ids=["soft", "heterogeneous", "depth", "trainable-teacher", "checkpointing-accum"],
+    ids=["soft", "heterogeneous", "depth", "trainable-teacher", "checkpointing-accum", "one-shot-init"],
 )
 def test_modes_train_and_freeze(tmp_path: Path, overrides: list[str]) -> None:
     out = tmp_path / "run"

@@ -223,3 +223,33 @@ def test_freezing_says_when_the_routers_own_choice_is_outside_the_tolerance():
         warnings.simplefilter("always")
         freeze_budgets(cfg, ["full", "half"], {**targets, "half": Target("fraction", 1.0)}, ["half"], routers, e, True)
     assert not w
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.7])
+def test_warm_start_puts_the_routers_on_the_one_shot_choice(fraction):
+    """elastic.router_init: one-shot: the routers' argmax is a grid choice within the tolerance, next to
+    the homogeneous one-shot widths on every axis, held with probability >= 0.6 but not saturated."""
+    from nestlm.elastic.arch import closest_homogeneous
+    from nestlm.elastic.training import warm_start_routers
+    from nestlm.train.recipe import ElasticSection
+
+    cfg = _config()
+    routers = _routers(cfg, seed=7)
+    e = ElasticSection(budgets={"a": fraction, "b": 0.9}, axes=AXES, tolerance=0.05)
+    targets = {"a": Target("fraction", fraction), "b": Target("fraction", 0.9)}
+    before = {a: lg.detach().clone() for a, lg in routers.logits(0).items()}
+    chosen = warm_start_routers(routers, cfg, targets, ["a", "b"], e)
+    for j, name in enumerate(["a", "b"]):
+        spec = chosen[name]
+        assert routers.freeze(j) == spec  # the routers now prefer it
+        assert abs(spec.num_parameters(cfg) / targets[name].params(cfg) - 1) <= 0.05
+        one_shot = closest_homogeneous(cfg, targets[name], tolerance=0.05)
+        grid = routers.choices["hidden"]
+        near = sorted(grid, key=lambda v: abs(v - one_shot.hidden))[:2]  # within one grid step of pruning's width
+        assert spec.hidden in near, (spec.hidden, one_shot.hidden)
+        for a, lg in routers.logits(j).items():
+            p = F.softmax(lg[0].detach(), dim=-1).max()
+            assert 0.6 <= float(p) < 0.9, (name, a, float(p))
+    assert any(not torch.equal(before[a], lg) for a, lg in routers.logits(0).items())
+    with pytest.raises(Exception, match="homogeneous routers"):
+        warm_start_routers(_routers(cfg, heterogeneous=True), cfg, targets, ["a", "b"], e)
