@@ -1,6 +1,6 @@
 """Several budgets in one generation: speculative decoding with a nested draft, and think small / answer big.
 
-Three sections, one JSON report (``--out``) and the markdown tables benchmarks/README.md shows:
+Four sections, one JSON report (``--out``) and the markdown tables benchmarks/README.md shows:
 
 (a) cost: the decode step of a draft against its target's, and the verify forward of k + 1
     tokens, on random-weight hybrids from the demo's size (~2.5M) up to a few hundred million
@@ -19,6 +19,8 @@ Three sections, one JSON report (``--out``) and the markdown tables benchmarks/R
     Measured speed-up = wall of plain greedy / wall of speculative (same prompts, identical
     output checked token for token); predicted = the formula with this a and this model's own c, v.
     Goal: measured >= 0.9 x predicted, and >= 1.5x wherever the prediction allows it.
+(s) the verify scan alone (``--sections s``): nestlm.ssd_steps against k + 1 one-token steps for one
+    Mamba layer, from the demo's state size to Nemotron-H-like ones (d_state 128).
 (c) think small / answer big on ``--problems`` held-out problems (greedy; each answer ends at the
     newline after ``Answer:``): full throughout, 50% throughout, (50% then full), (75% then full) as
     budget schedules ``[{"budget": S, "stop": "Answer:", "max_tokens": T, "force": "Answer:"},
@@ -147,6 +149,43 @@ def section_cost(args, a_family: dict[int, float]) -> list[dict]:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         del model
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ (s)
+STATE_SHAPES = ((8, 2, 48, 32), (64, 2, 48, 32), (32, 8, 64, 64), (64, 8, 64, 128), (128, 8, 64, 128))
+
+
+def section_scan(args) -> list[dict]:
+    """The verify scan alone, one Mamba layer at batch 1: ssd_steps (the quadratic form above
+    QUADRATIC_MIN) against the k + 1 one-token steps, (heads, groups, head_dim, d_state) from the
+    demo's (8, 2, 48, 32) and the bench's 430M hybrid (64, 2, 48, 32) to Nemotron-H-like states."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for H, G, P, N in STATE_SHAPES:
+        for k in args.ks:
+            L = k + 1
+            x, dt = torch.randn(1, L, H, P, generator=g), torch.rand(1, L, H, generator=g)
+            A, D = -torch.rand(H, generator=g), torch.randn(H, generator=g)
+            B, C = torch.randn(1, L, G, N, generator=g), torch.randn(1, L, G, N, generator=g)
+            h = torch.randn(1, H, P, N, generator=g)
+
+            def verify(fn, args=(h, x, dt, A, B, C, D), L=L):  # the scan, then the state a rejecting row takes
+                def run():
+                    _, st = fn(*args)
+                    if not isinstance(st, torch.Tensor):
+                        st.at(L - 1), st.at(0)
+                    else:
+                        st[:, 0]
+
+                return run
+
+            quad = _median_time(verify(ssd_steps.ssd_steps), 4 * args.reps)
+            loop = _median_time(verify(ssd_steps.ssd_steps_loop), 4 * args.reps)
+            path = "quadratic" if ssd_steps.uses_quadratic(L, H, P, N) else "loop"
+            row = {"state": f"{H}x{P}x{N}", "k": k, "path": path, "ssd_steps_us": 1e6 * quad, "loop_us": 1e6 * loop}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -299,6 +338,15 @@ def tables(report: dict) -> str:
                 f"{1000 * r['target_s']:.2f} | {r['c']:.2f} | {r['v']:.2f} | {vl} | {fam} | {r['pred_a0.8']:.2f}x |"
             )
         out.append("")
+    if "scan" in report:
+        out += ["| state (heads x head_dim x d_state) | k | path taken | ssd_steps us | k + 1 steps us | ratio |"]
+        out += ["|---|---|---|---|---|---|"]
+        for r in report["scan"]:
+            out.append(
+                f"| {r['state']} | {r['k']} | {r['path']} | {r['ssd_steps_us']:.0f} | {r['loop_us']:.0f} | "
+                f"{r['loop_us'] / r['ssd_steps_us']:.2f}x |"
+            )
+        out.append("")
     if "think_small" in report:
         out += ["| method | accuracy [95% CI] | vs full [paired 95% CI] | verdict | cost vs full | wall vs full |"]
         out += ["|---|---|---|---|---|---|"]
@@ -355,6 +403,8 @@ def main() -> None:
     if "a" in secs:
         report["cost"] = section_cost(args, a_family)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    if "s" in secs:
+        report["scan"] = section_scan(args)
     if "c" in secs:
         report["think_small"] = section_think_small(args, model)
     Path(args.out).write_text(json.dumps(report, indent=1))

@@ -9,9 +9,14 @@ import torch
 
 from .ssd import ssd_step
 
-# L * H * P * N from which a verify forward takes the quadratic form (below: the L-step loop,
-# whose few small ops are cheaper there on CPU; benchmarks/bench_generate.py measures both)
+# L * H * P * N from which a verify forward of L >= 3 tokens takes the quadratic form; below, and
+# at L <= 2, the L-step loop's few small ops are cheaper on CPU (bench_generate.py --sections s)
 QUADRATIC_MIN = 2**17
+
+
+def uses_quadratic(L: int, H: int, P: int, N: int) -> bool:
+    """Whether ``ssd_steps`` of L tokens and an (H, P, N) state takes the quadratic form."""
+    return L >= 3 and L * H * P * N >= QUADRATIC_MIN
 
 
 class SSMSteps:
@@ -72,7 +77,7 @@ def ssd_steps(
     """
     b, L, H, P = x.shape
     G, N = B.shape[2], B.shape[3]
-    if L * H * P * N < QUADRATIC_MIN:
+    if not uses_quadratic(L, H, P, N):
         y, states = ssd_steps_loop(state, x, dt, A, B, C, D)
         return y, SSMSteps(states=states)
     R = H // G
