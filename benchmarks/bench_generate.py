@@ -176,7 +176,7 @@ def section_scan(args) -> list[dict]:
                     if not isinstance(st, torch.Tensor):
                         st.at(L - 1), st.at(0)
                     else:
-                        st[:, 0]
+                        st[:, L - 1], st[:, 0]
 
                 return run
 

@@ -43,6 +43,8 @@ class SSMSteps:
 
     def at(self, idx: torch.Tensor | int) -> torch.Tensor:
         """Row b's state after its token idx[b] (an int: the same token for every row), (b, H, P, N) fp32."""
+        if self.states is not None and isinstance(idx, int):
+            return self.states[:, idx]
         ref = self.states if self.states is not None else self.S
         b, L = ref.shape[:2]
         if isinstance(idx, int):
