@@ -56,6 +56,7 @@ from nestlm.tasks.reasoning import extract_answer, test_problems
 from nestlm.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
+PROFILE = False  # --profile
 DONE = re.compile(r"Answer:[^\n]*\n")
 
 
@@ -120,6 +121,12 @@ def step_costs(model, target, draft, k: int, context: int, reps: int) -> dict[st
     t = _median_time(lambda: model(one, arch=target, cache=tc, num_logits=1), reps)
     d = _median_time(lambda: model(one, arch=draft, cache=dc, num_logits=1), reps)
     v = _median_time(lambda: model(block, arch=target, cache=vc), reps)
+    if PROFILE:  # the top operators of one verify forward (why v is what it is)
+        from torch.profiler import profile
+
+        with profile() as prof:
+            model(block, arch=target, cache=vc)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=6), flush=True)
     quad, ssd_steps.QUADRATIC_MIN = ssd_steps.QUADRATIC_MIN, float("inf")  # the same verify, states by the L-step loop
     try:
         lc = cache_at(target, True)
@@ -381,7 +388,10 @@ def main() -> None:
     ap.add_argument("--sections", default="b,a,c")
     ap.add_argument("--resume", metavar="REPORT", help="keep the sections of this earlier report that are not rerun")
     ap.add_argument("--tables", metavar="REPORT", help="print the markdown tables of a report written before, and exit")
+    ap.add_argument("--profile", action="store_true", help="(a): print the top operators of each verify forward")
     args = ap.parse_args()
+    global PROFILE
+    PROFILE = args.profile
     if args.tables:
         print(tables(json.loads(Path(args.tables).read_text())))
         return

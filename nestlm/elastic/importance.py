@@ -210,7 +210,7 @@ def _depth_order(model: HybridLM, data: list[torch.Tensor], progress: bool) -> t
     ref_sq = sum(float(r.pow(2).sum()) for r in ref)
     removed: list[int] = []
     scores: list[float] = []
-    total = cfg.n_layers * (cfg.n_layers - 1) // 2
+    total = cfg.n_layers * (cfg.n_layers + 1) // 2 - 1  # n + (n - 1) + ... + 2 forwards
     with tqdm(total=total, desc="importance: depth", disable=not progress, unit="fwd") as bar:
         while len(removed) < cfg.n_layers - 1:
             best, best_s = -1, float("inf")
