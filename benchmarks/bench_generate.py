@@ -29,7 +29,8 @@ Four sections, one JSON report (``--out``) and the markdown tables benchmarks/RE
     over generated tokens of the active parameters of the budget that produced each (forced tokens
     cost 0). Accuracy: exact match of the first ``Answer:`` integer. Paired 95% bootstrap intervals
     of accuracy differences against full throughout (nestlm.eval.stats) and the verdict of "as
-    accurate as full": held / not held / inconclusive.
+    accurate as full": held / not held / inconclusive; and against the capped full model (Star
+    Elastic's comparison: budget control of the full model at the matched cost), with its verdict.
 
     python benchmarks/bench_generate.py --model /work/family/elastic --out /tmp/bench_generate.json
 """
@@ -304,7 +305,7 @@ def section_think_small(args, model) -> list[dict]:
     name = f"full, thinking capped at {cap}"
     results[name] = run_method(model, probs, {"schedule": sched("full", cap)}, args.batch, params, args.max_new)
     rows = []
-    base = results["full"]
+    base, capped = results["full"], results[name]
     for name, r in results.items():
         acc = sum(r["correct"]) / len(probs)
         lo, hi = wilson_interval(sum(r["correct"]), len(probs))
@@ -314,6 +315,11 @@ def section_think_small(args, model) -> list[dict]:
         if name != "full":
             d = paired_difference(r["correct"], base["correct"])
             row |= {"diff": d["diff"], "diff_lo": d["lo"], "diff_hi": d["hi"], "verdict": verdict(d["lo"], d["hi"])}
+        if r is not capped:  # Star Elastic's comparison: against the full model's budget control at matched cost
+            d = paired_difference(r["correct"], capped["correct"])
+            row |= {"vs_capped": d["diff"], "vs_capped_lo": d["lo"], "vs_capped_hi": d["hi"]}
+            row["vs_capped_verdict"] = verdict(d["lo"], d["hi"])
+        row["correct"] = list(r["correct"])
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -355,15 +361,22 @@ def tables(report: dict) -> str:
             )
         out.append("")
     if "think_small" in report:
-        out += ["| method | accuracy [95% CI] | vs full [paired 95% CI] | verdict | cost vs full | wall vs full |"]
-        out += ["|---|---|---|---|---|---|"]
+        out += ["| method | accuracy [95% CI] | vs full [paired 95% CI] | verdict | vs capped full [paired] | verdict "]
+        out[-1] += "| cost vs full | wall vs full |"
+        out += ["|---|---|---|---|---|---|---|---|"]
         for r in report["think_small"]:
             diff = (
                 f"{100 * r['diff']:+.1f} [{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]" if "diff" in r else "-"
             )
+            cap = (
+                f"{100 * r['vs_capped']:+.1f} [{100 * r['vs_capped_lo']:+.1f}, {100 * r['vs_capped_hi']:+.1f}]"
+                if "vs_capped" in r
+                else "-"
+            )
             out.append(
                 f"| {r['method']} | {100 * r['accuracy']:.1f}% [{100 * r['acc_lo']:.1f}, {100 * r['acc_hi']:.1f}] | "
-                f"{diff} | {r.get('verdict', '-')} | {r['cost_vs_full']:.2f} | {r['wall_vs_full']:.2f} |"
+                f"{diff} | {r.get('verdict', '-')} | {cap} | {r.get('vs_capped_verdict', '-')} | "
+                f"{r['cost_vs_full']:.2f} | {r['wall_vs_full']:.2f} |"
             )
     return "\n".join(out)
 
