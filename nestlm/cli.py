@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 from .checkpoint import ELASTIC_FILE, IMPORTANCE_FILE, require_new_dir
 from .cli_common import MODEL_DIR_HELP, _check_out, _tokens_for
@@ -242,7 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_python_format_warning = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    """nestlm's own warnings as one line on the terminal (others as Python prints them)."""
+    if str(filename).startswith(str(Path(__file__).resolve().parent)):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _format_warning
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["harness"]:  # every argument belongs to the harness's own parser
         from .harness import main as harness_main

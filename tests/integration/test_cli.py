@@ -260,3 +260,14 @@ def test_missing_required_option_is_a_usage_error(capsys) -> None:
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "the following arguments are required: --model" in err and "Traceback" not in err
+
+
+def test_nestlm_warnings_print_as_one_line() -> None:
+    """The CLI prints nestlm's own warnings as `warning: ...` (no source line); others as Python does."""
+    from nestlm import cli
+    from nestlm.elastic import training
+
+    ours = cli._format_warning(UserWarning("budget '75': moved"), UserWarning, training.__file__, 228, "src()")
+    assert ours == "warning: budget '75': moved\n"
+    other = cli._format_warning(UserWarning("x"), UserWarning, "/elsewhere/mod.py", 3, "src()")
+    assert "UserWarning: x" in other and "/elsewhere/mod.py:3" in other
