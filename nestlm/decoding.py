@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .sampling import special_ids
+from .sampling import resolve_generator, special_ids
 from .speculative import DecodingError, SpecStats, per_row_caps, speculative_generate
 from .tokenizer import load_tokenizer
 
@@ -200,11 +200,7 @@ def schedule_generate(
             raise DecodingError("a budget schedule with stop or force text needs a tokenizer (tokenizer=)")
     eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
     eos = set(eos_ids.tolist())
-    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
-    if isinstance(gen, list) and len(gen) != input_ids.shape[0]:
-        raise DecodingError(f"generator= as a list needs one generator per row ({input_ids.shape[0]}), got {len(gen)}")
-    if gen is None and seed is not None:
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    gen = resolve_generator(generator, seed, input_ids.shape[0], input_ids.device)
     kwargs = dict(sampling, eos_token_id=eos_ids.tolist(), pad_token_id=pad, generator=gen, device=input_ids.device)
     B = input_ids.shape[0]
     totals = per_row_caps(max_new_tokens, B)

@@ -18,3 +18,7 @@ class UnknownBudgetError(NestlmError, KeyError):
 
 class OutputError(NestlmError):
     """An output could not be written (disk full, read-only filesystem, permission denied); names path and cause."""
+
+
+class DecodingError(NestlmError, ValueError):
+    """Arguments of a schedule or of speculative decoding that cannot run; the message says why."""

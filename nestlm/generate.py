@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import InferenceCache
-from .sampling import generation_defaults, sample_next, sample_rows, special_ids, warp_logits
+from .sampling import generation_defaults, resolve_generator, sample_next, sample_rows, special_ids, warp_logits
 
 # what nestlm.decoding.generate takes on top of plain decoding's arguments
 SEVERAL_KEYS = {"budget_schedule", "draft_budget", "draft_arch", "num_draft_tokens", "tokenizer", "stats", "on_token"}
@@ -74,11 +74,7 @@ def generate(
     spec = model.resolve_arch(arch, budget)
     cfg = model.config
     eos_ids, pad_token_id = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
-    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
-    if isinstance(gen, list) and len(gen) != input_ids.shape[0]:
-        raise ValueError(f"generator= as a list needs one generator per row ({input_ids.shape[0]}), got {len(gen)}")
-    if gen is None and seed is not None:
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    gen = resolve_generator(generator, seed, input_ids.shape[0], input_ids.device)
 
     Bsz, L = input_ids.shape
     cache = InferenceCache(cfg.n_layers, capacity=L + max_new_tokens)

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .errors import DecodingError
+
 if TYPE_CHECKING:
     from .model import HybridLM
 
@@ -31,6 +33,19 @@ def warp_logits(
         sorted_logits = sorted_logits.masked_fill(drop, -torch.inf)
         logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
     return logits
+
+
+def resolve_generator(
+    generator: torch.Generator | list[torch.Generator] | tuple | None, seed: int | None, rows: int, device: Any
+) -> torch.Generator | list[torch.Generator] | None:
+    """``generator=`` as decoding uses it: one generator, one per row (a list of ``rows``), or one seeded
+    from ``seed`` when none is given (None when neither is)."""
+    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
+    if isinstance(gen, list) and len(gen) != rows:
+        raise DecodingError(f"generator= as a list needs one generator per row ({rows}), got {len(gen)}")
+    if gen is None and seed is not None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+    return gen
 
 
 def sample_next(

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .cache import AttentionState, InferenceCache, MambaState
-from .errors import NestlmError
-from .sampling import special_ids, warp_logits
+from .errors import DecodingError
+from .sampling import resolve_generator, special_ids, warp_logits
 from .ssd_steps import SSMSteps
 
 if TYPE_CHECKING:
@@ -33,10 +33,6 @@ if TYPE_CHECKING:
     from .model import HybridLM
 
 NEAR_TIE = 1e-4  # a verify forward and step-by-step decoding differ by ~3e-6 in the logits
-
-
-class DecodingError(NestlmError, ValueError):
-    """Arguments of a schedule or of speculative decoding that cannot run; the message says why."""
 
 
 @dataclass
@@ -108,15 +104,14 @@ def keep_tokens(
     steps: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> None:
     """Roll ``cache`` back so that row b holds only the first keep[b] of the ``added`` tokens of the
-    last forward(s). Mamba states come from ``steps`` (layer -> (conv (B, added, C, K-1), ssm
-    (B, added, H, P, N))) or, where absent, from MambaState.steps of a keep_steps forward (an SSMSteps)."""
+    last forward(s). Mamba states come from ``steps`` (layer -> (conv (B, added, C, K-1), ssm an
+    SSMSteps of ``added`` states)) or, where absent, from MambaState.steps of a keep_steps forward."""
     B = keep.shape[0]
     rows = torch.arange(B, device=keep.device)
     for i, st in enumerate(cache.layers):
         if isinstance(st, MambaState):
             conv, ssm = steps[i] if steps is not None else st.steps
-            h = ssm.at(keep - 1) if isinstance(ssm, SSMSteps) else ssm[rows, keep - 1]
-            st.conv, st.ssm, st.steps = conv[rows, keep - 1].contiguous(), h.contiguous(), None
+            st.conv, st.ssm, st.steps = conv[rows, keep - 1].contiguous(), ssm.at(keep - 1).contiguous(), None
     cut = added - int(keep.max())  # slots no row keeps: truncate
     holes = bool((keep < keep.max()).any())
     if holes:  # slots some rows keep and others not: masked out of the rejecting rows' keys
@@ -205,10 +200,8 @@ class SpeculativeDecoder:
         self.stats.near_ties += int((close & used).sum())
 
     def _roll_draft(self, keep: torch.Tensor, d_states: list[dict]) -> None:
-        steps = {
-            i: (torch.stack([s[i][0] for s in d_states], 1), torch.stack([s[i][1] for s in d_states], 1))
-            for i in d_states[0]
-        }
+        stack = lambda i, j: torch.stack([s[i][j] for s in d_states], 1)  # noqa: E731  (B, len(d_states), ...)
+        steps = {i: (stack(i, 0), SSMSteps(states=stack(i, 1))) for i in d_states[0]}
         keep_tokens(self.dc, keep, len(d_states), steps)
 
     def accept(self, target_logits: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -349,11 +342,7 @@ def speculative_generate(
     draft = model.resolve_arch(draft_arch, draft_budget)
     if do_sample and temperature <= 0:
         raise DecodingError(f"temperature must be > 0 when sampling, got {temperature}")
-    gen = list(generator) if isinstance(generator, (list, tuple)) else generator
-    if isinstance(gen, list) and len(gen) != input_ids.shape[0]:
-        raise DecodingError(f"generator= as a list needs one generator per row ({input_ids.shape[0]}), got {len(gen)}")
-    if gen is None and seed is not None:
-        gen = torch.Generator(device=input_ids.device).manual_seed(seed)
+    gen = resolve_generator(generator, seed, input_ids.shape[0], input_ids.device)
     eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
     eos = set(eos_ids.tolist())
     k = num_draft_tokens

@@ -45,13 +45,12 @@ class SSMSteps:
         """Row b's state after its token idx[b] (an int: the same token for every row), (b, H, P, N) fp32."""
         if self.states is not None and isinstance(idx, int):
             return self.states[:, idx]
-        ref = self.states if self.states is not None else self.S
-        b, L = ref.shape[:2]
-        if isinstance(idx, int):
-            idx = torch.full((b,), idx, dtype=torch.long, device=ref.device)
-        rows = torch.arange(b, device=idx.device)
         if self.states is not None:
-            return self.states[rows, idx]
+            return self.states[torch.arange(len(idx), device=idx.device), idx]
+        b, L, _ = self.S.shape
+        if isinstance(idx, int):
+            idx = torch.full((b,), idx, dtype=torch.long, device=self.S.device)
+        rows = torch.arange(b, device=idx.device)
         St = self.S[rows, idx]  # (b, H)
         w = torch.exp(St[:, None] - self.S)  # (b, s, H): decay from after token s to after token idx
         w = w * (torch.arange(L, device=idx.device)[None] <= idx[:, None])[..., None]  # only s <= idx

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +119,12 @@ class ElasticRouters(nn.Module):
         return RouterSample(probs, choice)
 
     # ----------------------------------------------------------------- choices -> model
+    def grid(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Every homogeneous combination of choices (one index per axis), as ``arch`` takes them."""
+        axes = list(self.choices)
+        for combo in itertools.product(*(range(len(self.choices[a])) for a in axes)):
+            yield {a: torch.tensor([c]) for a, c in zip(axes, combo, strict=True)}
+
     def dropped(self, n_drop: int) -> list[int]:
         return self.layer_order[:n_drop]
 
@@ -324,10 +331,8 @@ class ElasticRouters(nn.Module):
         if ok(choice):
             return self.arch(choice)
         if not self.heterogeneous:
-            axes = list(choice)
             best, best_key = choice, None
-            for combo in itertools.product(*(range(len(self.choices[a])) for a in axes)):
-                ch = {a: torch.tensor([c]) for a, c in zip(axes, combo, strict=True)}
+            for ch in self.grid():
                 err = miss(ch)
                 key = (max(err - tolerance, 0.0), -score(ch))
                 if best_key is None or key < best_key:

@@ -9,7 +9,6 @@ each budget's argmax choices are frozen into a ``Budget`` record.
 
 from __future__ import annotations
 
-import itertools
 import math
 import random
 import warnings
@@ -23,7 +22,7 @@ from ..checkpoint import Budget
 from ..config import ModelConfig
 from ..errors import NestlmError
 from ..train.losses import ce_loss, kd_loss
-from .arch import ArchSpec, Target, count_parameters, measure, parse_target
+from .arch import ArchSpec, Target, closest_homogeneous, count_parameters, measure, parse_target, target_error
 from .axes import AXIS_FIELD
 from .router import ElasticRouters, RouterSample, resolve_choices
 
@@ -58,8 +57,6 @@ def fixed_archs(
     cfg: ModelConfig, targets: dict[str, Target], names: list[str], e: ElasticSection
 ) -> dict[str, ArchSpec]:
     """``elastic.router: fixed``: each budget's homogeneous one-shot architecture (as ``nestlm prune``)."""
-    from .arch import closest_homogeneous
-
     kw = memory_kw(e)
     return {n: closest_homogeneous(cfg, targets[n], tolerance=e.tolerance, **kw) for n in names}
 
@@ -82,32 +79,25 @@ def warm_start_routers(
     is far worse (benchmarks/study_claim1.py); this starts them where pruning would, free to move.
     Plain Adam on the routers alone (no random draws: a run's other random streams are unchanged).
     """
-    from .arch import closest_homogeneous, target_error
-
     if routers.heterogeneous:
         raise NestlmError("elastic.router_init: one-shot needs homogeneous routers (elastic.heterogeneous: false)")
-    axes, kw = list(routers.choices), memory_kw(e)
+    kw = memory_kw(e)
     want_idx: dict[int, dict[str, int]] = {}
     chosen: dict[str, ArchSpec] = {}
     for j, name in enumerate(routed):
         spec = closest_homogeneous(cfg, targets[name], tolerance=e.tolerance, **kw)
         want = {"hidden": spec.hidden, "depth": 0}
-        for a in axes:
+        for a in routers.choices:
             if a in AXIS_FIELD:
                 want[a] = getattr(spec.layers[routers.layers_of[a][0]], AXIS_FIELD[a])
-        best, best_key = None, None
-        for combo in itertools.product(*(range(len(routers.choices[a])) for a in axes)):
-            ch = {a: torch.tensor([c]) for a, c in zip(axes, combo, strict=True)}
+        best_key = None
+        for ch in routers.grid():
             arch = routers.arch(ch)
             miss = target_error(cfg, arch.to_config(cfg), targets[name], **kw)
-            dist = sum(
-                abs(math.log((routers.choices[a][c] + 1) / (want[a] + 1))) for a, c in zip(axes, combo, strict=True)
-            )
+            dist = sum(abs(math.log((routers.choices[a][int(c)] + 1) / (want[a] + 1))) for a, c in ch.items())
             key = (max(miss - e.tolerance, 0.0), dist)
             if best_key is None or key < best_key:
-                best, best_key = combo, key
-        want_idx[j] = dict(zip(axes, best, strict=True))
-        chosen[name] = routers.arch({a: torch.tensor([c]) for a, c in want_idx[j].items()})
+                best_key, want_idx[j], chosen[name] = key, {a: int(c) for a, c in ch.items()}, arch
     opt = torch.optim.Adam(routers.parameters(), lr=1e-2)
     for _ in range(500):
         loss, done = 0.0, True
@@ -174,7 +164,7 @@ def student_loss(
 ) -> torch.Tensor:
     """The distillation loss of one micro-batch at the step's budget (+ CE for a trainable teacher)."""
     if sample is None:  # the full budget (no masks), or a fixed sub-network (elastic.router: fixed)
-        s_logits = forward(model, x) if arch is None else forward(model, x, arch=arch)
+        s_logits = forward(model, x, arch=arch)
         loss = kd_loss(s_logits, t_logits, e.kd_temperature, y)
         if e.trainable_teacher:
             loss = loss + ce_loss(s_logits, y)
