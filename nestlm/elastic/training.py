@@ -166,7 +166,7 @@ def student_loss(
     if sample is None:  # the full budget (no masks), or a fixed sub-network (elastic.router: fixed)
         s_logits = forward(model, x, arch=arch)
         loss = kd_loss(s_logits, t_logits, e.kd_temperature, y)
-        if e.trainable_teacher:
+        if e.trainable_teacher and arch is None:  # CE trains the full model itself, not a fixed sub-network
             loss = loss + ce_loss(s_logits, y)
         return loss
     if e.mask == "hard":
