@@ -325,12 +325,22 @@ def section_think_small(args, model) -> list[dict]:
     return rows
 
 
+def _head(*cols: str) -> list[str]:
+    """A markdown table's header and separator lines."""
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
+def _pp(d: float, lo: float, hi: float) -> str:
+    """A paired difference with its interval, in percentage points."""
+    return f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
 def tables(report: dict) -> str:
     """The markdown tables of a report (what benchmarks/README.md shows)."""
     out = []
     if "acceptance" in report:
-        out += ["| target | draft | k | a | c | v | predicted | measured | identical | >= 0.9x pred | >= 1.5x |"]
-        out += ["|---|---|---|---|---|---|---|---|---|---|---|"]
+        cols = ["target", "draft", "k", "a", "c", "v", "predicted", "measured", "identical", ">= 0.9x pred"]
+        out += _head(*cols, ">= 1.5x")
         for r in report["acceptance"]:
             out.append(
                 f"| {r['target']} | {r['draft']} | {r['k']} | {r['a']:.3f} | {r['c']:.2f} | {r['v']:.2f} | "
@@ -339,9 +349,19 @@ def tables(report: dict) -> str:
             )
         out.append("")
     if "cost" in report:
-        out += ["| params | layers | draft | draft params | k | target ms | c | v | v (step loop) | pred. (family a) "]
-        out[-1] += "| pred. (a=0.8) |"
-        out += ["|---|---|---|---|---|---|---|---|---|---|---|"]
+        out += _head(
+            "params",
+            "layers",
+            "draft",
+            "draft params",
+            "k",
+            "target ms",
+            "c",
+            "v",
+            "v (step loop)",
+            "pred. (family a)",
+            "pred. (a=0.8)",
+        )
         for r in report["cost"]:
             fam = f"{r['pred_a_family']:.2f}x" if "pred_a_family" in r else "-"
             vl = f"{r['v_loop']:.2f}" if "v_loop" in r else "-"  # reports from before the quadratic verify
@@ -352,8 +372,7 @@ def tables(report: dict) -> str:
             )
         out.append("")
     if "scan" in report:
-        out += ["| state (heads x head_dim x d_state) | k | path taken | ssd_steps us | k + 1 steps us | ratio |"]
-        out += ["|---|---|---|---|---|---|"]
+        out += _head("state (heads x head_dim x d_state)", "k", "path taken", "ssd_steps us", "k + 1 steps us", "ratio")
         for r in report["scan"]:
             out.append(
                 f"| {r['state']} | {r['k']} | {r['path']} | {r['ssd_steps_us']:.0f} | {r['loop_us']:.0f} | "
@@ -361,18 +380,19 @@ def tables(report: dict) -> str:
             )
         out.append("")
     if "think_small" in report:
-        out += ["| method | accuracy [95% CI] | vs full [paired 95% CI] | verdict | vs capped full [paired] | verdict "]
-        out[-1] += "| cost vs full | wall vs full |"
-        out += ["|---|---|---|---|---|---|---|---|"]
+        out += _head(
+            "method",
+            "accuracy [95% CI]",
+            "vs full [paired 95% CI]",
+            "verdict",
+            "vs capped full [paired]",
+            "verdict",
+            "cost vs full",
+            "wall vs full",
+        )
         for r in report["think_small"]:
-            diff = (
-                f"{100 * r['diff']:+.1f} [{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}]" if "diff" in r else "-"
-            )
-            cap = (
-                f"{100 * r['vs_capped']:+.1f} [{100 * r['vs_capped_lo']:+.1f}, {100 * r['vs_capped_hi']:+.1f}]"
-                if "vs_capped" in r
-                else "-"
-            )
+            diff = _pp(r["diff"], r["diff_lo"], r["diff_hi"]) if "diff" in r else "-"
+            cap = _pp(r["vs_capped"], r["vs_capped_lo"], r["vs_capped_hi"]) if "vs_capped" in r else "-"
             out.append(
                 f"| {r['method']} | {100 * r['accuracy']:.1f}% [{100 * r['acc_lo']:.1f}, {100 * r['acc_hi']:.1f}] | "
                 f"{diff} | {r.get('verdict', '-')} | {cap} | {r.get('vs_capped_verdict', '-')} | "

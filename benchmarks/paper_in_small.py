@@ -32,6 +32,7 @@ and DIR/accuracy.png.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -70,6 +71,34 @@ def _tokens(recipe: dict[str, Any]) -> int:
     return sum(s["steps"] * s["batch_size"] * s["seq_len"] for s in recipe["stages"])
 
 
+def train_recipe(d: Path, rec: dict[str, Any], label: str) -> tuple[int, float]:
+    """Write ``rec`` to D.yaml beside run directory ``d`` and train it into ``d`` (log D.log); (tokens, seconds)."""
+    d.parent.mkdir(parents=True, exist_ok=True)
+    path = d.parent / f"{d.name}.yaml"
+    path.write_text(yaml.safe_dump(rec, sort_keys=False))
+    t = time.time()
+    print(f"{label} ({_tokens(rec):,} tokens)", flush=True)
+    _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"{d.name}.log")
+    return _tokens(rec), time.time() - t
+
+
+def prune_to(ranked: Path, n_params: int, out: Path, log: Path) -> None:
+    """``nestlm prune`` of the ranked parent to ``n_params`` parameters into ``out`` (kept if already there)."""
+    if not out.exists():
+        _nestlm(["prune", "--model", str(ranked), "--budget", str(n_params), "--out", str(out)], log)
+
+
+def kd_recipe(base: dict[str, Any], pruned: Path, ranked: Path, name: str) -> dict[str, Any]:
+    """``base`` turned into distillation of the pruned model alone from the ranked parent."""
+    rec = copy.deepcopy(base)
+    rec["name"] = name
+    rec["model"] = {"path": str(pruned), "teacher": str(ranked)}
+    rec["elastic"]["budgets"] = {"full": 1.0}
+    for s in rec["stages"]:
+        s["budget_probs"] = "uniform"
+    return rec
+
+
 def study_recipe(scale: float, quick: bool, device: str, seed: int) -> dict[str, Any]:
     """The elastic recipe of the study: the demo's, with stage lengths scaled."""
     r = load_recipe("demo").to_dict()
@@ -98,22 +127,17 @@ def train_runs(
     base["train"]["threads"] = threads
     base["model"]["path"] = str(ranked)
     variants = {"elastic": base}
-    uni = json.loads(json.dumps(base))
+    uni = copy.deepcopy(base)
     uni["stages"][1]["budget_probs"] = "uniform"
     variants["uniform"] = uni
-    s1 = json.loads(json.dumps(base))
+    s1 = copy.deepcopy(base)
     s1["stages"] = s1["stages"][:1]
     variants["stage1"] = s1
     runs = {}
     for name, rec in variants.items():
         d = out / f"seed{seed}" / name
-        d.parent.mkdir(parents=True, exist_ok=True)
-        path = d.parent / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(rec, sort_keys=False))
-        t = time.time()
-        print(f"[study] seed {seed}: training {name} ({_tokens(rec):,} tokens)", flush=True)
-        _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"{name}.log")
-        runs[name] = {"dir": d, "tokens": _tokens(rec), "seconds": time.time() - t, "recipe": rec}
+        tokens, seconds = train_recipe(d, rec, f"[study] seed {seed}: training {name}")
+        runs[name] = {"dir": d, "tokens": tokens, "seconds": seconds, "recipe": rec}
     return runs
 
 
@@ -124,21 +148,11 @@ def prune_kd_runs(out: Path, ranked: Path, elastic_dir: Path, base: dict[str, An
     for b in SMALL:
         n = elastic.num_parameters(budget=b)
         pruned = out / f"seed{seed}" / f"pruned-{b}"
-        if not pruned.exists():
-            _nestlm(["prune", "--model", str(ranked), "--budget", str(n), "--out", str(pruned)], out / f"prune-{b}.log")
-        rec = json.loads(json.dumps(base))
-        rec["name"] = f"prune-kd-{b}"
-        rec["model"] = {"path": str(pruned), "teacher": str(ranked)}
-        rec["elastic"]["budgets"] = {"full": 1.0}
-        for s in rec["stages"]:
-            s["budget_probs"] = "uniform"
+        prune_to(ranked, n, pruned, out / f"prune-{b}.log")
+        rec = kd_recipe(base, pruned, ranked, f"prune-kd-{b}")
         d = out / f"seed{seed}" / f"kd-{b}"
-        path = d.parent / f"kd-{b}.yaml"
-        path.write_text(yaml.safe_dump(rec, sort_keys=False))
-        t = time.time()
-        print(f"[study] seed {seed}: prune + KD at {b} ({_tokens(rec):,} tokens)", flush=True)
-        _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"kd-{b}.log")
-        runs[b] = {"dir": d, "pruned": pruned, "tokens": _tokens(rec), "seconds": time.time() - t}
+        tokens, seconds = train_recipe(d, rec, f"[study] seed {seed}: prune + KD at {b}")
+        runs[b] = {"dir": d, "pruned": pruned, "tokens": tokens, "seconds": seconds}
     return runs
 
 

@@ -25,6 +25,7 @@ every model (a partial run keeps what it measured) and DIR/report.md at the end.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import time
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 import nestlm
 
@@ -49,41 +49,35 @@ study = _sibling("paper_in_small")
 SMALL = study.SMALL
 
 
+def _changed(rec: dict[str, Any], **sets: Any) -> dict[str, Any]:
+    """A copy of ``rec`` with SECTION__KEY=value set (``elastic__router="fixed"``)."""
+    rec = copy.deepcopy(rec)
+    for key, value in sets.items():
+        section, name = key.split("__")
+        rec[section][name] = value
+    return rec
+
+
 def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The elastic runs of the investigation (stage 1 only), each one change from ``base``."""
-    base = json.loads(json.dumps(base))
+    base = copy.deepcopy(base)
     base["stages"] = base["stages"][:1]
-    out = {"elastic": base}
-    fixed = json.loads(json.dumps(base))
-    fixed["elastic"]["router"] = "fixed"
-    out["elastic, fixed"] = fixed
-    longer = json.loads(json.dumps(base))
+    longer = copy.deepcopy(base)
     longer["stages"][0]["steps"] *= 3
-    out["elastic, 3 T1"] = longer
-    lr = json.loads(json.dumps(base))
-    lr["train"]["lr"] = 5e-4
-    out["elastic, lr 5e-4"] = lr
-    fixed3 = json.loads(json.dumps(longer))
-    fixed3["elastic"]["router"] = "fixed"
-    out["elastic, fixed, 3 T1"] = fixed3
-    warm = json.loads(json.dumps(base))
-    warm["elastic"]["router_init"] = "one-shot"
-    out["elastic, one-shot init"] = warm
-    slow = json.loads(json.dumps(base))
-    slow["elastic"]["router_lr_mult"] = 10.0  # the routers commit later (default 100)
-    out["elastic, router lr 10x"] = slow
-    return out
+    return {
+        "elastic": base,
+        "elastic, fixed": _changed(base, elastic__router="fixed"),
+        "elastic, 3 T1": longer,
+        "elastic, lr 5e-4": _changed(base, train__lr=5e-4),
+        "elastic, fixed, 3 T1": _changed(longer, elastic__router="fixed"),
+        "elastic, one-shot init": _changed(base, elastic__router_init="one-shot"),
+        "elastic, router lr 10x": _changed(base, elastic__router_lr_mult=10.0),  # commit later (default 100)
+    }
 
 
 def _train(out: Path, name: str, rec: dict[str, Any]) -> tuple[Path, int, float]:
-    slug = name.replace(", ", "-").replace(" ", "").replace("/", "over")
-    d = out / slug
-    path = out / f"{slug}.yaml"
-    path.write_text(yaml.safe_dump(rec, sort_keys=False))
-    t = time.time()
-    print(f"[claim1] training {name} ({study._tokens(rec):,} tokens)", flush=True)
-    study._nestlm(["train", str(path), "--out", str(d), "--no-progress"], out / f"{slug}.log")
-    return d, study._tokens(rec), time.time() - t
+    d = out / name.replace(", ", "-").replace(" ", "").replace("/", "over")
+    return d, *study.train_recipe(d, rec, f"[claim1] training {name}")
 
 
 def _arch_line(model: Any, budget: str | None) -> str:
@@ -148,18 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         res["wall_s"] = time.time() - t0
         res_path.write_text(json.dumps(res, indent=1))
 
-    def score(method: str, d: Path, budgets: list[str | None], tokens: int, seconds: float) -> None:
-        model = nestlm.load(d)
-        for b in budgets:
-            key = f"{method}/{b or 'own'}"
-            if key in res["models"]:
-                continue
-            s = ev(d, b, ("short",))
-            s["arch"] = _arch_line(model, b)
-            res["models"][key] = s
-            print(f"[claim1] {key}: {100 * sum(s['short']) / len(s['short']):.1f}%  ({s['arch']})", flush=True)
-        res["runs"][method] = {"tokens": tokens, "seconds": seconds}
-        save()
+    def score(key: str, d: Path, budget: str | None) -> None:
+        if key in res["models"]:
+            return
+        s = ev(d, budget, ("short",))
+        s["arch"] = _arch_line(nestlm.load(d), budget)
+        res["models"][key] = s
+        print(f"[claim1] {key}: {100 * sum(s['short']) / len(s['short']):.1f}%  ({s['arch']})", flush=True)
 
     if args.merge:  # runs made in parallel into other directories (same ranked parent, same problems)
         for other in args.merge:
@@ -181,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if method in variants:
             d, tok, sec = _train(out, method, variants[method])
-            score(method, d, ["full", *SMALL], tok, sec)
+            for b in ["full", *SMALL]:
+                score(f"{method}/{b}", d, b)
+            res["runs"][method] = {"tokens": tok, "seconds": sec}
+            save()
             continue
         steps = variants["elastic"]["stages"][0]["steps"]
         steps = steps if method == "prune+KD" else max(1, steps // 3)
@@ -189,26 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         tok_sum, sec_sum = 0, 0.0
         for b in SMALL:
             pruned = out / f"pruned-{b}"
-            if not pruned.exists():
-                n_params = elastic.num_parameters(budget=b)
-                study._nestlm(
-                    ["prune", "--model", str(ranked), "--budget", str(n_params), "--out", str(pruned)],
-                    out / f"prune-{b}.log",
-                )
-            rec = json.loads(json.dumps(variants["elastic"]))
-            rec["name"] = f"kd-{b}"
-            rec["model"] = {"path": str(pruned), "teacher": str(ranked)}
-            rec["elastic"]["budgets"] = {"full": 1.0}
+            study.prune_to(ranked, elastic.num_parameters(budget=b), pruned, out / f"prune-{b}.log")
+            rec = study.kd_recipe(variants["elastic"], pruned, ranked, f"kd-{b}")
             rec["stages"][0]["steps"] = steps
             rec["stages"][0]["warmup_steps"] = min(rec["stages"][0]["warmup_steps"], max(1, steps // 10))
             d, tok, sec = _train(out, f"{method} {b}", rec)
             tok_sum, sec_sum = tok_sum + tok, sec_sum + sec
-            key = f"{method}/{b}"
-            if key not in res["models"]:
-                s = ev(d, None, ("short",))
-                s["arch"] = _arch_line(nestlm.load(d), None)
-                res["models"][key] = s
-                print(f"[claim1] {key}: {100 * sum(s['short']) / len(s['short']):.1f}%  ({s['arch']})", flush=True)
+            score(f"{method}/{b}", d, None)
         res["runs"][method] = {"tokens": tok_sum, "seconds": sec_sum}
         save()
     _kd(res, out, ranked, [])

@@ -9,51 +9,34 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import NemotronHForCausalLM
 
 import nestlm
 from nestlm.cli import main
 from nestlm.elastic.arch import ArchSpec
 from tests.moe_models import SHAPES, make_moe
+from tests.pipeline import pattern_tokens, rank, train_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_moe_parent_end_to_end(tmp_path: Path) -> None:
     hf = make_moe(tmp_path / "hf", seed=2, **SHAPES["g1-k1-nonorm-bias"])
-    g = torch.Generator().manual_seed(0)
-    data = tmp_path / "tokens.jsonl"
-    rows = [torch.randint(3, 97, (5,), generator=g).repeat(40).tolist() for _ in range(24)]
-    data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
-    ranked = tmp_path / "ranked"
-    argv = ["importance", "--model", str(hf), "--data", str(data), "--out", str(ranked)]
-    assert main(argv + ["--seq-len", "64", "--batch-size", "4", "--num-samples", "16"]) == 0
+    data, g = pattern_tokens(tmp_path / "tokens.jsonl")
+    ranked = rank(hf, data, tmp_path / "ranked")
     parent = nestlm.load(ranked)
     active_full = parent.num_parameters() - 2 * 48 * 16 * (6 - 1) * 2  # one routed expert of six per token
-    recipe = {
-        "name": "moe-tiny",
-        "model": {"path": str(ranked)},
-        "data": {"train": str(data), "tokenizer": "bytes", "val_fraction": 0.1},
-        "elastic": {
-            "budgets": {"full": 1.0, "small": "active=0.7"},
-            "axes": {
-                "hidden": [1.0, 0.75],
-                "moe_experts": [1.0, 4, 2],
-                "moe_ffn": [1.0, 0.75, 0.5],
-                "moe_shared_ffn": [1.0, 0.5],
-            },
-            "d_router": 32,
+    elastic = {
+        "budgets": {"full": 1.0, "small": "active=0.7"},
+        "axes": {
+            "hidden": [1.0, 0.75],
+            "moe_experts": [1.0, 4, 2],
+            "moe_ffn": [1.0, 0.75, 0.5],
+            "moe_shared_ffn": [1.0, 0.5],
         },
-        "train": {"lr": 1.0e-3, "checkpoint_every": 100, "threads": 1, "tensorboard": False},
-        "stages": [
-            {"name": "short", "seq_len": 32, "batch_size": 4, "steps": 12, "budget_probs": "uniform"},
-            {"name": "long", "seq_len": 64, "batch_size": 2, "steps": 8, "budget_probs": [0.5, 0.5]},
-        ],
+        "d_router": 32,
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run = tmp_path / "run"
-    assert main(["train", str(tmp_path / "recipe.yaml"), "--out", str(run), "--no-progress"]) == 0
+    run = train_tiny(tmp_path, "moe-tiny", ranked, data, elastic)
     model = nestlm.load(run).eval()
     assert model.budgets == ["full", "small"]
     budget = model.elastic["small"]

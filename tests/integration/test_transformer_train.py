@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import nestlm
 from nestlm.cli import main
+from tests.pipeline import pattern_tokens, rank, train_tiny
 from tests.transformer_models import LLAMA3, make_transformer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -31,39 +31,17 @@ def test_llama_parent_end_to_end(tmp_path: Path, capsys) -> None:
         spelling="rope_scaling",
         initializer_range=0.05,
     )
-    g = torch.Generator().manual_seed(0)
-    data = tmp_path / "tokens.jsonl"
-    # a learnable stream (runs of a repeated token pattern), pre-tokenized: no tokenizer needed
-    rows = []
-    for _ in range(24):
-        pat = torch.randint(3, 97, (5,), generator=g)
-        rows.append(pat.repeat(40).tolist())
-    data.write_text("".join(json.dumps({"input_ids": r}) + "\n" for r in rows))
-
-    ranked = tmp_path / "ranked"
-    argv = ["importance", "--model", str(hf), "--data", str(data), "--out", str(ranked)]
-    assert main(argv + ["--seq-len", "64", "--batch-size", "4", "--num-samples", "16"]) == 0
+    data, g = pattern_tokens(tmp_path / "tokens.jsonl")
+    ranked = rank(hf, data, tmp_path / "ranked")
     parent = nestlm.load(hf)
     assert nestlm.load(ranked).importance.reordered
 
-    recipe = {
-        "name": "llama-tiny",
-        "model": {"path": str(ranked)},
-        "data": {"train": str(data), "tokenizer": "bytes", "val_fraction": 0.1},
-        "elastic": {
-            "budgets": {"full": 1.0, "60": 0.6},
-            "axes": {"hidden": [1.0, 0.75, 0.5], "attn_heads": [1.0, 0.5], "mlp": [1.0, 0.75, 0.5, 0.25]},
-            "d_router": 32,
-        },
-        "train": {"lr": 1.0e-3, "checkpoint_every": 100, "threads": 1, "tensorboard": False},
-        "stages": [
-            {"name": "short", "seq_len": 32, "batch_size": 4, "steps": 12, "budget_probs": "uniform"},
-            {"name": "long", "seq_len": 64, "batch_size": 2, "steps": 8, "budget_probs": [0.5, 0.5]},
-        ],
+    elastic = {
+        "budgets": {"full": 1.0, "60": 0.6},
+        "axes": {"hidden": [1.0, 0.75, 0.5], "attn_heads": [1.0, 0.5], "mlp": [1.0, 0.75, 0.5, 0.25]},
+        "d_router": 32,
     }
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    run = tmp_path / "run"
-    assert main(["train", str(tmp_path / "recipe.yaml"), "--out", str(run), "--no-progress"]) == 0
+    run = train_tiny(tmp_path, "llama-tiny", ranked, data, elastic)
     model = nestlm.load(run).eval()
     assert model.budgets == ["full", "60"]
     total = parent.num_parameters()
