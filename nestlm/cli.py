@@ -67,7 +67,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = load(args.model)
     require_reordered(model, "nestlm prune")
     target = parse_target(args.budget)
-    spec = closest_homogeneous(model.config, target, tolerance=args.tolerance)
+    spec = closest_homogeneous(model.config, target, tolerance=args.tolerance, width_multiple=args.width_multiple)
     small = model.slice(spec)
     total = count_parameters(model.config)
     n = spec.num_parameters(model.config)
@@ -88,7 +88,13 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         help="0.5 (fraction), 6e9 (parameters), active=2e9 or 23e9,active=2.8e9 (MoE), 12GB (memory)",
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--tolerance", type=float, default=0.02)
+    p.add_argument("--tolerance", type=float, default=0.02, help="largest relative miss of the budget (default 0.02)")
+    p.add_argument(
+        "--width-multiple",
+        type=int,
+        default=8,
+        help="channel widths (hidden, MLP, experts) as multiples of this, as kernels take them (default 8; 1: any)",
+    )
     p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
     p.set_defaults(func=cmd_prune)
 

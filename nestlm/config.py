@@ -124,8 +124,12 @@ class ModelConfig:
     mamba_chunk_size: int = 128
     mamba_conv_bias: bool = True
     mamba_proj_bias: bool = False  # bias of in_proj and out_proj
-    mamba_dt_min: float = 1e-3  # dt is clamped to [mamba_dt_min, inf) after softplus
-    mamba_dt_init_max: float = 0.1  # init range of dt (only used at random init)
+    mamba_dt_min: float = 1e-3  # init range of dt: [mamba_dt_min, mamba_dt_init_max] (only used at random init)
+    mamba_dt_init_max: float = 0.1
+    # dt = softplus(dt + dt_bias) is clamped to [lo, hi], in the scan and the one-token step alike, as
+    # mamba_ssm's dt_limit and NemotronH's time_step_limit do; (0, inf) is no clamp (their default).
+    # A config written before this key existed clamped at [mamba_dt_min, inf): from_dict keeps that.
+    mamba_dt_limit: list[float] = field(default_factory=lambda: [0.0, math.inf])
     residual_in_fp32: bool = False
     # MoE routing (NemotronH): sigmoid scores, top-k among the experts of the best topk_group of
     # n_group groups (a group scores the sum of its top 2), weights renormalised and scaled
@@ -227,6 +231,12 @@ class ModelConfig:
             self.eos_token_id = eos = list(eos)
         if not (eos is None or is_int(eos) or (isinstance(eos, list) and all(is_int(e) for e in eos))):
             raise ConfigError(f"eos_token_id must be an int, a list of ints or null, got {eos!r}")
+        lim = self.mamba_dt_limit
+        if isinstance(lim, tuple):
+            self.mamba_dt_limit = lim = list(lim)
+        if not (isinstance(lim, list) and len(lim) == 2 and all(is_number(v) for v in lim) and 0 <= lim[0] < lim[1]):
+            raise ConfigError(f"mamba_dt_limit must be [lo, hi] with 0 <= lo < hi (hi may be Infinity), got {lim!r}")
+        self.mamba_dt_limit = [float(v) for v in lim]
         if self.hf_config is not None and not isinstance(self.hf_config, dict):
             raise ConfigError(f"hf_config must be a dict (a config.json) or null, got {type(self.hf_config).__name__}")
 
@@ -291,6 +301,8 @@ class ModelConfig:
             v = getattr(self, f.name)
             if f.name == "layers":
                 v = [ls.to_dict() for ls in v]
+            elif f.name == "mamba_dt_limit":
+                v = [encode_float(x) for x in v]
             out[f.name] = v
         return out
 
@@ -304,6 +316,10 @@ class ModelConfig:
             raise ConfigError("model config has no 'layers'")
         if isinstance(data["layers"], list):
             data["layers"] = [LayerSpec.from_dict(ls) if isinstance(ls, dict) else ls for ls in data["layers"]]
+        if "mamba_dt_limit" not in data:  # written before the key existed: dt was clamped at mamba_dt_min
+            data["mamba_dt_limit"] = [data.get("mamba_dt_min", cls.mamba_dt_min), math.inf]
+        elif isinstance(data["mamba_dt_limit"], list):
+            data["mamba_dt_limit"] = [decode_float(x) for x in data["mamba_dt_limit"]]
         return cls(**data)
 
     def to_json(self) -> str:
@@ -327,6 +343,25 @@ def check_moe_experts(config: ModelConfig, experts: int) -> None:
             f"moe_top_k={k} exceeds the {config.moe_topk_group * experts // G} experts that "
             f"moe_topk_group={config.moe_topk_group} of {G} groups of {experts // G} hold"
         )
+
+
+_FLOAT_TAG = "__float__"  # transformers' JSON form of inf and nan ({"__float__": "Infinity"}), valid JSON
+
+
+def encode_float(v: float) -> float | dict[str, str]:
+    """A float as strict JSON can hold it: inf / -inf / nan as transformers' tagged objects."""
+    if math.isnan(v):
+        return {_FLOAT_TAG: "NaN"}
+    if math.isinf(v):
+        return {_FLOAT_TAG: "Infinity" if v > 0 else "-Infinity"}
+    return v
+
+
+def decode_float(v: Any) -> Any:
+    """The inverse of encode_float; other values pass through unchanged."""
+    if isinstance(v, dict) and set(v) == {_FLOAT_TAG} and v[_FLOAT_TAG] in ("Infinity", "-Infinity", "NaN"):
+        return _parse_constant(v[_FLOAT_TAG])
+    return v
 
 
 def _json_default(o: Any) -> Any:

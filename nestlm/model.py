@@ -135,7 +135,7 @@ class Mamba2Mixer(nn.Module):
         self.H, self.P, self.G, self.N = spec.heads, spec.head_dim, spec.groups, spec.d_state
         self.K = cfg.mamba_conv_kernel
         self.chunk_size = cfg.mamba_chunk_size
-        self.dt_min = cfg.mamba_dt_min
+        self.dt_limit = tuple(cfg.mamba_dt_limit)  # (lo, hi); (0, inf): no clamp
         self.eps = cfg.norm_eps
         self.d_inner = self.H * self.P
         self.d_bc = 2 * self.G * self.N
@@ -225,7 +225,9 @@ class Mamba2Mixer(nn.Module):
         x, Bm, Cm = xbc.split([HP, G * N, G * N], dim=-1)
 
         A = -torch.exp(self.A_log[:H].float())  # (H,)
-        dt = F.softplus(dt.float() + self.dt_bias[:H].float()).clamp(min=self.dt_min)  # (B, L, H)
+        dt = F.softplus(dt.float() + self.dt_bias[:H].float())  # (B, L, H)
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
         Dskip = self.D[:H]
         steps = None
         if state is not None and keep_steps:  # speculative verify: every token's state, for exact rollback

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import warnings
@@ -81,21 +80,16 @@ def hf_config(**kw):
     return NemotronHConfig(**args)
 
 
-def make_hf(
-    path: Path, seed: int = 0, tie: bool = False, dtype: torch.dtype | None = None, dt_clamp: bool = True, **kw
-) -> Path:
+def make_hf(path: Path, seed: int = 0, tie: bool = False, dtype: torch.dtype | None = None, **kw) -> Path:
     """A random NemotronH (transformers) saved to ``path`` with ``save_pretrained``; returns ``path``.
 
     Norm weights, D, conv biases and A_log are randomised too, so that no parameter sits
     at a value (1, 0, arange) that would hide a permutation bug; dt_bias keeps
     transformers' random init (softplus(dt_bias) log-uniform in [time_step_min, time_step_max]),
-    so some heads run at the dt clamp.
+    so dt = softplus(x + dt_bias) often runs below time_step_min; with transformers' default
+    time_step_limit (0, inf) nothing clamps it, and ``time_step_limit=(lo, hi)`` clamps it.
     ``tie=True`` makes lm_head an equal copy of the embeddings (transformers' NemotronH
     never ties them itself), which nestlm loads as a tied model.
-    ``dt_clamp=False`` writes time_step_min = 0 into config.json. transformers clamps dt at
-    time_step_min in its chunked scan but not in its one-token decode step, so with the clamp
-    active its cached decode drifts from its own uncached forward (nestlm clamps in both);
-    comparisons with transformers' *cached* generation use models where the clamp is a no-op.
     """
     from transformers import NemotronHForCausalLM
 
@@ -114,10 +108,6 @@ def make_hf(
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
-    if not dt_clamp:
-        raw = json.loads((path / "config.json").read_text())
-        raw["time_step_min"] = 0.0
-        (path / "config.json").write_text(json.dumps(raw, indent=2))
     return path
 
 

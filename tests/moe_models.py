@@ -8,7 +8,6 @@ the size of the gaps between scores, so that it changes many choices (tests asse
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +96,6 @@ def make_moe(
     path: Path,
     seed: int = 0,
     dtype: torch.dtype | None = None,
-    dt_clamp: bool = True,
     router_scale: float = 20.0,
     bias_scale: float = 1.0,
     **kw: Any,
@@ -106,7 +104,7 @@ def make_moe(
 
     Router weights are multiplied by ``router_scale``; each router's selection bias is random
     with ``bias_scale`` times the spread of its scores on random tokens. Norm weights and D are
-    randomised as in conftest.make_hf. ``dt_clamp=False`` writes time_step_min = 0 (see make_hf).
+    randomised as in conftest.make_hf.
     """
     from transformers import NemotronHForCausalLM
 
@@ -134,8 +132,4 @@ def make_moe(
     if dtype is not None:
         model = model.to(dtype)
     model.save_pretrained(path)
-    if not dt_clamp:
-        raw = json.loads((path / "config.json").read_text())
-        raw["time_step_min"] = 0.0
-        (path / "config.json").write_text(json.dumps(raw, indent=2))
     return path

@@ -10,6 +10,7 @@ parameter count of ``model.slice(spec)``, and the bytes of serving it.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, LayerSpec, ModelConfig, check_moe_experts
+from .axes import WIDTH_MULTIPLE, width_step  # noqa: F401  (re-exported)
 from .counts import (  # noqa: F401  (re-exported: the counts were first defined here)
     DTYPE_BYTES,
     active_parameters,
@@ -294,13 +296,17 @@ def closest_homogeneous(
     batch: int = 1,
     context: int = 4096,
     min_width: float = 0.125,
+    width_multiple: int = WIDTH_MULTIPLE,
 ) -> ArchSpec:
     """The homogeneous ArchSpec (same widths in every layer of a kind, no dropped layer) closest to
     ``target``, shrinking hidden, Mamba heads, attention heads and expert widths by one common
     factor and solving the MLP width for the rest (Minitron-style width pruning); a target with a
     total and an active count also chooses the number of routed experts (fewer experts cut the
-    total, not the active count). Within ``tolerance`` of every goal, or ArchError. No width goes
-    below ``min_width`` of the parent's: past that a "sub-network" is noise.
+    total, not the active count). Channel widths are multiples of ``width_multiple`` (below the
+    parent's own). When one common factor cannot land within the tolerance (coarse width grids, a
+    parent without MLP layers), each width may also round to its other neighbour. Within
+    ``tolerance`` of every goal, or ArchError. No width goes below ``min_width`` of the parent's:
+    past that a "sub-network" is noise.
     """
     full = ArchSpec.full(config)
     mambas = [ls for ls in config.layers if ls.kind == "mamba"]
@@ -311,8 +317,10 @@ def closest_homogeneous(
     if not full.is_homogeneous():
         raise ArchError("one-shot pruning needs a parent with the same widths in every layer of a kind")
     D = config.hidden_size
-    hstep = 8 if D >= 64 else 1
-    fstep = 8 if f0 is not None and f0.ffn >= 64 else 1
+    hstep = width_step(D, width_multiple)
+    fstep = width_step(f0.ffn, width_multiple) if f0 is not None else 1
+    estep = width_step(e0.ffn, width_multiple) if e0 is not None else 1
+    sstep = width_step(e0.shared_ffn, width_multiple) if e0 is not None else 1
     goals = target.goals(config)
     mkw = {"dtype": dtype, "batch": batch, "context": context}
 
@@ -323,15 +331,27 @@ def closest_homogeneous(
     def miss(spec: ArchSpec) -> float:
         return max(abs(c / g - 1) for c, (_, g) in zip(costs(spec), goals, strict=True))
 
-    def widths(s: float, experts: int | None) -> dict[str, int]:
-        kw: dict[str, int] = {"hidden": _round_to(s * D, hstep, hstep, D)}
-        if m0 is not None:
-            kw["mamba_heads"] = _round_to(s * m0.heads, m0.groups, m0.groups, m0.heads)
-        if a0 is not None:
-            kw["attn_heads"] = _round_to(s * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads)
-        if e0 is not None:  # MoE: the routed experts and the shared expert narrower by the same factor
-            kw["expert_ffn"] = _round_to(s * e0.ffn, 1, 1, e0.ffn)
-            kw["shared_ffn"] = _round_to(s * e0.shared_ffn, 1, 1, e0.shared_ffn)
+    # the widths one factor scales: name -> (parent's width, step, lowest)
+    scaled: dict[str, tuple[int, int, int]] = {"hidden": (D, hstep, hstep)}
+    if m0 is not None:
+        scaled["mamba_heads"] = (m0.heads, m0.groups, m0.groups)
+    if a0 is not None:
+        scaled["attn_heads"] = (a0.heads, a0.kv_heads, a0.kv_heads)
+    if e0 is not None:  # MoE: the routed experts and the shared expert narrower by the same factor
+        scaled["expert_ffn"] = (e0.ffn, estep, estep)
+        scaled["shared_ffn"] = (e0.shared_ffn, sstep, sstep)
+
+    def widths(s: float, experts: int | None, ups: tuple[str, ...] | None = None) -> dict[str, int]:
+        """Each width at s times the parent's on its grid: rounded to nearest, or (``ups`` given) down,
+        and up for the names in ``ups``."""
+        kw: dict[str, Any] = {}
+        for name, (w, step, lo) in scaled.items():
+            if ups is None:
+                kw[name] = _round_to(s * w, step, lo, w)
+            else:
+                q = math.ceil(s * w / step) if name in ups else math.floor(s * w / step)
+                kw[name] = int(min(w, max(lo, q * step)))
+        if e0 is not None:
             kw["experts"] = experts
         return kw
 
@@ -347,35 +367,51 @@ def closest_homogeneous(
         want = counts[-1] + (goals[ti][1] - lo) / max(hi - lo, 1e-9) * (counts[0] - counts[-1])
         return sorted(counts, key=lambda n: abs(n - want))[:2]
 
-    best: tuple[float, float, ArchSpec] | None = None
-    steps = 200
-    for k in range(steps, int(min_width * steps) - 1, -1):
-        s = k / steps
-        for experts in expert_options(s):
-            kw = widths(s, experts)
-            if f0 is not None:  # the first cost is linear in the MLP width: solve for it
-                f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
-                c_lo = costs(full.replace(**kw, mlp=f_lo))[0]
-                c_hi = costs(full.replace(**kw, mlp=f0.ffn))[0]
-                per = (c_hi - c_lo) / max(f0.ffn - f_lo, 1)
-                ffn = f0.ffn if per == 0 else _round_to(f_lo + (goal - c_lo) / per, fstep, f_lo, f0.ffn)
-                kw["mlp"] = ffn
-            spec = full.replace(**kw)
-            err = miss(spec)
-            balance = abs(kw["mlp"] / f0.ffn - s) if f0 is not None else 0.0
-            key = (0.0 if err <= tolerance else err, balance)
-            if best is None or key < best[:2]:
-                best = (key[0], key[1], spec)
-    assert best is not None
-    spec = best[2]
+    def solve_mlp(kw: dict[str, Any]) -> None:
+        if f0 is not None:  # the first cost is linear in the MLP width: solve for it
+            f_lo = _round_to(min_width * f0.ffn, fstep, fstep, f0.ffn)
+            c_lo = costs(full.replace(**kw, mlp=f_lo))[0]
+            c_hi = costs(full.replace(**kw, mlp=f0.ffn))[0]
+            per = (c_hi - c_lo) / max(f0.ffn - f_lo, 1)
+            kw["mlp"] = f0.ffn if per == 0 else _round_to(f_lo + (goal - c_lo) / per, fstep, f_lo, f0.ffn)
+
+    def search(variants: list[tuple[str, ...] | None]) -> tuple[float, float, ArchSpec]:
+        best: tuple[float, float, ArchSpec] | None = None
+        seen: set[tuple] = set()
+        steps = 200
+        for k in range(steps, int(min_width * steps) - 1, -1):
+            s = k / steps
+            for experts in expert_options(s):
+                for ups in variants:
+                    kw = widths(s, experts, ups)
+                    key0 = tuple(sorted(kw.items()))
+                    if key0 in seen:
+                        continue
+                    seen.add(key0)
+                    solve_mlp(kw)
+                    spec = full.replace(**kw)
+                    err = miss(spec)
+                    if ups is None:  # one factor: the MLP width as close to it as the goal allows
+                        balance = abs(kw["mlp"] / f0.ffn - s) if f0 is not None else 0.0
+                    else:  # the spread of the kept fractions over every width
+                        fr = [kw[n] / w for n, (w, _, _) in scaled.items()]
+                        fr += [kw["mlp"] / f0.ffn] if f0 is not None else []
+                        balance = max(fr) - min(fr)
+                    key = (0.0 if err <= tolerance else err, balance)
+                    if best is None or key < best[:2]:
+                        best = (key[0], key[1], spec)
+        assert best is not None
+        return best
+
+    spec = search([None])[2]
+    if miss(spec) > tolerance:  # one factor cannot land within the tolerance: each width rounds down or up
+        names = tuple(scaled)
+        ups = [tuple(n for i, n in enumerate(names) if mask >> i & 1) for mask in range(2 ** len(names))]
+        spec = search(ups)[2]
     if miss(spec) > tolerance:
         smallest = full.replace(
-            hidden=_round_to(min_width * D, hstep, hstep, D),
-            mamba_heads=_round_to(min_width * m0.heads, m0.groups, m0.groups, m0.heads) if m0 else None,
-            attn_heads=_round_to(min_width * a0.heads, a0.kv_heads, a0.kv_heads, a0.heads) if a0 else None,
+            **{n: _round_to(min_width * w, step, lo, w) for n, (w, step, lo) in scaled.items()},
             mlp=_round_to(min_width * f0.ffn, fstep, fstep, f0.ffn) if f0 else None,
-            expert_ffn=_round_to(min_width * e0.ffn, 1, 1, e0.ffn) if e0 else None,
-            shared_ffn=_round_to(min_width * e0.shared_ffn, 1, 1, e0.shared_ffn) if e0 else None,
             experts=counts[-1] if e0 else None,
         )
 
@@ -383,9 +419,13 @@ def closest_homogeneous(
             return " / ".join(f"{c:.4g} {'bytes' if w == 'memory' else w}" for c, (w, _) in zip(cs, goals, strict=True))
 
         want = txt([g for _, g in goals])
-        raise ArchError(
-            f"budget {target} ({want}) cannot be reached within {tolerance:.0%}: the closest homogeneous "
-            f"sub-network has {txt(costs(spec))} (the smallest nests {txt(costs(smallest))}, the parent "
-            f"{txt(costs(full))}); give a budget in that range"
+        lo_c, hi_c = costs(smallest), costs(full)
+        inside = all(lo <= g <= hi for lo, hi, (_, g) in zip(lo_c, hi_c, goals, strict=True))
+        why = (
+            f"no homogeneous sub-network with widths in multiples of {width_multiple} lands within it (the closest "
+            f"has {txt(costs(spec))}); raise the tolerance, or lower width_multiple for finer steps"
+            if inside
+            else f"the smallest nests {txt(lo_c)}, the parent {txt(hi_c)}; give a budget in that range"
         )
+        raise ArchError(f"budget {target} ({want}) cannot be reached within {tolerance * 100:g}%: {why}")
     return spec

@@ -25,8 +25,28 @@ AXIS_FIELD = {
 }
 
 
+WIDTH_MULTIPLE = 8
+"""Default multiple of the channel widths (hidden, MLP, expert and shared-expert widths) that pruning,
+the routers' axes and freezing choose: transformers' grouped_mm experts need rows of 16 bytes (8 bf16
+values, 4 fp32), and tensor-core GEMMs run fastest at multiples of 8 or more (Model Optimizer rounds
+pruned widths the same way). 1 allows any width."""
+
+
+def width_step(full: int, multiple: int) -> int:
+    """The step of a channel width's choices: ``multiple``, or 1 when the parent's width is not above it."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ArchError(f"width_multiple must be a positive int, got {multiple!r}")
+    return multiple if full > multiple else 1
+
+
+CHANNEL_AXES = ("hidden", "mlp", "moe_ffn", "moe_shared_ffn")  # widths in channels: kept to width_multiple
+
+
 def resolve_choices(
-    config: ModelConfig, axes: dict[str, list[float | int]], n_layers_droppable: int | None = None
+    config: ModelConfig,
+    axes: dict[str, list[float | int]],
+    n_layers_droppable: int | None = None,
+    width_multiple: int = WIDTH_MULTIPLE,
 ) -> dict[str, list[int]]:
     """Absolute, validated, descending choice lists per axis from sizes or fractions (<= 1.0).
 
@@ -34,8 +54,11 @@ def resolve_choices(
     query heads (a multiple of the KV heads); mlp: neurons; moe_experts: routed experts per MoE
     layer (the same number in every group, routable by the parent's top-k); moe_ffn: every expert's
     neurons; moe_shared_ffn: the shared expert's; depth: layers dropped (0 = none).
+    Channel widths (hidden, mlp, moe_ffn, moe_shared_ffn) below the parent's are multiples of
+    ``width_multiple`` (see arch.WIDTH_MULTIPLE): a fraction rounds to one, a count must be one.
     The full size is always a choice (the first).
     """
+
     unknown = [a for a in axes if a not in AXES]
     if unknown:
         raise ArchError(f"unknown elastic axis {unknown[0]!r}; valid axes: {', '.join(AXES)}")
@@ -68,12 +91,21 @@ def resolve_choices(
                 "moe_ffn": (ls.ffn, 1, "neurons"),
                 "moe_shared_ffn": (ls.shared_ffn, 1, "neurons"),
             }[axis]
+        if axis in CHANNEL_AXES:
+            mult, name = width_step(full, width_multiple), "(elastic.width_multiple)"
         vals = []
         for v in values:
-            n = round(v * full / mult) * mult if isinstance(v, float) and v <= 1.0 else int(v)
-            if n <= 0 or n > full:
+            n = min(round(v * full / mult) * mult, full) if isinstance(v, float) and v <= 1.0 else int(v)
+            if n == full:
+                pass
+            elif n <= 0 or n > full:
                 raise ArchError(f"{axis} choice {v!r} gives {n}, outside 1..{full}")
-            if n % mult:
+            elif n % mult and axis in CHANNEL_AXES:
+                raise ArchError(
+                    f"{axis} choice {v!r} gives {n}, not a multiple of {mult} {name}: give a multiple, or set "
+                    "elastic.width_multiple: 1 to allow any width"
+                )
+            elif n % mult:
                 raise ArchError(
                     f"{axis} choice {v!r} gives {n}, not a multiple of the {mult} {name} (every group keeps the "
                     "same number of heads)"

@@ -45,7 +45,7 @@ def parse_budgets(e: ElasticSection) -> dict[str, Target]:
 def make_routers(cfg: ModelConfig, e: ElasticSection, n_budgets: int, layer_order: list[int] | None) -> ElasticRouters:
     return ElasticRouters(
         cfg,
-        resolve_choices(cfg, e.axes),
+        resolve_choices(cfg, e.axes, width_multiple=e.width_multiple),
         n_budgets=n_budgets,
         layer_order=layer_order,
         d_router=e.d_router,
@@ -58,7 +58,10 @@ def fixed_archs(
 ) -> dict[str, ArchSpec]:
     """``elastic.router: fixed``: each budget's homogeneous one-shot architecture (as ``nestlm prune``)."""
     kw = memory_kw(e)
-    return {n: closest_homogeneous(cfg, targets[n], tolerance=e.tolerance, **kw) for n in names}
+    return {
+        n: closest_homogeneous(cfg, targets[n], tolerance=e.tolerance, width_multiple=e.width_multiple, **kw)
+        for n in names
+    }
 
 
 def warm_start_routers(
@@ -85,7 +88,7 @@ def warm_start_routers(
     want_idx: dict[int, dict[str, int]] = {}
     chosen: dict[str, ArchSpec] = {}
     for j, name in enumerate(routed):
-        spec = closest_homogeneous(cfg, targets[name], tolerance=e.tolerance, **kw)
+        spec = closest_homogeneous(cfg, targets[name], tolerance=e.tolerance, width_multiple=e.width_multiple, **kw)
         want = {"hidden": spec.hidden, "depth": 0}
         for a in routers.choices:
             if a in AXIS_FIELD:
@@ -122,7 +125,7 @@ def check_reachable(cfg: ModelConfig, targets: dict[str, Target], e: ElasticSect
             continue
         # (built per target, as before active targets: the routers' init draws from the global RNG,
         # and a run's router initialisation must not change)
-        choices = resolve_choices(cfg, e.axes)
+        choices = resolve_choices(cfg, e.axes, width_multiple=e.width_multiple)
         smallest = ArchSpec.full(cfg)
         if choices:
             routers = ElasticRouters(cfg, choices, 1, layer_order=layer_order)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -20,10 +21,11 @@ import torch
 from safetensors.torch import save_file
 
 from ..checkpoint import atomic_dir, check_state_dict, copy_tokenizer, read_safetensors, write_json
-from ..config import ConfigError, LayerSpec, ModelConfig
+from ..config import ConfigError, LayerSpec, ModelConfig, decode_float, encode_float
 from ..errors import CheckpointError
 from ..model import HybridLM
 from ..tokenizer import write_hf_tokenizer
+from .probe import transformers_fails_first_layer, transformers_version
 
 HF_KIND = {
     "linear_attention": "mamba",
@@ -40,6 +42,7 @@ LEGACY = {  # older NemotronH config.json names
     "conv_kernel": "mamba_d_conv",
     "time_step_min": "mamba_dt_min",
     "time_step_max": "mamba_dt_max",
+    "time_step_limit": "mamba_dt_limit",
     "use_conv_bias": "mamba_conv_bias",
     "chunk_size": "mamba_chunk_size",
 }
@@ -133,6 +136,7 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConf
             mamba_proj_bias=raw.get("use_bias", False),
             mamba_dt_min=_get(raw, "time_step_min", 1e-3),
             mamba_dt_init_max=_get(raw, "time_step_max", 0.1),
+            mamba_dt_limit=_dt_limit(_get(raw, "time_step_limit", None), where),
             residual_in_fp32=raw.get("residual_in_fp32", False),
             init_std=raw.get("initializer_range", 0.02),
             pad_token_id=raw.get("pad_token_id"),
@@ -145,6 +149,18 @@ def config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConf
         raise CheckpointError(f"{where} lacks {e.args[0]!r}, which a NemotronH config needs") from None
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def _dt_limit(value: Any, where: str) -> list[float]:
+    """time_step_limit as the reference Mamba2 and transformers (>= 5.25) apply it: dt clamped to it, (0, inf)
+    when absent. (Releases before 5.25 clamped at time_step_min in their chunked scan only: not the model's
+    semantics, and not what mamba_ssm, vLLM or newer transformers compute.)"""
+    if value is None:
+        return [0.0, math.inf]
+    value = [decode_float(v) for v in value] if isinstance(value, (list, tuple)) else value
+    if not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) for v in value):
+        raise CheckpointError(f"{where}: time_step_limit must be a pair [lo, hi], got {value!r}")
+    return [float(v) for v in value]
 
 
 def _check_moe(raw: dict[str, Any], where: str) -> None:
@@ -346,6 +362,7 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         "use_bias": cfg.mamba_proj_bias,
         "time_step_min": cfg.mamba_dt_min,
         "time_step_max": cfg.mamba_dt_init_max,
+        "time_step_limit": [encode_float(v) for v in cfg.mamba_dt_limit],  # inf as transformers writes it
         "residual_in_fp32": cfg.residual_in_fp32,
         "initializer_range": cfg.init_std,
         "pad_token_id": cfg.pad_token_id,
@@ -368,6 +385,12 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
     """Write ``model`` in Hugging Face NemotronH format (loads with plain transformers, tokenizer included)."""
     cfg = model.config
     raw = hf_config_dict(cfg)
+    first = cfg.layers[0].kind
+    # transformers 5.23-5.25 fail on an MLP- or MoE-first NemotronH whenever its cache is used (a budget that
+    # drops the first Mamba layer gives such a model); without the cache they compute it right
+    without_cache = transformers_fails_first_layer(first) if first in ("mlp", "moe") else None
+    if without_cache:
+        raw["use_cache"] = False
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if "lm_head.weight" not in sd:  # transformers' NemotronH keeps an lm_head of its own
         sd["lm_head.weight"] = sd["embeddings.weight"]
@@ -380,3 +403,13 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
         write_json(tmp / "config.json", raw)
         copy_tokenizer(model.source_dir, tmp)  # generation_config.json and the source's HF tokenizer files
         write_hf_tokenizer(model.source_dir, tmp)  # a byte-level source: tokenizer.json + tokenizer_config.json
+        if without_cache:
+            gen = tmp / "generation_config.json"
+            write_json(gen, (json.loads(gen.read_text()) if gen.is_file() else {}) | {"use_cache": False})
+    if without_cache:
+        print(
+            f"nestlm: note: the first layer is a{'n MLP' if first == 'mlp' else ' MoE'} block, which the installed "
+            f"transformers {transformers_version()} runs only without its cache ({without_cache}): config.json and "
+            "generation_config.json say use_cache: false (vLLM and nestlm ignore it)",
+            file=sys.stderr,
+        )

@@ -96,6 +96,10 @@ class ElasticSection:
     router_init: str = "random"
     budget_loss_weight: float = 1.0
     tolerance: float = 0.05
+    # channel widths (hidden, MLP, expert widths) below the parent's are multiples of this, in the axes'
+    # choices and the one-shot architectures: transformers' grouped_mm experts need rows of 16 bytes and
+    # tensor cores multiples of 8 (elastic/axes.py WIDTH_MULTIPLE); 1 allows any width
+    width_multiple: int = 8
     kd_temperature: float = 1.0
     trainable_teacher: bool = False
     auto_importance: bool = False  # rank + reorder an un-ranked parent on the first train batches

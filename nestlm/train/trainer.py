@@ -78,7 +78,7 @@ class Trainer:
         self.data = setup.StageData(recipe, self.tokenizer, self.dist)  # a bad source fails before any write
         self._save_parent = False
         if self.elastic:  # check the axes and targets before any slow or written work
-            el.resolve_choices(self.model.config, e.axes)
+            el.resolve_choices(self.model.config, e.axes, width_multiple=e.width_multiple)
             el.parse_budgets(e)
         if self.elastic and setup.needs_ranking(self.model, e):
             setup.auto_importance(self.model, recipe, self.data, self.progress and self.dist.is_main, self.device)

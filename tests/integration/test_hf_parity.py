@@ -105,18 +105,40 @@ def test_last_logits_only_and_batch_rows_are_independent(pair) -> None:
     assert (alone[0] - full[1]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("breakage", ["no-head-permutation", "no-dt-clamp"])
+def _dt(hf, ids: torch.Tensor) -> torch.Tensor:
+    """softplus(dt + dt_bias) of transformers' first layer (a Mamba one), unclamped."""
+    layer = hf.model.layers[0]
+    with torch.no_grad():
+        proj = layer.mixer.in_proj(layer.norm(hf.model.embeddings(ids)))
+        return torch.nn.functional.softplus(proj[..., -hf.config.mamba_num_heads :] + layer.mixer.dt_bias)
+
+
+def test_dt_below_time_step_min_runs_unclamped_as_in_transformers(tmp_path) -> None:
+    """transformers >= 5.25 clamps dt with time_step_limit ((0, inf) by default), not at time_step_min:
+    on a model where dt runs below time_step_min, prefill logits agree at 1e-4."""
+    path = make_hf(tmp_path / "hf")
+    hf, ours = NemotronHForCausalLM.from_pretrained(path).eval(), nestlm.load(path).eval()
+    ids = _ids(hf.config.vocab_size, 2, 40, seed=0)
+    assert (_dt(hf, ids) < hf.config.time_step_min).float().mean().item() > 0.05  # the case is exercised
+    assert list(ours.config.mamba_dt_limit) == [0.0, float("inf")]
+    with torch.no_grad():
+        assert (ours(ids).logits - hf_logits(hf, ids)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("breakage", ["no-head-permutation", "dt-clamped-at-time_step_min", "time_step_limit-ignored"])
 def test_the_tolerance_catches_real_mistakes(tmp_path, breakage: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The 1e-4 tolerance is not loose: plausible bugs move these logits by far more than it."""
-    path = make_hf(tmp_path / "hf")
+    limit = {"time_step_limit": (5e-3, 5e-2)} if breakage == "time_step_limit-ignored" else {}
+    path = make_hf(tmp_path / "hf", **limit)
     hf = NemotronHForCausalLM.from_pretrained(path).eval()
     if breakage == "no-head-permutation":  # HF's group-major head order taken as nestlm's rank-major one
         monkeypatch.setattr(nh, "permute_heads", lambda cfg, sd, to_nestlm: dict(sd))
     broken = nestlm.load(path).eval()
-    if breakage == "no-dt-clamp":  # transformers clamps dt at time_step_min after the softplus
-        for block in broken.layers:
-            if block.kind == "mamba":
-                block.mixer.dt_min = 0.0
+    for block in broken.layers:
+        if block.kind == "mamba" and breakage == "dt-clamped-at-time_step_min":  # what releases < 5.25 did
+            block.mixer.dt_limit = (hf.config.time_step_min, float("inf"))
+        elif block.kind == "mamba" and breakage == "time_step_limit-ignored":
+            block.mixer.dt_limit = (0.0, float("inf"))
     ids = _ids(hf.config.vocab_size, 2, 40, seed=0)
     with torch.no_grad():
         diff = (broken(ids).logits - hf_logits(hf, ids)).abs().max().item()

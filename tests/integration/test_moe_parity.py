@@ -23,7 +23,7 @@ NEW = 8
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    path = make_moe(tmp_path_factory.mktemp(request.param) / "hf", seed=5, dt_clamp=False, **SHAPES[request.param])
+    path = make_moe(tmp_path_factory.mktemp(request.param) / "hf", seed=5, **SHAPES[request.param])
     return load_hf(path, request.param).eval(), nestlm.load(path).eval(), request.param
 
 
@@ -101,7 +101,10 @@ def test_logits_match_transformers(pair, length: int) -> None:
 def test_greedy_tokens_match_transformers(pair) -> None:
     hf, ours, _ = pair
     ids = _ids(hf.config.vocab_size, 3, 12, seed=3)
-    a = hf.generate(ids, max_new_tokens=NEW, do_sample=False)
+    # transformers 5.25's cache fails on a model whose first layer is MoE or MLP ('DummyLayer' object has no
+    # attribute 'get_seq_length'): its uncached greedy loop is the reference there
+    first_cached = hf.config.layers_block_type[0] not in ("moe", "mlp")
+    a = hf.generate(ids, max_new_tokens=NEW, do_sample=False, use_cache=first_cached)
     b = ours.generate(ids, max_new_tokens=NEW)
     assert torch.equal(a, b), (a[:, 12:], b[:, 12:])
     assert len(set(b[:, 12:].flatten().tolist())) >= 3

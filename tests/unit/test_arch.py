@@ -210,6 +210,25 @@ def test_unreachable_targets_are_clear_errors():
         closest_homogeneous(HETERO, Target("fraction", 0.5))
 
 
+def test_widths_come_in_the_width_multiple_and_a_coarse_grid_says_why():
+    from nestlm.elastic.axes import resolve_choices
+
+    config = cfg("M*-M*-", hidden_size=96, ffn=200)
+    for m in (8, 16):
+        spec = closest_homogeneous(config, parse_target("0.6"), width_multiple=m)
+        assert spec.hidden % m == 0 and all(ls.ffn % m == 0 for ls in spec.to_config(config).layers if ls.kind == "mlp")
+    # a budget inside the range that no width on a coarse grid meets: the message says that, not "out of range"
+    with pytest.raises(ArchError, match=r"multiples of 64 lands within it .* lower width_multiple") as e:
+        closest_homogeneous(config, parse_target("0.97"), tolerance=0.001, width_multiple=64)
+    assert "give a budget in that range" not in str(e.value)
+    # the axes' choices: fractions round to the multiple, a count must be one, the parent's own width is kept
+    got = resolve_choices(config, {"hidden": [1.0, 0.7, 0.5], "mlp": [0.33]}, width_multiple=8)
+    assert got == {"hidden": [96, 64, 48], "mlp": [200, 64]}
+    with pytest.raises(ArchError, match=r"mlp choice 100 gives 100, not a multiple of 8 .*width_multiple: 1"):
+        resolve_choices(config, {"mlp": [100]})
+    assert resolve_choices(config, {"mlp": [100]}, width_multiple=1) == {"mlp": [200, 100]}
+
+
 # --------------------------------------------------------------------------- invalid specs
 C = cfg()  # layers: 0 M, 1 *, 2 -, 3 M, 4 -, 5 *, 6 M, 7 -
 FULL = ArchSpec.full(C)
