@@ -16,6 +16,14 @@ demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ra
   elastic, one-shot init  learned routers fitted first to prefer the one-shot choice (elastic.router_init)
   prune+KD           per size, T1 tokens for that size alone (as in paper_in_small)
   prune+KD, T1/3     per size, the share of steps a small budget gets in the elastic run
+  elastic, soft      learned routers, soft masks (elastic.mask=soft), budget_loss_weight 10: the default since
+                     the family-quality issue (the rows above keep the paper's hard masks and weight 1)
+  elastic, soft, one-shot init   the same, routers fitted first to prefer the one-shot choice
+  elastic, soft, hetero          the same, heterogeneous (per-layer) routers
+
+--seed S sets the training seed (train.seed; the data and the held-out problems stay the same) and
+names every method "METHOD sS"; run one process per seed (and per core) and --merge them: the seeds
+table compares each learned-router setting with `elastic, fixed` of the same seed (the *better* rule).
 
 Greedy exact match on the same held-out short problems (difficulty 1) for every model, paired
 differences against prune+KD at T1 with 95% bootstrap intervals. Writes DIR/results.json after
@@ -64,8 +72,14 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     base["stages"] = base["stages"][:1]
     longer = copy.deepcopy(base)
     longer["stages"][0]["steps"] *= 3
+    base = _changed(base, elastic__mask="hard", elastic__budget_loss_weight=1.0)  # the paper's, whatever the defaults
+    longer = _changed(longer, elastic__mask="hard", elastic__budget_loss_weight=1.0)
+    soft = _changed(base, elastic__mask="soft", elastic__budget_loss_weight=10.0)
     return {
         "elastic": base,
+        "elastic, soft": soft,
+        "elastic, soft, one-shot init": _changed(soft, elastic__router_init="one-shot"),
+        "elastic, soft, hetero": _changed(soft, elastic__heterogeneous=True),
         "elastic, fixed": _changed(base, elastic__router="fixed"),
         "elastic, 3 T1": longer,
         "elastic, lr 5e-4": _changed(base, train__lr=5e-4),
@@ -78,6 +92,12 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _train(out: Path, name: str, rec: dict[str, Any]) -> tuple[Path, int, float]:
     d = out / name.replace(", ", "-").replace(" ", "").replace("/", "over")
     return d, *study.train_recipe(d, rec, f"[claim1] training {name}")
+
+
+def _own_choice(d: Path) -> dict[str, bool | None]:
+    """Per budget: whether freezing kept the routers' own choice (False: it lay outside the tolerance)."""
+    model = nestlm.load(d)
+    return {b: model.budget(b).own_choice for b in model.budgets}
 
 
 def _arch_line(model: Any, budget: str | None) -> str:
@@ -114,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranked", default=None, help="an already ranked parent (default: rank the shipped one)")
     ap.add_argument("--n", type=int, default=300, help="held-out short problems per cell")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="training seed; methods are named 'M sS' for S > 0")
     ap.add_argument("--only", nargs="*", default=None, help="run only these methods (names as in the table)")
     ap.add_argument(
         "--merge", nargs="+", default=None, help="add the models of these other --out directories; write the report"
@@ -134,7 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = study.Evaluator(n, 0, batch_size=48, device="cpu", max_new_tokens=48 if args.quick else None)
     base = study.study_recipe(1.0, args.quick, "cpu", 0)
     base["train"]["threads"] = args.threads
+    base["train"]["seed"] = args.seed
     base["model"]["path"] = str(ranked)
+    sfx = f" s{args.seed}" if args.seed else ""
     res_path = out / "results.json"
     res: dict[str, Any] = json.loads(res_path.read_text()) if res_path.exists() else {"models": {}, "runs": {}}
 
@@ -165,14 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     variants = elastic_variants(base)
     order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
     order += ["elastic, router lr 10x", "elastic, fixed, 3 T1", "elastic, one-shot init"]
+    order += ["elastic, soft", "elastic, soft, one-shot init", "elastic, soft, hetero"]
     for method in order:
-        if (wanted and method not in wanted) or method in res["runs"]:
+        if (wanted and method not in wanted) or method + sfx in res["runs"]:
             continue
         if method in variants:
-            d, tok, sec = _train(out, method, variants[method])
+            d, tok, sec = _train(out, method + sfx, variants[method])
             for b in ["full", *SMALL]:
-                score(f"{method}/{b}", d, b)
-            res["runs"][method] = {"tokens": tok, "seconds": sec}
+                score(f"{method + sfx}/{b}", d, b)
+            res["runs"][method + sfx] = {"tokens": tok, "seconds": sec, "own_choice": _own_choice(d)}
             save()
             continue
         steps = variants["elastic"]["stages"][0]["steps"]

@@ -65,9 +65,14 @@ class Budget:
     target_description: str = ""
     memory_bytes: int | None = None
     active_params: int | None = None  # parameters per token (MoE: top-k routed experts); = params without MoE
+    # learned routers: True when the frozen architecture is the routers' own (argmax) choice, False when that
+    # lay outside the tolerance and freezing took the most probable choice within it (a sub-network training
+    # seldom ran: a failed run, said loudly at freezing); None for fixed, full and older records
+    own_choice: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        extra = {} if self.own_choice is None else {"own_choice": self.own_choice}
+        return extra | {
             "target": self.target,
             "target_description": self.target_description,
             "arch": self.arch.to_dict(),
@@ -92,6 +97,7 @@ class Budget:
             target_description=str(d.get("target_description", "")),
             memory_bytes=d.get("memory_bytes"),
             active_params=arch.active_parameters(config) if active is None else int(active),
+            own_choice=d.get("own_choice"),
         )
 
 

@@ -193,8 +193,9 @@ def _warn_if_moved(name: str, argmax: ArchSpec, frozen: ArchSpec, cfg: ModelConf
     warnings.warn(
         f"budget {name!r}: the routers' own choice ({a:,} parameters, {a / total:.1%}) is outside the "
         f"{e.tolerance:.0%} tolerance, so the budget is frozen to the most probable choice within it ({f:,}), "
-        "another sub-network than the one the routers prefer. Raise elastic.budget_loss_weight or "
-        "elastic.tolerance, or try elastic.router_init: one-shot or elastic.router: fixed",
+        "another sub-network than the one the routers prefer and training seldom ran: expect it to score "
+        "poorly (elastic.json records own_choice: false). Raise elastic.budget_loss_weight or "
+        "elastic.tolerance, or try elastic.router: fixed",
         stacklevel=2,
     )
 
@@ -214,11 +215,14 @@ def freeze_budgets(
     out = {}
     for name in names:
         t = targets.get(name, Target("fraction", 1.0))
+        own = None
         if fixed and name in fixed:
             spec = fixed[name]
         elif name in routed:
             spec = routers.freeze(routed.index(name), t, e.tolerance, scale=e.logit_scale[1], **memory_kw(e))
-            _warn_if_moved(name, routers.freeze(routed.index(name), scale=e.logit_scale[1]), spec, cfg, e)
+            argmax = routers.freeze(routed.index(name), scale=e.logit_scale[1])
+            own = argmax.to_dict() == spec.to_dict()
+            _warn_if_moved(name, argmax, spec, cfg, e)
         else:
             spec = ArchSpec.full(cfg)
         n = spec.num_parameters(cfg)
@@ -232,5 +236,6 @@ def freeze_budgets(
             fraction=n / total,
             memory_bytes=spec.memory_bytes(cfg, DTYPES[m.dtype], m.batch, m.context),
             active_params=spec.active_parameters(cfg),
+            own_choice=own,
         )
     return out

@@ -5,8 +5,13 @@ interval (well behaved at 0% and 100%, unlike the normal approximation). Two met
 scored on the SAME problems are compared pairwise: the difference of their accuracies
 has a paired bootstrap interval (problems resampled with replacement, both methods'
 outcomes kept together), which is much tighter than comparing two unpaired intervals.
-A claim "A is at least as good as B" is *held* only when the paired interval of A - B
-lies above zero, *not held* when it lies below zero, and *inconclusive* otherwise.
+Two rules read a paired interval [lo, hi] of A - B, each for the claim its words make:
+
+* *better* (``better``): A is better than B when lo > 0, worse when hi < 0, else inconclusive;
+* *non-inferior* with a margin m (``non_inferior``; 3 points unless a table says otherwise): A is
+  non-inferior to B when lo > -m (A may be at most m worse, at 95%), inferior when hi < -m, else
+  inconclusive. A claim of "as good as" (a nested budget vs per-size training, the full budget vs
+  the parent) can only be held this way: a strictly-better rule never holds an equality.
 """
 
 from __future__ import annotations
@@ -54,9 +59,35 @@ def paired_difference(
     return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": n}
 
 
+MARGIN = 0.03  # the non-inferiority margin, in accuracy (3 points)
+
+
+def better(lo: float, hi: float) -> str:
+    """The *better* rule: ``better`` when the whole interval of A - B is above zero, ``worse`` when it is
+    below zero, ``inconclusive`` when it holds zero."""
+    if lo > 0:
+        return "better"
+    if hi < 0:
+        return "worse"
+    return "inconclusive"
+
+
+def non_inferior(lo: float, hi: float, margin: float = MARGIN) -> str:
+    """The *non-inferiority* rule with ``margin``: ``non-inferior`` when the interval of A - B lies above
+    -margin, ``inferior`` when it lies below -margin, ``inconclusive`` when it holds -margin."""
+    if margin < 0:
+        raise ValueError(f"a non-inferiority margin is >= 0, got {margin}")
+    if lo > -margin:
+        return "non-inferior"
+    if hi < -margin:
+        return "inferior"
+    return "inconclusive"
+
+
 def verdict(lo: float, hi: float) -> str:
-    """``held`` when the whole interval favours the claim (> 0), ``not held`` when it is
-    wholly against it (< 0), ``inconclusive`` when it contains zero."""
+    """The *better* rule under its older names, for the claims worded "A beats B": ``held`` when the whole
+    interval favours the claim (> 0), ``not held`` when it is wholly against it (< 0), ``inconclusive``
+    when it contains zero. Not a test of "at least as good as": that is ``non_inferior``."""
     if lo > 0:
         return "held"
     if hi < 0:

@@ -219,10 +219,18 @@ def test_freezing_says_when_the_routers_own_choice_is_outside_the_tolerance():
     msgs = [str(x.message) for x in w]
     assert len(msgs) == 1 and "'half'" in msgs[0] and f"{count_parameters(cfg):,}" in msgs[0]
     assert f"{out['half'].params:,}" in msgs[0] and "outside the 5% tolerance" in msgs[0]
+    # the record says so too, through elastic.json, so that a study counts the run as failed
+    assert out["half"].own_choice is False and out["full"].own_choice is None
+    from nestlm.checkpoint import Budget
+
+    back = Budget.from_dict("half", out["half"].to_dict(), cfg)
+    assert back.own_choice is False and back == out["half"]
     with warnings.catch_warnings(record=True) as w:  # a target the argmax meets: no warning
         warnings.simplefilter("always")
-        freeze_budgets(cfg, ["full", "half"], {**targets, "half": Target("fraction", 1.0)}, ["half"], routers, e, True)
-    assert not w
+        ok = freeze_budgets(
+            cfg, ["full", "half"], {**targets, "half": Target("fraction", 1.0)}, ["half"], routers, e, True
+        )
+    assert not w and ok["half"].own_choice is True
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.7])
