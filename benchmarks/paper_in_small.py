@@ -22,8 +22,11 @@ Methods, each at every budget (full, 75%, 50% of the parent's parameters):
 
 Every accuracy is greedy exact match on the SAME held-out problems (test seeds) for every
 method, with its 95% Wilson interval; comparisons are paired (paired bootstrap of the
-per-problem differences) and give a verdict: held (the interval excludes zero in the
-claim's favour), not held (it excludes zero against it) or inconclusive.
+per-problem differences) and give the verdict of the rule the claim's words ask for
+(nestlm/eval/stats.py): claim 1 ("as good as or better") both *better* (the interval above
+zero) and *non-inferior* with a 3-point margin (above -3 points); claims 2 and 3 ("lifts",
+"protects") *better*. The older field ``verdict`` (held / not held / inconclusive) is the
+better rule under its first names.
 
 Writes DIR/results.json (one row per model and measurement), DIR/report.md (the tables)
 and DIR/accuracy.png.
@@ -47,7 +50,7 @@ import nestlm
 from nestlm.eval import reasoning
 from nestlm.eval.evaluate import reasoning_outcomes
 from nestlm.eval.perplexity import solution_perplexity
-from nestlm.eval.stats import paired_difference, verdict, wilson_interval
+from nestlm.eval.stats import MARGIN, better, non_inferior, paired_difference, verdict, wilson_interval
 from nestlm.tokenizer import ByteTokenizer
 from nestlm.train.recipe import load_recipe
 
@@ -99,9 +102,16 @@ def kd_recipe(base: dict[str, Any], pruned: Path, ranked: Path, name: str) -> di
     return rec
 
 
-def study_recipe(scale: float, quick: bool, device: str, seed: int) -> dict[str, Any]:
-    """The elastic recipe of the study: the demo's, with stage lengths scaled."""
+def study_recipe(scale: float, quick: bool, device: str, seed: int, mix: str | None = None) -> dict[str, Any]:
+    """The elastic recipe of the study: the demo's, with stage lengths scaled. ``mix`` ("1,1,2,3"): the
+    difficulties the distillation data cycles through in both stages, as the parent's training did
+    (None: difficulty 1 only, as the claim-1 investigation measured)."""
     r = load_recipe("demo").to_dict()
+    if mix:
+        r["data"]["train"] = f"reasoning:short:{mix}"
+        for st in r["stages"]:
+            if st.get("data"):
+                st["data"] = f"{st['data'].split(':')[0]}:{st['data'].split(':')[1]}:{mix}"
     r["name"] = "paper-in-small"
     r["train"]["device"] = device
     r["train"]["seed"] = seed
@@ -120,10 +130,10 @@ def study_recipe(scale: float, quick: bool, device: str, seed: int) -> dict[str,
 
 
 def train_runs(
-    out: Path, ranked: Path, scale: float, quick: bool, device: str, seed: int, threads: int = 2
+    out: Path, ranked: Path, scale: float, quick: bool, device: str, seed: int, threads: int = 2, mix: str | None = None
 ) -> dict[str, Any]:
     """The elastic runs (two-stage weighted, uniform stage 2, stage 1 only) of one seed."""
-    base = study_recipe(scale, quick, device, seed)
+    base = study_recipe(scale, quick, device, seed, mix)
     base["train"]["threads"] = threads
     base["model"]["path"] = str(ranked)
     variants = {"elastic": base}
@@ -160,12 +170,24 @@ def prune_kd_runs(out: Path, ranked: Path, elastic_dir: Path, base: dict[str, An
 class Evaluator:
     """Scores models on fixed held-out problem sets (the same problems for every model)."""
 
-    def __init__(self, n: int, long_n: int, batch_size: int, device: str, max_new_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        n: int,
+        long_n: int,
+        batch_size: int,
+        device: str,
+        max_new_tokens: int | None = None,
+        hard_n: int = 0,
+    ) -> None:
         self.tok = ByteTokenizer()
         self.device = torch.device(device)
         self.sets = {"short": reasoning.test_problems(n, "short", 1)}
         if long_n:
             self.sets["long"] = reasoning.test_problems(long_n, "long", 1)
+        for d in (2, 3) if hard_n else ():  # "short:2", "long:3", ...: hard_n problems of difficulty d
+            self.sets[f"short:{d}"] = reasoning.test_problems(hard_n, "short", d)
+            if long_n:
+                self.sets[f"long:{d}"] = reasoning.test_problems(min(hard_n, long_n), "long", d)
         self.ppl_problems = reasoning.test_problems(max(50, n), "short", 1)
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens  # None: a cap that every reference solution fits
@@ -192,6 +214,8 @@ def acc_cell(correct: list[bool]) -> dict[str, Any]:
 def compare(a: list[bool], b: list[bool]) -> dict[str, Any]:
     d = paired_difference(a, b)
     d["verdict"] = verdict(d["lo"], d["hi"])
+    d["better"] = better(d["lo"], d["hi"])
+    d["non_inferior"] = non_inferior(d["lo"], d["hi"], MARGIN)
     return d
 
 
@@ -211,6 +235,22 @@ def _diff(d: dict[str, Any]) -> str:
 def build_tables(res: dict[str, Any]) -> dict[str, Any]:
     """The three claims' tables (as data) from the scored models."""
     m = res["models"]
+    cells = []  # claim 1 at every difficulty and length: each small budget vs prune+KD, full vs parent
+    for b in BUDGETS:
+        ref_key = f"kd/{b}" if b in SMALL else "parent"
+        for v in m[f"elastic/{b}"]:
+            if v in ("params", "ppl") or v not in m[ref_key]:
+                continue
+            cells.append(
+                {
+                    "budget": b,
+                    "set": v if ":" in v else f"{v}:1",
+                    "vs": "prune+KD" if b in SMALL else "parent",
+                    "elastic": acc_cell(m[f"elastic/{b}"][v]),
+                    "reference": acc_cell(m[ref_key][v]),
+                    "compare": compare(m[f"elastic/{b}"][v], m[ref_key][v]),
+                }
+            )
     t1_rows = []
     for b in BUDGETS:
         row = {"budget": b, "params": m[f"elastic/{b}"]["params"]}
@@ -245,6 +285,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
     return {
         "claim1": {
             "rows": t1_rows,
+            "cells": cells,
             "tokens": {
                 "elastic family": tok["elastic"],
                 "prune+KD, per size": {b: tok[f"kd/{b}"] for b in SMALL},
@@ -257,15 +298,16 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sentence1(t: dict[str, Any]) -> str:
-    vs = [(r["budget"], r["compare"]["verdict"]) for r in t["rows"] if r["vs"] == "prune+KD"]
-    held = [b for b, v in vs if v == "held"]
-    lost = [b for b, v in vs if v == "not held"]
+    vs = [(r["budget"], r["compare"]["non_inferior"]) for r in t["rows"] if r["vs"] == "prune+KD"]
+    held = [b for b, v in vs if v == "non-inferior"]
+    lost = [b for b, v in vs if v == "inferior"]
     tk = t["tokens"]
     ratio = tk["prune+KD, the two sizes"] / tk["elastic family"]
     s = (
         f"Claim 1 {'held' if len(held) == len(vs) else 'did not hold' if lost else 'was inconclusive'} here: "
-        f"elastic vs prune+KD is {', '.join(f'{v} at {b}' for b, v in vs)} (paired 95% intervals), "
-        f"with the family costing {ratio:.1f}x fewer tokens than the two per-size runs."
+        f"elastic vs prune+KD is {', '.join(f'{v} at {b}' for b, v in vs)} (non-inferiority, "
+        f"{100 * MARGIN:g}-point margin, paired 95% intervals), with the family costing {ratio:.1f}x fewer "
+        "tokens than the two per-size runs."
     )
     return s
 
@@ -303,14 +345,26 @@ def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
         "Differences: paired, percentage points [95% paired bootstrap interval]."
     )
     L += ["", "## Claim 1: nested models vs compressing each size separately", ""]
-    L.append("| budget | params | elastic | prune+KD | one-shot pruned | parent | elastic - reference | verdict |")
-    L.append("|---|---|---|---|---|---|---|---|")
+    L.append(
+        "| budget | params | elastic | prune+KD | one-shot pruned | parent | elastic - reference | better | "
+        f"non-inferior ({100 * MARGIN:g} pts) |"
+    )
+    L.append("|---|---|---|---|---|---|---|---|---|")
     for r in tables["claim1"]["rows"]:
         L.append(
             f"| {r['budget']} | {r['params']:,} | {_cell(r['elastic'])} | {_cell(r['prune+KD'])} | "
             f"{_cell(r['one-shot pruned'])} | {_cell(r['parent'])} | {_diff(r['compare'])} vs {r['vs']} | "
-            f"{r['compare']['verdict']} |"
+            f"{r['compare']['better']} | {r['compare']['non_inferior']} |"
         )
+    if tables["claim1"].get("cells"):
+        L += ["", "Every difficulty and length (each small budget vs prune+KD, the full budget vs the parent):", ""]
+        L.append("| budget | problems:difficulty | elastic | reference | difference | better | non-inferior |")
+        L.append("|---|---|---|---|---|---|---|")
+        for c in tables["claim1"]["cells"]:
+            L.append(
+                f"| {c['budget']} | {c['set']} | {_cell(c['elastic'])} | {_cell(c['reference'])} ({c['vs']}) | "
+                f"{_diff(c['compare'])} | {c['compare']['better']} | {c['compare']['non_inferior']} |"
+            )
     tk = tables["claim1"]["tokens"]
     L += [
         "",
@@ -321,23 +375,23 @@ def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
         _sentence1(tables["claim1"]),
     ]
     L += ["", "## Claim 2: the long-context stage 2", ""]
-    L.append("| budget | problems | stage 1 only | two stages | two - one | verdict |")
+    L.append("| budget | problems | stage 1 only | two stages | two - one | better |")
     L.append("|---|---|---|---|---|---|")
     for r in tables["claim2"]["rows"]:
         for v in ("short", "long"):
             if f"compare/{v}" in r:
                 L.append(
                     f"| {r['budget']} | {v} | {_cell(r[f'stage1/{v}'])} | {_cell(r[f'two-stage/{v}'])} | "
-                    f"{_diff(r[f'compare/{v}'])} | {r[f'compare/{v}']['verdict']} |"
+                    f"{_diff(r[f'compare/{v}'])} | {r[f'compare/{v}']['better']} |"
                 )
     L += ["", _sentence2(tables["claim2"])]
     L += ["", "## Claim 3: budget sampling in stage 2, full budget first", ""]
-    L.append("| budget | uniform | 0.5/0.3/0.2 | weighted - uniform | verdict |")
+    L.append("| budget | uniform | 0.5/0.3/0.2 | weighted - uniform | better |")
     L.append("|---|---|---|---|---|")
     for r in tables["claim3"]["rows"]:
         L.append(
             f"| {r['budget']} | {_cell(r['uniform'])} | {_cell(r['weighted'])} | {_diff(r['compare'])} | "
-            f"{r['compare']['verdict']} |"
+            f"{r['compare']['better']} |"
         )
     L += ["", _sentence3(tables["claim3"]), ""]
     text = "\n".join(L)
@@ -385,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=1, help="training seeds of the elastic and per-size runs")
     ap.add_argument("--n", type=int, default=300, help="held-out short problems per cell")
     ap.add_argument("--n-long", type=int, default=300, help="held-out long problems per cell (claims 2 and 3)")
+    ap.add_argument("--n-hard", type=int, default=100, help="held-out problems at difficulties 2 and 3 (claim 1)")
+    ap.add_argument("--mix", default="1,1,2,3", help="difficulties the distillation data cycles through")
     ap.add_argument("--parent", default=str(PARENT), help="the parent model directory")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training and scoring")
     ap.add_argument("--batch-size", type=int, default=None, help="generation batch (default: 48 on CPU, 64 on GPU)")
@@ -410,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         batch_size=args.batch_size or (48 if args.device == "cpu" else 64),
         device=args.device,
         max_new_tokens=48 if args.quick else None,
+        hard_n=8 if args.quick else args.n_hard,
     )
     models: dict[str, Any] = {}
     tokens: dict[str, int] = {}
@@ -419,15 +476,16 @@ def main(argv: list[str] | None = None) -> int:
         if key not in models:
             models[key] = scored
             return
-        for k in ("short", "long"):  # seeds: outcomes of every seed side by side (pairs stay pairs)
+        for k in ev.sets:  # seeds: outcomes of every seed side by side (pairs stay pairs)
             if k in scored:
                 models[key][k] = models[key][k] + scored[k]
         models[key]["ppl"] = (models[key]["ppl"] + scored["ppl"]) / 2
 
     print("[study] scoring the parent", flush=True)
-    models["parent"] = ev(ranked, None, ("short", "long"))
+    every = tuple(ev.sets)  # short and long at difficulty 1 (claims 2, 3), and 2 and 3 (claim 1's cells)
+    models["parent"] = ev(ranked, None, every)
     for seed in range(args.seeds):
-        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads)
+        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix)
         kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed)
         for name, r in runs.items():
             tokens[name] = tokens.get(name, 0) + r["tokens"]
@@ -437,15 +495,15 @@ def main(argv: list[str] | None = None) -> int:
             seconds[f"kd/{b}"] = seconds.get(f"kd/{b}", 0.0) + r["seconds"]
         print(f"[study] seed {seed}: scoring", flush=True)
         for b in BUDGETS:
-            merge(f"elastic/{b}", ev(runs["elastic"]["dir"], b, ("short", "long")))
+            merge(f"elastic/{b}", ev(runs["elastic"]["dir"], b, every))
             merge(f"stage1/{b}", ev(runs["stage1"]["dir"], b, ("short", "long")))
             merge(f"uniform/{b}", ev(runs["uniform"]["dir"], b, ("short", "long")))
         for b in SMALL:
-            merge(f"kd/{b}", ev(kd[b]["dir"], None, ("short",)))
+            merge(f"kd/{b}", ev(kd[b]["dir"], None, every))
             merge(f"pruned/{b}", ev(kd[b]["pruned"], None, ("short",)))
     if args.seeds > 1:  # the parent and its outcomes repeat once per seed, so pairs line up
-        models["parent"]["short"] = models["parent"]["short"] * args.seeds
-        models["parent"]["long"] = models["parent"]["long"] * args.seeds
+        for k in every:
+            models["parent"][k] = models["parent"][k] * args.seeds
     res = {
         "parent_params": models["parent"]["params"],
         "seeds": args.seeds,

@@ -20,6 +20,7 @@ demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ra
                      the family-quality issue (the rows above keep the paper's hard masks and weight 1)
   elastic, soft, one-shot init   the same, routers fitted first to prefer the one-shot choice
   elastic, soft, hetero          the same, heterogeneous (per-layer) routers
+  elastic, soft, router lr 10x   the same, routers at a tenth of their learning rate (they commit later)
 
 --seed S sets the training seed (train.seed; the data and the held-out problems stay the same) and
 names every method "METHOD sS"; run one process per seed (and per core) and --merge them: the seeds
@@ -80,6 +81,7 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "elastic, soft": soft,
         "elastic, soft, one-shot init": _changed(soft, elastic__router_init="one-shot"),
         "elastic, soft, hetero": _changed(soft, elastic__heterogeneous=True),
+        "elastic, soft, router lr 10x": _changed(soft, elastic__router_lr_mult=10.0),  # commit later
         "elastic, fixed": _changed(base, elastic__router="fixed"),
         "elastic, 3 T1": longer,
         "elastic, lr 5e-4": _changed(base, train__lr=5e-4),
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = elastic_variants(base)
     order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
     order += ["elastic, router lr 10x", "elastic, fixed, 3 T1", "elastic, one-shot init"]
-    order += ["elastic, soft", "elastic, soft, one-shot init", "elastic, soft, hetero"]
+    order += ["elastic, soft", "elastic, soft, one-shot init", "elastic, soft, hetero", "elastic, soft, router lr 10x"]
     for method in order:
         if (wanted and method not in wanted) or method + sfx in res["runs"]:
             continue

@@ -18,6 +18,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from .loading import load
 
+    _check_sampling_args(args)
     model = load(args.model).eval()
     if args.compile:
         from .compiler import compile_model
@@ -46,16 +47,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling_args(args: argparse.Namespace) -> None:
+    """Every numeric option in its range, before any work: one line naming the option, the value and the range."""
+    checks = [
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "an integer >= 1"),
+        ("--temperature", args.temperature, 0 <= args.temperature < float("inf"), "0 (greedy) or a positive number"),
+        ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "an integer >= 1"),
+        ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
+        ("--seed", args.seed, 0 <= args.seed < 2**64, "an integer in [0, 2**64)"),
+    ]
+    for name, value, ok, valid in checks:
+        if not ok:
+            raise NestlmError(f"{name} {value} is out of range: give {valid}")
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt")
     p.add_argument("--model", required=True, help=MODEL_DIR_HELP)
     p.add_argument("--prompt", required=True)
     p.add_argument("--budget", default=None, help="budget name of an elastic checkpoint")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, >= 1 (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), > 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1] (default: off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--compile", action="store_true", help=COMPILE_HELP)
     p.set_defaults(func=cmd_generate)
 

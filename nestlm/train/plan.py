@@ -15,6 +15,9 @@ gradients and AdamW moments (sharded), bf16 compute (train/precision.py). Per ra
                intermediates per token: MLP 2 x ffn; attention (2 q + 2 kv) x head_dim;
                Mamba 6 x d_inner + 4 x groups x d_state + heads, plus the SSD scan's
                chunk terms (heads x chunk_size and heads x head_dim x d_state / chunk_size, fp32)
+  soft masks   elastic.mask: soft runs the full widths with each budget's mask multiplied in: every
+               masked tensor is kept once more for the mask's gradient (2 B per token per masked
+               channel: the block output, the MLP hidden, the attention heads, the Mamba heads)
   loss         chunked KD (train.kd_chunk_tokens = C): four fp32 C x vocab tensors (teacher
                log-probs, student logits, log-probs, their gradient) and both models' final
                hidden states; unchunked: six fp32 T x vocab tensors
@@ -107,6 +110,18 @@ def _block_act_per_token(cfg: ModelConfig, ls: Any) -> float:
     return 2 * (d + 6 * di + 4 * ls.groups * ls.d_state + ls.heads) + ssd
 
 
+def _soft_mask_per_token(cfg: ModelConfig, ls: Any) -> float:
+    """Bytes per token that soft router masks add to a block: one more bf16 copy of each masked tensor."""
+    d = cfg.hidden_size
+    if ls.kind == "mlp":
+        return 2 * (d + ls.ffn)
+    if ls.kind == "attention":
+        return 2 * (d + ls.heads * ls.head_dim)
+    if ls.kind == "moe":
+        return 2 * (d + cfg.moe_top_k * ls.ffn + ls.shared_ffn)
+    return 2 * (d + ls.heads * ls.head_dim)
+
+
 def plan_stage(recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_idx: int, world: int) -> StagePlan:
     tr, stage = recipe.train, recipe.stages[stage_idx]
     b = stage_batching(stage, tr, world)
@@ -127,6 +142,9 @@ def plan_stage(recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_id
     else:
         act = tokens * (cfg.n_layers * cfg.hidden_size * res + sum(per_block))
     sp.parts["activations / micro-batch"] = act
+    if recipe.train.mode == "elastic" and recipe.elastic.router == "learned" and recipe.elastic.mask == "soft":
+        soft = [_soft_mask_per_token(cfg, ls) for ls in cfg.layers]
+        sp.parts["soft masks / micro-batch"] = tokens * (2 * max(soft) if tr.activation_checkpointing else sum(soft))
     chunk = tr.kd_chunk_tokens
     if chunk:
         sp.parts["loss chunk"] = 4 * 4 * min(chunk, tokens) * cfg.vocab_size + 2 * 2 * tokens * cfg.hidden_size

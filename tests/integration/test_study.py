@@ -22,6 +22,9 @@ def _check_verdict(c: dict) -> None:
     assert c["lo"] <= c["diff"] <= c["hi"]
     expected = "held" if c["lo"] > 0 else "not held" if c["hi"] < 0 else "inconclusive"
     assert c["verdict"] == expected, c
+    assert c["better"] == {"held": "better", "not held": "worse"}.get(expected, "inconclusive"), c
+    ni = "non-inferior" if c["lo"] > -0.03 else "inferior" if c["hi"] < -0.03 else "inconclusive"
+    assert c["non_inferior"] == ni, c
 
 
 def _check_cell(c: dict, n: int) -> None:
@@ -48,6 +51,16 @@ def test_quick_study_tables_verdicts_and_tokens(tmp_path: Path) -> None:
             if r[meth] is not None:
                 _check_cell(r[meth], 24)
         assert f"| {b} | {r['params']:,} |" in report
+    # claim 1 at every difficulty (1-3) and length: small budgets vs prune+KD, the full budget vs the parent
+    cells = t["claim1"]["cells"]
+    sets = ("short:1", "long:1", "short:2", "short:3", "long:2", "long:3")
+    assert sorted((c["budget"], c["set"]) for c in cells) == sorted((b, v) for b in ("full", "75", "50") for v in sets)
+    for c in cells:
+        n = 24 if c["set"] == "short:1" else 8
+        _check_cell(c["elastic"], n)
+        _check_cell(c["reference"], n)
+        _check_verdict(c["compare"])
+        assert c["vs"] == ("parent" if c["budget"] == "full" else "prune+KD")
     # claims 2 and 3: short and long for every budget, verdicts from their intervals
     for r in t["claim2"]["rows"]:
         for v in ("short", "long"):

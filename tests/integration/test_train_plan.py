@@ -71,3 +71,19 @@ def test_importance_device_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert main([*args, "--out", str(tmp_path / "gpu"), "--device", "cuda"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "no CUDA GPU" in err[0] and not (tmp_path / "gpu").exists()
+
+
+def test_soft_masks_cost_one_more_copy_of_the_masked_tensors(capsys: pytest.CaptureFixture) -> None:
+    """elastic.mask: soft adds a plan line; hard masks and fixed architectures do not."""
+
+    def soft(*ov: str) -> float | None:
+        assert main(["train", RECIPE, "--dry-run", "--world-size", "64", *ov]) == 0
+        m = re.search(r"soft masks / micro-batch\s+([\d.]+) GiB", capsys.readouterr().out)
+        return None if m is None else float(m.group(1))
+
+    assert soft("elastic.mask=hard") is None and soft("elastic.mask=soft", "elastic.router=fixed") is None
+    cfg = parent_config(load_recipe(RECIPE))
+    # checkpointed: one recomputed block's masked tensors (x2 for its backward), the widest kind (MLP)
+    mlp = max(ls.ffn for ls in cfg.layers if ls.kind == "mlp")
+    tokens = 8192  # stage 0: micro-batch 1 x 8192
+    assert soft("elastic.mask=soft") == pytest.approx(2 * 2 * (cfg.hidden_size + mlp) * tokens / GIB, abs=0.006)
