@@ -14,7 +14,9 @@ budget, its caches built by one prefill of the context so far: each phase is exa
 to the request's own stop conditions (EOS, ``stop``, which sees the whole completion); the
 request's ``max_new_tokens`` (an int, or a list of one cap per row) caps all phases together,
 forced tokens included. Rows of a batch run together, each phase one left-padded batch (a row
-generates what it would alone).
+generates what it would alone). Sampling and shaping arguments (temperature, top_k, top_p, min_p,
+logit_bias, the penalties) apply to every phase; the penalties count the whole completion so far,
+earlier phases and forced tokens included.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def _phase(
         stop=stop_fn,
         on_step=on_step if on_token is not None else None,
         generator=[gens[b] for b in rows] if isinstance(gens, list) else gens,
-        **{k: v for k, v in kwargs.items() if k not in ("device", "generator")},
+        completion_start=[len(ctxs[b]) - len(news[b]) for b in rows],  # penalties count every phase's tokens
+        **{k: v for k, v in kwargs.items() if k not in ("device", "generator", "completion_start")},
     )
     for j, b in enumerate(rows):
         g = out[j, L:].tolist()

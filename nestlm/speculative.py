@@ -3,7 +3,9 @@
 Each round the draft proposes k tokens one step at a time; the target verifies them in ONE
 forward of k + 1 tokens (the pending token and the k drafts); the accepted prefix and the
 target's next token are kept. Greedy output is the target's own greedy output; sampling uses
-the standard rule (:func:`accept_reject`), so the output distribution is the target's.
+the standard rule (:func:`accept_reject`), so the output distribution is the target's. Logit bias
+and penalties shape the draft's and the target's logits alike, each position with the tokens
+before it (the drafts before it included), before both are warped the same way.
 
 Rollback is exact, per row. A verify forward runs with ``InferenceCache.keep_steps``: every Mamba
 layer keeps its conv state after each of the k + 1 tokens and its SSM states as an
@@ -25,7 +27,7 @@ import torch
 
 from .cache import AttentionState, InferenceCache, MambaState
 from .errors import DecodingError
-from .sampling import resolve_generator, special_ids, warp_logits
+from .sampling import LogitShaper, Shaping, kv_capacity, resolve_generator, special_ids, warped_probs
 from .ssd_steps import SSMSteps
 
 if TYPE_CHECKING:
@@ -142,19 +144,30 @@ class SpeculativeDecoder:
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        min_p: float | None = None,
     ) -> None:
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise DecodingError(f"num_draft_tokens must be an integer >= 1, got {k!r}")
         self.model, self.target, self.draft, self.k = model, target, draft, k
         self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
-        self.gen = generator
+        self.min_p, self.gen = min_p, generator
+        self.shaper: LogitShaper | None = None  # logit bias and penalties, counting the output so far
         self.per_row = isinstance(generator, list)  # one generator per row: each row draws what it would alone
         self.stats = SpecStats()
 
     def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         shape = logits.shape
-        warped = warp_logits(logits.reshape(-1, shape[-1]), self.temperature, self.top_k, self.top_p)
-        return warped.softmax(-1).view(shape)
+        flat = logits.reshape(-1, shape[-1])
+        return warped_probs(flat, self.temperature, self.top_k, self.top_p, self.min_p).view(shape)
+
+    def shaped(self, logits: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) shaped as the next token after the output so far and ``drafts`` (B, j); or
+        (B, m, V), position j after drafts[:, :j]."""
+        if self.shaper is None:
+            return logits
+        if logits.dim() == 2:
+            return self.shaper(logits, drafts)
+        return torch.stack([self.shaper(logits[:, j], drafts[:, :j]) for j in range(logits.shape[1])], 1)
 
     def _choose(self, logits: torch.Tensor, draw: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tokens (B,), their warped distribution (B, V) or None when greedy) from logits (B, V).
@@ -255,28 +268,30 @@ class SpeculativeDecoder:
                 self.dc.keep_steps = False
             d_states.append(_mamba_now(self.dc))
             d_logits.append(out.logits[:, -1])
-            x, q = self._choose(out.logits[:, -1], [lv and j < kb for lv, kb in zip(live_l, kbs, strict=True)])
+            lg = self.shaped(out.logits[:, -1], torch.stack(d_toks, 1) if d_toks else None)
+            x, q = self._choose(lg, [lv and j < kb for lv, kb in zip(live_l, kbs, strict=True)])
             d_toks.append(x)
             d_probs.append(q)
         st.draft_steps += kk
         drafts = torch.stack(d_toks, 1) if kk else cur.new_zeros(len(cur), 0)
         v_in = torch.cat([cur[:, None], drafts], 1)  # (B, kk + 1)
         tl = model(v_in, arch=self.target, cache=self.tc).logits  # (B, kk + 1, V)
+        ts = self.shaped(tl, drafts)  # what the target chooses from (tl: its own logits, for logprobs)
         st.verify_steps += 1
         if self.do_sample and self.per_row:
             if kk:
                 self.draft_logits = torch.stack(d_logits, 1)
-            n, nxt = self.accept_rows(tl, d_probs, drafts, live_l, kbs)
+            n, nxt = self.accept_rows(ts, d_probs, drafts, live_l, kbs)
         elif self.do_sample and kk:
             self.draft_logits = torch.stack(d_logits, 1)  # (B, kk, V) unwarped, for diagnostics
-            n, nxt = self.accept(tl, torch.stack(d_probs, 1), drafts)
+            n, nxt = self.accept(ts, torch.stack(d_probs, 1), drafts)
         elif self.do_sample:
-            n, nxt = torch.zeros_like(cur), self._choose(tl[:, 0])[0]
+            n, nxt = torch.zeros_like(cur), self._choose(ts[:, 0])[0]
         else:
-            g = tl.argmax(-1)  # (B, kk + 1)
+            g = ts.argmax(-1)  # (B, kk + 1)
             n = (drafts == g[:, :kk]).long().cumprod(1).sum(1)
             nxt = g.gather(1, n[:, None]).squeeze(1)
-            self._ties(tl, n, live)
+            self._ties(ts, n, live)
         keep_tokens(self.tc, n + 1, kk + 1)
         if kk == 0:  # no draft ran: cur joins the unread tokens
             self.unread = torch.cat([self.unread, cur[:, None]], 1)
@@ -318,6 +333,11 @@ def speculative_generate(
     on_token: Callable[[int, int, torch.Tensor], None] | None = None,
     row_stop: Callable[[int, list[int]], bool] | None = None,
     on_done: Callable[[int], None] | None = None,
+    min_p: float | None = None,
+    logit_bias: dict[int, float] | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """``generate`` at the target (``budget`` / ``arch``) with ``draft_budget`` / ``draft_arch`` as the draft.
 
@@ -330,7 +350,8 @@ def speculative_generate(
     every output token as it is produced; ``on_done(row)`` is called once a row has its last token
     (its counts in ``stats`` are final then). ``generator`` may be a list, one per row: row b then
     draws from its own, in the order and shapes of its solo run, so a sampled row's tokens equal
-    its solo run with that generator (up to float noise of the batched forward).
+    its solo run with that generator (up to float noise of the batched forward). ``min_p``,
+    ``logit_bias`` and the penalties as in ``generate`` (nestlm.sampling.Shaping).
     """
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
@@ -346,7 +367,8 @@ def speculative_generate(
     eos_ids, pad = special_ids(model, eos_token_id, pad_token_id, input_ids.device)
     eos = set(eos_ids.tolist())
     k = num_draft_tokens
-    dec = SpeculativeDecoder(model, target, draft, k, do_sample, temperature, top_k, top_p, gen)
+    shaping = Shaping.of(logit_bias, presence_penalty, frequency_penalty, repetition_penalty)
+    dec = SpeculativeDecoder(model, target, draft, k, do_sample, temperature, top_k, top_p, gen, min_p)
     if stats is not None:
         dec.stats = stats
     st = dec.stats
@@ -368,6 +390,8 @@ def speculative_generate(
     def emit(b: int, tok: int, logits: torch.Tensor) -> bool:
         """Append one token to row b; True when the row is done (and on_done has been told)."""
         out[b].append(tok)
+        if dec.shaper is not None:
+            dec.shaper.add_row(b, [tok])
         if on_token is not None:
             on_token(b, tok, logits)
         done = ends(b, tok)
@@ -375,8 +399,10 @@ def speculative_generate(
             on_done(b)
         return done
 
-    logits = dec.prefill(input_ids, attention_mask, L + max(caps) + k + 2)
-    cur = dec.first(logits, live)
+    logits = dec.prefill(input_ids, attention_mask, kv_capacity(L, max(caps)) + k + 2)
+    if shaping is not None:
+        dec.shaper = LogitShaper.of_batch(shaping, input_ids, attention_mask, None, logits.shape[-1])
+    cur = dec.first(dec.shaped(logits), live)
     for b in range(B):
         if live[b] and emit(b, int(cur[b]), logits[b]):
             live[b] = False

@@ -1,5 +1,6 @@
-"""The server's request side: validation of every field (OpenAI-shaped errors), the chat
-template, and :class:`Api`, which turns a validated request into scheduler requests.
+"""The server's request side: prompts, messages and the chat template, every field validated
+(nestlm.serve.validate; OpenAI-shaped errors), and :class:`Api`, which turns a validated request
+into scheduler requests: ``n`` of them per prompt.
 
 No request field names a file: nothing here reads or writes one but the model directory's
 own tokenizer config, read once at start.
@@ -9,40 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from .scheduler import QueueFull, Scheduler
 from .scheduler import Request as GenRequest
+from .validate import (
+    MESSAGE_KEYS,
+    ApiError,
+    check_fields,
+    choice_seed,
+    is_int,
+    logprobs_field,
+    n_field,
+    sampling_fields,
+    seed_field,
+    several_fields,
+    stop_field,
+    stream_fields,
+)
 
-MAX_STOPS = 4
-MAX_LOGPROBS = 20
-MAX_DRAFT_TOKENS = 16
+__all__ = ["Api", "ApiError", "Params", "load_chat_template"]
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-class ApiError(Exception):
-    """A request the API refuses: HTTP status and the OpenAI error fields."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None, kind: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.kind = kind or {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}.get(
-            status, "invalid_request_error"
-        )
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
 
 
 def load_chat_template(model_dir: str | Path | None) -> str | None:
@@ -85,18 +76,10 @@ def _special_tokens(model_dir: str | Path | None) -> dict[str, str]:
     return out
 
 
-# ------------------------------------------------------------------ validation
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 @dataclass
 class Params:
-    """A validated generation request: prompts as token ids and every sampling field."""
+    """A validated generation request: prompts as token ids and every sampling field. Choice i is
+    choice i % n of prompt i // n."""
 
     model: str
     prompts: list[list[int]]
@@ -111,6 +94,12 @@ class Params:
     logprobs: int | None
     echo: bool
     several: dict[str, Any] | None = None  # budget_schedule / draft_budget + num_draft_tokens, for generate
+    n: int = 1
+    sampling: dict[str, Any] = field(default_factory=dict)  # top_k, min_p, logit_bias, the penalties
+
+    def prompt_of(self, i: int) -> int:
+        """The prompt index of choice i."""
+        return i // self.n
 
 
 class Api:
@@ -166,7 +155,7 @@ class Api:
         """A prompt as OpenAI takes it: a string, a list of strings, token ids, or a list of token id lists."""
         if isinstance(prompt, str):
             prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        elif isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise ApiError(400, "'prompt' must be a non-empty string, list of strings, or list of token ids", "prompt")
@@ -177,7 +166,7 @@ class Api:
                     raise ApiError(400, "'prompt' is empty; give some text", "prompt")
                 ids.append(self.encode(p))
                 texts.append(p)
-            elif isinstance(p, list) and all(_is_int(t) for t in p):
+            elif isinstance(p, list) and all(is_int(t) for t in p):
                 ids.append(list(p))
                 texts.append(None)
             else:
@@ -198,6 +187,11 @@ class Api:
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise ApiError(400, f"messages[{i}] must be an object with 'role' and 'content'", f"messages[{i}]")
+            extra = [k for k, v in m.items() if k not in MESSAGE_KEYS and v not in (None, [])]
+            if extra:  # tool_calls, tool_call_id, audio, ...: not implemented, so not accepted
+                raise ApiError(
+                    400, f"messages[{i}].{extra[0]} is not supported by this server", f"messages[{i}].{extra[0]}"
+                )
             role, content = m.get("role"), m.get("content")
             if role not in CHAT_ROLES:
                 raise ApiError(
@@ -215,7 +209,13 @@ class Api:
                 content = ""
             if not isinstance(content, str):
                 raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-            clean.append({"role": role, "content": content})
+            msg = {"role": role, "content": content}
+            name = m.get("name")
+            if name is not None:
+                if not isinstance(name, str):
+                    raise ApiError(400, f"messages[{i}].name must be a string", f"messages[{i}].name")
+                msg["name"] = name  # the chat template decides what it shows
+            clean.append(msg)
         if self.chat_template is None:
             raise ApiError(
                 400,
@@ -239,6 +239,7 @@ class Api:
     def params(self, body: Any, chat: bool) -> Params:
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        check_fields(body, chat)
         model = self.resolve_model(body)
         if chat:
             if "messages" not in body:
@@ -251,10 +252,11 @@ class Api:
         echo = body.get("echo", False) if not chat else False
         if not isinstance(echo, bool):
             raise ApiError(400, "'echo' must be true or false", "echo")
-        n = body.get("n", 1)
-        if n is not None and (not _is_int(n) or n != 1):
-            raise ApiError(400, "only n=1 is supported", "n")
-
+        n = n_field(body, chat)
+        if n * len(prompts) > self.scheduler.max_queue:
+            raise ApiError(
+                400, f"{n * len(prompts)} choices (prompts times n) exceed the queue of {self.scheduler.max_queue}", "n"
+            )
         key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         mt = body.get(key)
         longest = max(len(p) for p in prompts)
@@ -265,9 +267,9 @@ class Api:
                 "messages" if chat else "prompt",
                 "context_length_exceeded",
             )
-        if mt is None:
+        if mt is None:  # the cache grows with what is generated: the default reserves nothing up front
             mt = self.max_context - longest if chat else min(16, self.max_context - longest)
-        elif not _is_int(mt):
+        elif not is_int(mt):
             raise ApiError(400, f"'{key}' must be an integer", key)
         elif mt < (0 if echo else 1):
             raise ApiError(400, f"'{key}' must be >= 1 (0 only with echo=true), got {mt}", key)
@@ -278,59 +280,14 @@ class Api:
                 key,
                 "context_length_exceeded",
             )
-
-        temperature = body.get("temperature", 1.0)
-        if temperature is None:
-            temperature = 1.0
-        if not _is_num(temperature) or temperature < 0:
-            raise ApiError(400, f"'temperature' must be a number >= 0, got {temperature!r}", "temperature")
-        top_p = body.get("top_p", 1.0)
-        if top_p is None:
-            top_p = 1.0
-        if not _is_num(top_p) or not 0 < top_p <= 1:
-            raise ApiError(400, f"'top_p' must be a number in (0, 1], got {top_p!r}", "top_p")
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
-            raise ApiError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
-        seed = body.get("seed")
-        if seed is not None and not _is_int(seed):
-            raise ApiError(400, "'seed' must be an integer", "seed")
-        stream = body.get("stream", False)
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be true or false", "stream")
-        so = body.get("stream_options")
-        include_usage = False
-        if so is not None:
-            if not stream:
-                raise ApiError(400, "'stream_options' is only allowed with stream=true", "stream_options")
-            if not isinstance(so, dict) or not isinstance(so.get("include_usage", False), bool):
-                raise ApiError(400, "'stream_options' must be {\"include_usage\": true|false}", "stream_options")
-            include_usage = bool(so.get("include_usage", False))
-        logprobs: int | None = None
-        if chat:
-            lp = body.get("logprobs", False)
-            if lp is not None and not isinstance(lp, bool):
-                raise ApiError(400, "'logprobs' must be true or false", "logprobs")
-            top = body.get("top_logprobs")
-            if top is not None and (not _is_int(top) or not 0 <= top <= MAX_LOGPROBS):
-                raise ApiError(400, f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "top_logprobs")
-            if top is not None and not lp:
-                raise ApiError(400, "'top_logprobs' needs logprobs=true", "top_logprobs")
-            logprobs = (top or 0) if lp else None
-        else:
-            lp = body.get("logprobs")
-            if lp is not None and (not _is_int(lp) or not 0 <= lp <= MAX_LOGPROBS):
-                raise ApiError(400, f"'logprobs' must be an integer in [0, {MAX_LOGPROBS}]", "logprobs")
-            logprobs = lp
+        temperature, top_p, sampling = sampling_fields(body, self.vocab)
+        stop = stop_field(body)
+        seed = seed_field(body)
+        stream, include_usage = stream_fields(body)
+        logprobs = logprobs_field(body, chat)
         if mt == 0 and stream:
             raise ApiError(400, "max_tokens=0 (echo only) cannot stream", "max_tokens")
-        several = self.several_budgets(body, model)
+        several = several_fields(body, model, self.budgets, self.scheduler.model, self.tok, self.max_context)
         if several is not None and (echo or mt == 0):
             raise ApiError(400, "echo does not combine with budget_schedule or draft_budget", "echo")
         return Params(
@@ -338,8 +295,8 @@ class Api:
             prompts,
             texts,
             mt,
-            float(temperature),
-            float(top_p),
+            temperature,
+            top_p,
             stop,
             seed,
             stream,
@@ -347,56 +304,16 @@ class Api:
             logprobs,
             echo,
             several,
+            n,
+            sampling,
         )
-
-    def several_budgets(self, body: dict[str, Any], model: str) -> dict[str, Any] | None:
-        """The extra fields ``budget_schedule``, ``draft_budget``, ``num_draft_tokens`` (as vLLM takes
-        extra fields), validated as ``model.generate`` takes them; None when none is given."""
-        sched, draft, k = body.get("budget_schedule"), body.get("draft_budget"), body.get("num_draft_tokens")
-        if sched is None and draft is None and k is None:
-            return None
-        if not self.budgets:
-            raise ApiError(400, "this model has no budgets: budget_schedule and draft_budget need an elastic model")
-        if sched is not None:
-            if draft is not None or k is not None:
-                raise ApiError(400, "budget_schedule does not combine with draft_budget", "budget_schedule")
-            from ..decoding import parse_schedule
-            from ..speculative import DecodingError
-
-            try:
-                phases = parse_schedule(self.scheduler.model, sched)
-            except DecodingError as e:
-                raise ApiError(400, str(e), "budget_schedule") from None
-            names = sorted({ph.budget for ph in phases})
-            if model != "auto" and model not in names:
-                raise ApiError(
-                    400,
-                    f"'model' {model!r} is not one of the schedule's budgets ({', '.join(names)}) or 'auto'",
-                    "model",
-                )
-            if any(ph.stop or ph.force for ph in phases) and self.tok is None:
-                raise ApiError(
-                    400, "stop and force texts of a budget_schedule need the model's tokenizer", "budget_schedule"
-                )
-            return {"budget_schedule": sched, "tokenizer": self.tok}
-        if draft is None:
-            raise ApiError(400, "num_draft_tokens needs draft_budget", "num_draft_tokens")
-        if not isinstance(draft, str) or draft not in self.budgets:
-            raise ApiError(
-                400,
-                f"'draft_budget' must be one of the budgets {', '.join(self.budgets)}, got {draft!r}",
-                "draft_budget",
-            )
-        k = 4 if k is None else k
-        if not _is_int(k) or not 1 <= k <= MAX_DRAFT_TOKENS:
-            raise ApiError(400, f"'num_draft_tokens' must be an integer in [1, {MAX_DRAFT_TOKENS}]", "num_draft_tokens")
-        return {"draft_budget": draft, "num_draft_tokens": k}
 
     # --------------------------------------------------------- running
     def submit(self, p: Params, queue: asyncio.Queue) -> list[GenRequest]:
+        """One scheduler request per choice: ``n`` per prompt, choice j seeded with seed + j."""
         loop = asyncio.get_running_loop()
         reqs = []
-        for i, ids in enumerate(p.prompts):
+        for i in range(len(p.prompts) * p.n):
 
             def sink(ev: tuple, i: int = i) -> None:
                 try:
@@ -415,17 +332,18 @@ class Api:
             budget = None if not self.budgets else p.model
             reqs.append(
                 GenRequest(
-                    prompt=ids,
+                    prompt=p.prompts[p.prompt_of(i)],
                     budget=budget,
                     max_tokens=p.max_tokens,
                     sink=sink,
                     temperature=p.temperature,
                     top_p=p.top_p if p.top_p < 1 else None,
-                    seed=p.seed,
+                    seed=choice_seed(p.seed, i % p.n),
                     logprobs=p.logprobs,
                     echo_logprobs=p.echo and p.logprobs is not None,
                     stop=stop_fn,
                     several=p.several,
+                    **p.sampling,
                 )
             )
         try:

@@ -1,9 +1,12 @@
 """The OpenAI-compatible HTTP API over a :class:`~nestlm.serve.scheduler.Scheduler`.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
-Every request is validated here, field by field, before anything reaches the model; a bad one
-gets a 4xx with an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}`` and
-the server keeps serving. No request field names a file: nothing here reads or writes one.
+Every request is validated, field by field, before anything reaches the model
+(nestlm.serve.validate); a bad one gets a 4xx with an OpenAI-shaped body
+``{"error": {"message", "type", "param", "code"}}`` and the server keeps serving. A request that
+fails later (an error event of the scheduler) gets a 500 of the same shape; so does anything
+unforeseen here. A client never waits on a scheduler that has died. No request field names a
+file: nothing here reads or writes one.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def create_app(api: Api) -> FastAPI:
         raw = await request.body()
         try:
             return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
 
     async def handle(request: Request, chat: bool):
@@ -108,9 +111,16 @@ def create_app(api: Api) -> FastAPI:
             reqs = api.submit(p, queue)
         except ApiError as e:
             return e.response()
+        except Exception as e:  # unforeseen: still an OpenAI-shaped answer
+            return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error").response()
         if p.stream:
             return StreamingResponse(_stream(api, p, reqs, queue, chat), media_type="text/event-stream")
-        return await _complete(api, p, reqs, queue, chat, request)
+        try:
+            return await _complete(api, p, reqs, queue, chat, request)
+        except Exception as e:
+            for r in reqs:
+                r.cancel()
+            return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error").response()
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -153,7 +163,7 @@ def _completion_logprobs(api: Api, p: Params, i: int, ch: _Choice, text_start: i
     pos = text_start
     pairs = []
     if p.echo and ch.prompt_infos is not None:
-        pairs += list(zip(p.prompts[i], ch.prompt_infos, strict=True))
+        pairs += list(zip(p.prompts[p.prompt_of(i)], ch.prompt_infos, strict=True))
     pairs += list(zip(ch.ids, ch.infos, strict=True))
     for tok, info in pairs:
         s = api.decode([tok])
@@ -183,24 +193,28 @@ def _chat_logprobs(api: Api, ch: _Choice) -> dict[str, Any]:
 
 
 async def _collect(
-    reqs: list[GenRequest], queue: asyncio.Queue, choices: list[_Choice], request: Request | None = None
+    api: Api, reqs: list[GenRequest], queue: asyncio.Queue, choices: list[_Choice], request: Request | None = None
 ):
     """Yield (index, event) until every choice is done; cancel them all if the client goes away.
 
     A stream is cancelled by the server when its client disconnects; a plain request checks
-    ``request.is_disconnected()`` while it waits.
+    ``request.is_disconnected()`` while it waits. If the scheduler's thread has died, the choices
+    still open end with an error instead of waiting for ever.
     """
     try:
         while any(c.finish is None for c in choices):
-            if request is None:
-                i, ev = await queue.get()
-            else:
-                try:
-                    i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+            try:
+                i, ev = await asyncio.wait_for(queue.get(), timeout=0.25)
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    return
+                if api.scheduler.dead() and queue.empty():
+                    for i, c in enumerate(choices):
+                        if c.finish is None:
+                            ev = ("error", "the scheduler stopped")
+                            _apply(c, ev)
+                            yield i, ev
+                continue
             _apply(choices[i], ev)
             yield i, ev
     finally:
@@ -213,12 +227,12 @@ async def _complete(
     api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Queue, chat: bool, request: Request
 ) -> JSONResponse:
     choices = [_Choice() for _ in reqs]
-    async for _ in _collect(reqs, queue, choices, request):
+    async for _ in _collect(api, reqs, queue, choices, request):
         pass
     if any(c.finish is None for c in choices):  # the client went away; nobody reads this
         return ApiError(499, "client closed the request", None, "client_closed").response()
     errors = [c.error for c in choices if c.error]
-    if errors:
+    if errors:  # this request's own failure (the others of its batch went on)
         return ApiError(500, errors[0], None, "internal_error", "server_error").response()
     out = []
     for i, ch in enumerate(choices):
@@ -234,7 +248,8 @@ async def _complete(
         else:
             prefix = ""
             if p.echo:
-                prefix = p.prompt_texts[i] if p.prompt_texts[i] is not None else api.decode(p.prompts[i])
+                k = p.prompt_of(i)
+                prefix = p.prompt_texts[k] if p.prompt_texts[k] is not None else api.decode(p.prompts[k])
             c = {
                 "index": i,
                 "text": prefix + text,
@@ -286,9 +301,10 @@ async def _stream(api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Qu
             yield chunk(i, "", None, role=True)
     elif p.echo:
         for i in range(len(choices)):
-            t = p.prompt_texts[i] if p.prompt_texts[i] is not None else api.decode(p.prompts[i])
+            k = p.prompt_of(i)
+            t = p.prompt_texts[k] if p.prompt_texts[k] is not None else api.decode(p.prompts[k])
             yield chunk(i, t, None)
-    async for i, ev in _collect(reqs, queue, choices):
+    async for i, ev in _collect(api, reqs, queue, choices):
         ch = choices[i]
         if ev[0] == "error":
             yield _sse(ApiError(500, ev[1], None, "internal_error", "server_error").body())

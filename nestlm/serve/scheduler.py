@@ -23,6 +23,17 @@ join these batches: at admission, those that share a decoding plan go as one bat
 runner's thread, which runs such calls one after another, their tokens streamed as they come,
 while this loop goes on decoding the batched rows; see :mod:`nestlm.serve.several`.
 
+``max_batch`` bounds every row that decodes at once: the rows of the batches and those of the
+several-budget calls (running, or admitted and waiting for the runner) together. A cache starts
+with room for the prompt and a few new tokens and grows with what is generated
+(nestlm.sampling.kv_capacity), whatever ``max_tokens`` says.
+
+One request's failure is its own: an exception in its admission (its seed, its settings), its
+sampling or its stop check ends that request alone with ("error", message); the other rows of its
+batch go on. A prefill that fails for a group is run again for each request alone, so only the
+request that fails alone gets the error (a several-budget call likewise; see
+nestlm.serve.several). Every request gets exactly one final event, also at shutdown.
+
 ``auto`` requests get the largest budget whose recent per-token latency (time between two
 decode steps of that budget's batch, measured over the last ``window_s`` seconds) meets the
 latency target; see :class:`LatencyTracker`.
@@ -34,83 +45,16 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..cache import InferenceCache
 from ..generate import generation_defaults, sample_next
+from ..sampling import LogitShaper, Shaping, kv_capacity
 from .batching import LatencyTracker, _row_caches_join, _trim_left, left_pad, logprob_info
+from .request import Counters, QueueFull, Request, _Batch
 from .several import SHUTDOWN, SeveralRunner, plan_key, run_several
-
-
-class QueueFull(Exception):
-    """The bounded wait queue is full; the request is refused (HTTP 429)."""
-
-
-@dataclass
-class Request:
-    """One sequence to generate. Events go to ``sink`` from the scheduler thread (the several-budget
-    runner's thread for a request with ``several``):
-    ("token", id, logprob_info | None), ("prompt_logprobs", list) and finally ("done", finish_reason)
-    or ("error", message). ``stop(generated_ids)`` -> True ends the request with finish_reason "stop".
-    """
-
-    prompt: list[int]
-    budget: str | None  # a budget name, "auto", or None (a plain model)
-    max_tokens: int
-    sink: Callable[[tuple], None]
-    temperature: float = 0.0  # 0: greedy
-    top_p: float | None = None
-    seed: int | None = None
-    logprobs: int | None = None  # number of top alternatives per token (0..20), None: no logprobs
-    echo_logprobs: bool = False  # also the prompt tokens' logprobs (the first one is None)
-    stop: Callable[[list[int]], bool] | None = None
-    cancelled: bool = False
-    chosen: str | None = None  # the budget that answers (set at admission for "auto")
-    generated: list[int] = field(default_factory=list)
-    generator: torch.Generator | None = None
-    # Several budgets in one generation: generate's budget_schedule= (with tokenizer=) or
-    # draft_budget= / num_draft_tokens=. Those of one admission sharing a plan run as one batched
-    # generate call on the several-budget runner's thread (nestlm.serve.several).
-    several: dict[str, Any] | None = None
-    accepted: int = 0  # speculative decoding: draft tokens accepted / rejected (usage)
-    rejected: int = 0
-
-    def cancel(self) -> None:
-        """Called from any thread (a client that went away); the row leaves at the next step boundary."""
-        self.cancelled = True
-
-
-@dataclass
-class _Batch:
-    """The running rows of one budget: their requests, one shared cache, their last tokens."""
-
-    spec: Any
-    rows: list[Request] = field(default_factory=list)
-    cache: InferenceCache | None = None
-    last: torch.Tensor | None = None  # (B,) the token each row feeds next
-    last_step: float = 0.0
-
-
-# ------------------------------------------------------------------ scheduler
-@dataclass
-class Counters:
-    """What the scheduler did; /health reports these."""
-
-    prefills: int = 0
-    decode_steps: int = 0
-    decode_rows: int = 0  # sum over decode steps of the rows in the step
-    multi_row_steps: int = 0  # decode steps that ran more than one request at once
-    max_rows: int = 0
-    finished: int = 0
-    cancelled: int = 0
-    steps_per_budget: dict[str, int] = field(default_factory=dict)
-    auto_choices: dict[str, int] = field(default_factory=dict)
-    several_calls: int = 0  # model.generate calls for requests with a budget schedule or a draft
-    several_requests: int = 0  # requests those calls answered
-    several_rows: int = 0  # the most requests in one such call
 
 
 class Scheduler:
@@ -144,7 +88,9 @@ class Scheduler:
         self._rr = 0
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._admitting: list[Request] = []
         self.device = next(model.parameters()).device
+        self.vocab = cfg.vocab_size
 
     # ------------------------------------------------------------- interface
     def submit(self, req: Request) -> None:
@@ -157,6 +103,14 @@ class Scheduler:
     def active(self) -> int:
         """Requests holding a batch slot now."""
         return sum(len(b.rows) for b in self.batches.values())
+
+    def decoding(self) -> int:
+        """Rows decoding now, or admitted to: the batches' and the several-budget calls' (max_batch bounds it)."""
+        return self.active() + self.several.rows()
+
+    def dead(self) -> bool:
+        """The loop was started and is gone: nothing will answer a request any more."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop
 
     def snapshot(self) -> dict[str, Any]:
         c = self.counters
@@ -178,6 +132,8 @@ class Scheduler:
             "several_calls": c.several_calls,
             "several_requests": c.several_requests,
             "several_rows": c.several_rows,
+            "max_decoding": c.max_decoding,
+            "errors": c.errors,
         }
 
     def start(self) -> None:
@@ -198,21 +154,38 @@ class Scheduler:
     # ------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while True:
-            with self.cond:
-                while not self._stop and not self.waiting and self.active() == 0:
+            with self.cond:  # (a several-budget call that ends notifies: its slots are free again)
+                while not self._stop and self.active() == 0 and (not self.waiting or self._free() <= 0):
                     self.cond.wait()
                 if self._stop:
                     break
             try:
                 self.step()
-            except Exception as e:  # a bug must not hang every client: fail what is running, keep serving
+            except Exception as e:  # a bug must not hang any client: fail what it touched, keep serving
                 for b in self.batches.values():
-                    for r in b.rows:
-                        r.sink(("error", f"internal error: {type(e).__name__}: {e}"))
-                    b.rows, b.cache, b.last = [], None, None
-        for b in self.batches.values():
-            for r in b.rows:
-                r.sink(("error", SHUTDOWN))
+                    self._fail_rows(b, e)
+                for r in self._admitting:
+                    self._error(r, e)
+                self._admitting = []
+        with self.cond:
+            left, self.waiting = list(self.waiting), deque()
+        for r in [r for b in self.batches.values() for r in b.rows] + left:
+            r.end(("error", SHUTDOWN))
+
+    def _free(self) -> int:
+        return self.max_batch - self.decoding()
+
+    def _fail_rows(self, batch: _Batch, e: BaseException) -> None:
+        """End every row of ``batch`` with an error (its forward failed) and empty it."""
+        for r in batch.rows:
+            self._error(r, e)
+        batch.rows, batch.cache, batch.last = [], None, None
+
+    def _error(self, req: Request, e: BaseException) -> None:
+        if not req.ended:
+            with self.lock:
+                self.counters.errors += 1
+            req.fail(e)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -224,37 +197,37 @@ class Scheduler:
         k = self._rr % len(names)
         self._rr += 1
         for b in names[k:] + names[:k]:
-            self._decode(b)
+            try:
+                self._decode(b)
+            except Exception as e:  # the forward of this budget's batch failed: its rows, not the others
+                self._fail_rows(self.batches[b], e)
 
     def _admit(self) -> None:
         """Take waiting requests into free slots; prefill those of one budget together. Requests with
         several budgets go to the several-budget runner, one batched generate call per plan
-        (nestlm.serve.several); a scheduler that was not started runs those calls here, first."""
-        free = self.max_batch - self.active()
+        (nestlm.serve.several); a scheduler that was not started runs those calls here, first.
+        A request that cannot start (its seed, its settings) ends alone with an error."""
         taken: list[Request] = []
         with self.cond:
+            free = self._free()
             while self.waiting and len(taken) < free:
                 taken.append(self.waiting.popleft())
-        groups: dict[str | None, list[Request]] = {}
+        self._admitting = taken
+        groups: dict[Any, list[Request]] = {}
         several: dict[Any, tuple[str | None, list[Request]]] = {}
         for req in taken:
             if req.cancelled:
                 with self.lock:
                     self.counters.cancelled += 1
-                req.sink(("done", "cancelled"))
+                req.end(("done", "cancelled"))
                 continue
-            name = req.budget
-            if name == "auto":  # the load it joins: rows decoding now, those admitted before it, itself
-                load = self.active() + sum(len(g) for g in groups.values()) + 1
-                name = self.latency.choose(load) if self.latency is not None else None
-                self.counters.auto_choices[name] = self.counters.auto_choices.get(name, 0) + 1
-            req.chosen = name
-            if req.temperature > 0:
-                req.generator = torch.Generator(device=self.device)
-                seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
-                req.generator.manual_seed(seed)
-            if req.several is not None:  # one generate call per plan, on the runner's thread
-                several.setdefault(plan_key(req, name), (name, []))[1].append(req)
+            try:
+                name = self._start(req, sum(len(g) for g in groups.values()))
+                if req.several is not None:  # one generate call per plan, on the runner's thread
+                    several.setdefault(plan_key(req, name), (name, []))[1].append(req)
+                    continue
+            except Exception as e:
+                self._error(req, e)
                 continue
             # echo needs every position's logits: such a request is prefilled alone
             groups.setdefault((name, id(req)) if req.echo_logprobs else name, []).append(req)
@@ -263,12 +236,45 @@ class Scheduler:
                 self.several.put(key, name, reqs)
             else:
                 run_several(self, reqs, name)
+        self._admitting = [r for g in groups.values() for r in g]  # the runner answers the others
+        rows = self.decoding() + sum(map(len, groups.values()))
+        with self.lock:
+            self.counters.max_decoding = max(self.counters.max_decoding, rows)
         for key, reqs in groups.items():
-            try:
-                self._prefill(key[0] if isinstance(key, tuple) else key, reqs)
-            except Exception as e:
-                for req in reqs:
-                    req.sink(("error", f"internal error: {type(e).__name__}: {e}"))
+            self._prefill_apart(key[0] if isinstance(key, tuple) else key, reqs)
+        self._admitting = []
+
+    def _start(self, req: Request, joining: int) -> str | None:
+        """Check a request and set it up: its budget (``auto`` chosen for the load it joins), its
+        seeded generator, its logit shaping. Raises what makes it unable to run."""
+        if not req.prompt or not all(isinstance(t, int) and 0 <= t < self.vocab for t in req.prompt):
+            raise ValueError(f"the prompt must be token ids in [0, {self.vocab})")
+        name = req.budget
+        if name == "auto":  # the load it joins: rows decoding now, those admitted before it, itself
+            name = self.latency.choose(self.active() + joining + 1) if self.latency is not None else None
+        if name not in self.specs:
+            raise ValueError(f"unknown budget {name!r}")
+        req.shaping = Shaping.of(req.logit_bias, req.presence_penalty, req.frequency_penalty, req.repetition_penalty)
+        if req.temperature > 0:
+            seed = req.seed if req.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            req.seed_used = seed
+            req.seeded(self.device)  # a seed outside the generator's range raises here, for this request
+        if req.budget == "auto":
+            self.counters.auto_choices[name] = self.counters.auto_choices.get(name, 0) + 1
+        req.chosen = name
+        return name
+
+    def _prefill_apart(self, name: str | None, reqs: list[Request]) -> None:
+        """Prefill ``reqs`` together; if that fails, each one that has not started yet alone, so that
+        only a request that fails alone gets the error."""
+        try:
+            self._prefill(name, reqs)
+        except Exception as e:
+            for r in reqs:
+                if len(reqs) > 1 and not r.ended and not r.generated:
+                    self._prefill_apart(name, [r])
+                else:
+                    self._error(r, e)
 
     def _prefill(self, name: str | None, reqs: list[Request]) -> None:
         """One forward over the prompts of ``reqs`` (left-padded, as ``model.generate`` takes a batch),
@@ -277,7 +283,7 @@ class Scheduler:
         ids, mask = left_pad([r.prompt for r in reqs])
         L = ids.shape[1]
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = InferenceCache(self.model.config.n_layers, capacity=L + max(r.max_tokens for r in reqs))
+        cache = InferenceCache(self.model.config.n_layers, capacity=kv_capacity(L, max(r.max_tokens for r in reqs)))
         echo = len(reqs) == 1 and reqs[0].echo_logprobs
         out = self.model(
             ids,
@@ -301,10 +307,15 @@ class Scheduler:
             if req.max_tokens == 0:  # echo only (scoring a prompt)
                 self._finish(req, "length")
                 continue
-            tok = self._sample(req, logits[i])
-            if not self._emit(req, tok, logits[i]):
-                keep.append(i)
-                toks.append(tok)
+            try:
+                tok = self._sample(req, logits[i])
+                if self._emit(req, tok, logits[i]):
+                    continue
+            except Exception as e:  # this request's sampling or stop check: it alone ends
+                self._error(req, e)
+                continue
+            keep.append(i)
+            toks.append(tok)
         if not keep:
             return
         if len(keep) < len(reqs):
@@ -341,9 +352,15 @@ class Scheduler:
         done = []
         nxt = []
         for i, req in enumerate(batch.rows):
-            tok = greedy[i] if req.temperature <= 0 else self._sample(req, logits[i])
+            try:
+                plain = req.temperature <= 0 and req.shaping is None
+                tok = greedy[i] if plain else self._sample(req, logits[i])
+                finished = self._emit(req, tok, logits[i])
+            except Exception as e:  # this row's sampling or stop check failed: it alone leaves
+                self._error(req, e)
+                tok, finished = 0, True
             nxt.append(tok)
-            if self._emit(req, tok, logits[i]):
+            if finished:
                 done.append(i)
         batch.last = torch.tensor(nxt, device=self.device)
         self._drop(batch, done)
@@ -352,10 +369,9 @@ class Scheduler:
         if not index:
             return
         for i in index:
-            if cancelled:
+            if cancelled and batch.rows[i].end(("done", "cancelled")):
                 with self.lock:
                     self.counters.cancelled += 1
-                batch.rows[i].sink(("done", "cancelled"))
         keep = [i for i in range(len(batch.rows)) if i not in set(index)]
         if not keep:
             batch.rows, batch.cache, batch.last = [], None, None
@@ -367,10 +383,15 @@ class Scheduler:
         batch.last = batch.last[idx]
 
     def _sample(self, req: Request, logits: torch.Tensor) -> int:
-        """The next token of one row from its logits (V,): greedy, or the request's own sampler."""
+        """The next token of one row from its logits (V,): its logit shaping, then greedy or its own sampler."""
+        x = logits[None]
+        if req.shaping is not None:
+            if req.shaper is None:
+                req.shaper = LogitShaper(req.shaping, [req.prompt], [len(req.prompt)], x.shape[-1], x.device)
+            x = req.shaper(x)
         if req.temperature <= 0:
-            return int(logits.argmax())
-        return int(sample_next(logits[None], True, req.temperature, None, req.top_p, req.generator)[0])
+            return int(x.argmax())
+        return int(sample_next(x, True, req.temperature, req.top_k, req.top_p, req.generator, req.min_p)[0])
 
     def _emit(self, req: Request, tok: int, logits: torch.Tensor) -> bool:
         """Send one token; True when the request finished with it (and has been told so)."""
@@ -381,6 +402,8 @@ class Scheduler:
         if req.logprobs is not None:
             info = logprob_info(torch.log_softmax(logits.float(), dim=-1), tok, req.logprobs)
         req.generated.append(tok)
+        if req.shaper is not None:
+            req.shaper.add_row(0, [tok])
         req.sink(("token", tok, info))
         if req.stop is not None and req.stop(req.generated):
             self._finish(req, "stop")
@@ -391,6 +414,6 @@ class Scheduler:
         return False
 
     def _finish(self, req: Request, reason: str) -> None:
-        with self.lock:
-            self.counters.finished += 1
-        req.sink(("done", reason))
+        if req.end(("done", reason)):
+            with self.lock:
+                self.counters.finished += 1

@@ -2,9 +2,10 @@
 ``model.generate`` calls, streamed token by token, on a thread of their own.
 
 Requests taken in one admission that share a decoding plan (the same budget schedule, or the
-same target budget, draft budget and ``num_draft_tokens``; sampled ones also the same
-temperature and top_p) run as ONE ``model.generate`` call over their left-padded prompts; a
-plan's requests of later admissions still waiting for the runner join the call it starts next.
+same target budget, draft budget and ``num_draft_tokens``; the same logit bias and penalties;
+sampled ones also the same temperature, top_p, top_k and min_p) run as ONE ``model.generate``
+call over their left-padded prompts; a plan's requests of later admissions still waiting for the
+runner join the call it starts next.
 Each row keeps its own ``max_tokens`` (a per-row ``max_new_tokens`` list), stop strings
 (``row_stop``) and, when sampled, its own seeded generator (``generator=`` one per row: each
 row draws what it would draw alone), so each result equals in-process ``generate`` of that
@@ -19,6 +20,11 @@ forced tokens (which have no logits). EOS tokens are not text (one that ends a s
 neither). A request cancelled during the call gets ("done", "cancelled") and no further event;
 its row stops at its next token where the decoder allows (a schedule checks stops in its last
 phase only), and a call whose requests have all been told ends at once.
+
+A call that raises does not fail its other requests: each request not yet ended runs again alone
+(a sampled one with its generator seeded afresh), its tokens already sent checked against the
+solo run's and not sent twice, so it gets exactly what it would have got alone; only a request
+whose solo run fails gets ("error", message).
 
 The calls run one after another on the runner's thread (:class:`SeveralRunner`) while the
 scheduler loop goes on decoding the batched rows (the weights are read-only; counters shared
@@ -51,14 +57,35 @@ class _EndCall(Exception):
 def plan_key(req: Request, name: str | None) -> Hashable:
     """Requests with equal keys run as one batched call."""
     kw = req.several or {}
-    sampling = (req.temperature, req.top_p) if req.temperature > 0 else None
+    sampling = (req.temperature, req.top_p, req.top_k, req.min_p) if req.temperature > 0 else None
+    sampling = (sampling, req.shaping)
     if "budget_schedule" in kw:
         return "schedule", json.dumps(kw["budget_schedule"], sort_keys=True), id(kw.get("tokenizer")), sampling
     return "draft", name, kw.get("draft_budget"), kw.get("num_draft_tokens"), sampling
 
 
 def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None:
-    """One ``model.generate`` call for ``reqs`` (one plan, see :func:`plan_key`) at target budget ``name``."""
+    """One ``model.generate`` call for ``reqs`` (one plan, see :func:`plan_key`) at target budget ``name``;
+    if it raises, each request not yet ended runs again alone (see the module docstring)."""
+    err = _call(sched, reqs, name, [0] * len(reqs))
+    if err is None:
+        return
+    for req in reqs:
+        if req.ended:
+            continue
+        if len(reqs) > 1 and not sched._stop:
+            if req.generator is not None:
+                req.seeded(req.generator.device)
+            err1 = _call(sched, [req], name, [len(req.generated)])
+            if err1 is None:
+                continue
+            err = err1
+        sched._error(req, err)
+
+
+def _call(sched: Scheduler, reqs: list[Request], name: str | None, sent: list[int]) -> Exception | None:
+    """The batched call; None, or the exception it raised (the requests it did not end are left so).
+    Row i's first ``sent[i]`` tokens were sent before: checked against the request's, not sent again."""
     from ..speculative import SpecStats
 
     c = sched.counters
@@ -70,25 +97,23 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
     eos = sched.eos_ids
     stats = SpecStats()
     new: list[list[int]] = [[] for _ in reqs]  # every token of each row, EOS included
-    told = [False] * len(reqs)  # the request has had its last event
+    seen = [0] * len(reqs)  # tokens of each row that were text (as sent)
 
     def counts(i: int) -> None:  # final once the row is done: set before its "done" is sent
         if stats.accepted_per_row:  # a stream cut at a stop string by the app is cancelled, and reports them
             reqs[i].accepted, reqs[i].rejected = stats.accepted_per_row[i], stats.rejected_per_row[i]
 
     def cancel(i: int) -> None:
-        told[i] = True
         counts(i)
-        with sched.lock:
-            c.cancelled += 1
-        reqs[i].sink(("done", "cancelled"))
+        if reqs[i].end(("done", "cancelled")):
+            with sched.lock:
+                c.cancelled += 1
 
     def finish(i: int) -> None:
         req = reqs[i]
         if req.cancelled:
             cancel(i)
             return
-        told[i] = True
         counts(i)
         reason = "stop" if new[i] and new[i][-1] in eos else "length"  # an EOS ended the text
         if reason == "length" and req.stop is not None and req.stop(req.generated):
@@ -98,9 +123,9 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
         sched._finish(req, reason)
 
     def on_done(i: int) -> None:
-        if not told[i]:
+        if not reqs[i].ended:
             finish(i)
-        if all(told):  # nobody listens any more (the rows left are cancelled ones)
+        if all(r.ended for r in reqs):  # nobody listens any more (the rows left are cancelled ones)
             raise _EndCall
 
     def on_token(i: int, tok: int, logits: torch.Tensor | None, _budget: str | None = None) -> None:
@@ -108,11 +133,16 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
             raise _EndCall
         new[i].append(tok)
         req = reqs[i]
-        if not told[i] and req.cancelled:
+        if not req.ended and req.cancelled:
             cancel(i)
-        if all(told):
+        if all(r.ended for r in reqs):
             raise _EndCall
-        if told[i] or tok in eos:
+        if req.ended or tok in eos:
+            return
+        seen[i] += 1
+        if seen[i] <= sent[i]:  # a solo rerun: this token was sent by the batched call
+            if req.generated[seen[i] - 1] != tok:
+                raise RuntimeError("the request's run alone differs from what its batched call sent")
             return
         info = None
         if req.logprobs is not None:
@@ -130,6 +160,12 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
     if "budget_schedule" not in kw:
         kw |= dict(budget=name, stats=stats)
     sampled = first.temperature > 0  # then every request of the call samples alike (plan_key)
+    if sampled:
+        kw |= dict(temperature=first.temperature, top_p=first.top_p, top_k=first.top_k, min_p=first.min_p)
+    sh = first.shaping  # the same for every request of the call (plan_key)
+    if sh is not None:
+        kw |= dict(logit_bias=dict(sh.logit_bias), presence_penalty=sh.presence_penalty)
+        kw |= dict(frequency_penalty=sh.frequency_penalty, repetition_penalty=sh.repetition_penalty)
     ids, mask = left_pad([r.prompt for r in reqs])
     try:
         sched.model.generate(
@@ -137,26 +173,20 @@ def run_several(sched: Scheduler, reqs: list[Request], name: str | None) -> None
             attention_mask=mask.to(sched.device) if len(reqs) > 1 else None,
             max_new_tokens=[r.max_tokens for r in reqs],
             do_sample=sampled,
-            temperature=first.temperature if sampled else 1.0,
-            top_p=first.top_p if sampled else None,
             generator=[r.generator for r in reqs] if sampled else None,
             **kw,
         )
     except _EndCall:
         pass
     except Exception as e:
-        for i, req in enumerate(reqs):
-            if not told[i]:
-                told[i] = True
-                req.sink(("error", f"{type(e).__name__}: {e}"))
-        return
-    for i, req in enumerate(reqs):
-        if not told[i]:
+        return e
+    for req in reqs:
+        if not req.ended:
             if sched._stop:
-                told[i] = True
-                req.sink(("error", SHUTDOWN))
+                req.end(("error", SHUTDOWN))
             else:  # a row the decoder did not report (none expected)
-                finish(i)
+                finish(reqs.index(req))
+    return None
 
 
 class SeveralRunner:
@@ -178,6 +208,11 @@ class SeveralRunner:
         with self.cond:
             return sum(len(j[2]) for j in self.jobs)
 
+    def rows(self) -> int:
+        """Rows of the running call and of the calls waiting: they hold batch slots (max_batch)."""
+        with self.cond:
+            return sum(len(j[2]) for j in self.jobs) + len(self.running)
+
     def put(self, key: Hashable, name: str | None, reqs: list[Request]) -> None:
         with self.cond:
             if not self.stopping:
@@ -185,7 +220,7 @@ class SeveralRunner:
                 self.cond.notify()
                 return
         for r in reqs:  # admitted while the server stops
-            r.sink(("error", SHUTDOWN))
+            r.end(("error", SHUTDOWN))
 
     def start(self) -> None:
         self.stopping = False
@@ -219,11 +254,14 @@ class SeveralRunner:
                     run_several(self.sched, reqs, name)
             except Exception as e:  # run_several tells its requests of errors; this is a bug: fail them
                 for r in reqs:
-                    r.sink(("error", f"internal error: {type(e).__name__}: {e}"))
+                    self.sched._error(r, e)
             finally:
-                self.running = []
+                with self.cond:
+                    self.running = []
+                with self.sched.cond:  # its slots are free: the scheduler may admit again
+                    self.sched.cond.notify_all()
         with self.cond:
             jobs, self.jobs = self.jobs, []
         for _, _, reqs in jobs:
             for r in reqs:
-                r.sink(("error", SHUTDOWN))
+                r.end(("error", SHUTDOWN))

@@ -264,7 +264,8 @@ def test_bad_requests_then_a_good_one(server: Server, tmp_path: Path) -> None:
         ("completions", {**ok, "stream_options": {"include_usage": True}}, 400, "stream_options"),
         ("completions", {**ok, "logprobs": 99}, 400, "logprobs"),
         ("completions", {**ok, "echo": "yes"}, 400, "echo"),
-        ("completions", {**ok, "n": 3}, 400, "n"),
+        ("completions", {**ok, "n": 0}, 400, "n"),  # n is supported (test_serve_sampling.py); up to 16
+        ("completions", {**ok, "n": 17}, 400, "n"),
         ("chat/completions", {**chat_ok, "messages": []}, 400, "messages"),
         ("chat/completions", {**chat_ok, "messages": "hi"}, 400, "messages"),
         ("chat/completions", {**chat_ok, "messages": [{"role": "bot", "content": "x"}]}, 400, "messages[0].role"),
