@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from nestlm.train.checkpointer import read_metrics
+
 WALL_CLOCK = {"tokens_per_s", "time", "elapsed_s", "seconds"}
 
 
@@ -34,11 +36,11 @@ def compare(before: Path, after: Path) -> dict[str, float]:
     if [r["name"] for r in ra] != [r["name"] for r in rb]:
         raise SystemExit("compare_runs: the two runs evaluated different models")
     worst["eval.json"] = max(_rel(v, y[k]) for x, y in zip(ra, rb, strict=True) for k, v in _numeric(x).items())
-    ma = (before / "elastic" / "metrics.jsonl").read_text().splitlines()
-    mb = (after / "elastic" / "metrics.jsonl").read_text().splitlines()
+    ma = read_metrics(before / "elastic" / "metrics.jsonl")  # a line torn by a killed run is dropped, with a note
+    mb = read_metrics(after / "elastic" / "metrics.jsonl")
     if len(ma) != len(mb):
         raise SystemExit(f"compare_runs: {len(ma)} vs {len(mb)} metric rows")
-    pairs = [(json.loads(a), json.loads(b)) for a, b in zip(ma, mb, strict=True)]
+    pairs = list(zip(ma, mb, strict=True))
     worst["metrics.jsonl"] = max(_rel(v, y[k]) for x, y in pairs for k, v in _numeric(x).items())
     return worst
 

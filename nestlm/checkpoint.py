@@ -16,7 +16,7 @@ and ``source_dir``, and reads a directory into ``NestlmFiles``, which ``nestlm.l
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import hashlib
 import json
 import os
@@ -35,7 +35,8 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, ModelConfig
 from .elastic.arch import ArchSpec, count_parameters
 from .elastic.importance import Importance
-from .errors import CheckpointError, NestlmError, OutputError
+from .errors import CheckpointError, NestlmError
+from .outputs import io_error_line, writing  # noqa: F401  (io_error_line: re-exported)
 from .tokenizer import BYTE_TOKENIZER_FILE, HF_TOKENIZER_FILES
 
 FORMAT_VERSION = 1
@@ -124,53 +125,6 @@ def require_new_dir(
     return p
 
 
-def _cause(e: BaseException) -> tuple[str | None, str]:
-    """The file and the one-line cause of a failed write (OSError, safetensors' or a DCP wrapper's error)."""
-    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        return _cause(getattr(inner, "exc", inner))
-    if isinstance(e, OSError):
-        name = errno.errorcode.get(e.errno or 0, "")
-        return e.filename, f"{e.strerror or e}{f' ({name})' if name else ''}"
-    msg = str(e)
-    for code, name in errno.errorcode.items():  # safetensors' Rust IoError: "... code: 28, kind: StorageFull ..."
-        if f"code: {code}," in msg:
-            return None, f"{os.strerror(code)} ({name})"
-    return None, msg.splitlines()[0] if msg else type(e).__name__
-
-
-def _nearly_full(path: str | os.PathLike | None) -> bool:
-    """Whether the filesystem of ``path`` (or its nearest existing parent) has under 64 MiB free."""
-    p = Path(path or "/")
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return shutil.disk_usage(p).free < 64 << 20
-
-
-def io_error_line(e: BaseException, path: str | os.PathLike | None = None) -> str:
-    """The one line for a failed write: 'cannot write FILE: CAUSE'."""
-    f, cause = _cause(e)
-    if "(E" not in cause and _nearly_full(f or path):  # torch.save's writer reports a full disk as a bad position
-        cause = f"{os.strerror(errno.ENOSPC)} (ENOSPC; the writer said: {cause})"
-    return f"cannot write {f or path or 'the output'}: {cause}"
-
-
-@contextmanager
-def writing(path: str | os.PathLike) -> Iterator[None]:
-    """Turn a failed write under ``path`` (disk full, read-only, permission denied) into one OutputError line."""
-    try:
-        yield
-    except NestlmError:
-        raise
-    except (OSError, SafetensorError) as e:
-        raise OutputError(io_error_line(e, path)) from None
-    except BaseException as e:  # torch.distributed.checkpoint wraps a rank's error in a BaseException
-        if type(e).__name__ != "CheckpointException":
-            raise
-        raise OutputError(io_error_line(e, path)) from None
-
-
 def save_tensors(tensors: dict[str, torch.Tensor], file: str | os.PathLike, metadata: dict | None = None) -> None:
     """safetensors' save_file, a failed write being one OutputError line naming the file."""
     with writing(file):
@@ -202,6 +156,14 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+def _keep(src: Path, dst: Path) -> None:
+    """A second name for ``src`` (a copy where the filesystem has no hard links)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _default_permissions(root: Path) -> None:
@@ -372,23 +334,39 @@ def save_pretrained(
 def save_into(
     model: Any, path: str | os.PathLike, routers: dict[str, torch.Tensor] | None = None, tokenizer: Any = None
 ) -> None:
-    """Write the model files into an existing directory (a training run's), config.json last.
+    """Write the model files into an existing directory (a training run's), config.json last: a reader
+    that finds config.json finds a complete model (see atomic_files)."""
+    with atomic_files(path, ".final-tmp", last=CONFIG_FILE) as tmp:
+        _write_files(model, tmp, routers, tokenizer, None)
 
-    Each file is renamed into place from a temporary sibling directory, so a reader that
-    finds config.json finds a complete model.
-    """
+
+@contextmanager
+def atomic_files(path: str | os.PathLike, tmp_name: str, last: str | None = None) -> Iterator[Path]:
+    """Yield ``path/tmp_name``, a new temporary directory; if the block succeeds, each file written there is
+    renamed over its namesake in ``path`` (``last`` last), other files of ``path`` untouched. A failure in the
+    block or in a rename leaves the files of ``path`` as they were (those replaced are put back) and no
+    temporary directory: ``path`` holds the new files or the previous ones, never a mix."""
     path = Path(path)
-    tmp = path / ".final-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, done = path / tmp_name, []
     with writing(path):
         try:
-            tmp.mkdir(parents=True)
-            _write_files(model, tmp, routers, tokenizer, None)
+            shutil.rmtree(tmp, ignore_errors=True)  # a killed write's leftover
+            (tmp / ".old").mkdir(parents=True)
+            yield tmp
             _default_permissions(tmp)
-            names = sorted(p.name for p in tmp.iterdir())
-            names.remove(CONFIG_FILE)
-            for n in names + [CONFIG_FILE]:  # config.json last: a reader sees a complete model or none
+            for n in sorted((p.name for p in tmp.iterdir() if p.name != ".old"), key=lambda n: (n == last, n)):
+                if (path / n).is_file():  # keep the previous file, to put back on failure
+                    _keep(path / n, tmp / ".old" / n)
                 os.replace(tmp / n, path / n)
+                done.append(n)
+        except BaseException:
+            for n in reversed(done):  # best effort: the error reported is the first one
+                with contextlib.suppress(OSError):
+                    if (tmp / ".old" / n).is_file():
+                        os.replace(tmp / ".old" / n, path / n)
+                    else:
+                        (path / n).unlink()
+            raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

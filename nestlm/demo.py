@@ -110,14 +110,15 @@ def run_demo(
     _stage("5/5 report")
     notes = _verdicts(rows)
     timings["total"] = time.time() - t_start
-    paths = write_report(rows, out, extra={"timings_s": timings, "notes": notes}, title="nestlm demo")
+    timings_json = json.dumps(timings, indent=2) + "\n"  # the report's files appear together, or none do
+    extra = {"timings_s": timings, "notes": notes}
+    paths = write_report(rows, out, extra=extra, title="nestlm demo", files={"timings.json": timings_json})
     print_table(rows, title="nestlm demo: held-out quality per budget")
     for line in notes:
         print(line)
     print(f"\nreport: {paths['markdown']}\nplot:   {paths['plot']}\njson:   {paths['json']}")
     print(f"elastic checkpoint: {elastic_dir}   slices: {out / 'slices'}   baselines: {out / 'pruned'}")
     print(f"total time: {timings['total'] / 60:.1f} min")
-    (out / "timings.json").write_text(json.dumps(timings, indent=2) + "\n")
     return {"rows": rows, "paths": paths, "timings": timings}
 
 

@@ -194,7 +194,7 @@ def _warn_if_moved(name: str, argmax: ArchSpec, frozen: ArchSpec, cfg: ModelConf
         f"budget {name!r}: the routers' own choice ({a:,} parameters, {a / total:.1%}) is outside the "
         f"{e.tolerance:.0%} tolerance, so the budget is frozen to the most probable choice within it ({f:,}), "
         "another sub-network than the one the routers prefer and training seldom ran: expect it to score "
-        "poorly (elastic.json records own_choice: false). Raise elastic.budget_loss_weight or "
+        "poorly (its budget record says own_choice: false). Raise elastic.budget_loss_weight or "
         "elastic.tolerance, or try elastic.router: fixed",
         stacklevel=2,
     )

@@ -111,16 +111,25 @@ def write_report(
     out_dir: str | Path,
     extra: dict[str, Any] | None = None,
     title: str = "nestlm evaluation",
+    files: dict[str, str] | None = None,
 ) -> dict[str, Path]:
-    """eval.json, report.md and quality.png in out_dir; returns their paths."""
+    """eval.json, report.md and quality.png (and ``files``: more name -> text) in out_dir; returns their paths.
+
+    All or none: they are written into a temporary directory inside out_dir and renamed into place
+    together (``checkpoint.atomic_files``), so a failure halfway (the plot, a full disk) leaves a previous
+    report in out_dir whole and no temporary directory behind. Other files of out_dir are left alone."""
+    from ..checkpoint import atomic_files
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "eval.json", "markdown": out / "report.md", "plot": out / "quality.png"}
-    paths["json"].write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
-    md = [f"# {title}", "", markdown_table(rows), ""]
-    if extra and extra.get("notes"):
-        md += [str(n) for n in extra["notes"]] + [""]
-    md += ["![quality vs size](quality.png)", ""]
-    paths["markdown"].write_text("\n".join(md))
-    plot(rows, paths["plot"])
-    return paths
+    names = {"json": "eval.json", "markdown": "report.md", "plot": "quality.png"}
+    with atomic_files(out, ".report-tmp", last=names["json"]) as tmp:
+        (tmp / names["json"]).write_text(json.dumps({"rows": rows, **(extra or {})}, indent=2) + "\n")
+        md = [f"# {title}", "", markdown_table(rows), ""]
+        if extra and extra.get("notes"):
+            md += [str(n) for n in extra["notes"]] + [""]
+        md += ["![quality vs size](quality.png)", ""]
+        (tmp / names["markdown"]).write_text("\n".join(md))
+        plot(rows, tmp / names["plot"])
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    return {k: out / v for k, v in names.items()}

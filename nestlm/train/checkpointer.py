@@ -14,7 +14,7 @@ back to the one before when it is truncated or corrupt (moving the bad one to
 ``corrupt-step-N``). Checkpoints of the earlier single-file format (model.safetensors,
 optimizer.safetensors + optimizer.json) still resume. On resume, lines of metrics.jsonl
 logged after the restored step are dropped, so a resumed run's metrics read as if it had
-never stopped.
+never stopped; so is a line cut off mid-write (a killed run, a full disk), with one note.
 """
 
 from __future__ import annotations
@@ -261,13 +261,43 @@ class Checkpointer:
         return state
 
     def _trim_metrics(self, step: int) -> None:
-        """Drop metrics lines logged after the checkpoint we resume from."""
+        """Drop metrics lines logged after the checkpoint we resume from (and a torn last line)."""
         if not (self.dist.is_main and self.metrics.is_file()):
             return
-        keep = [ln for ln in self.metrics.read_text().splitlines() if json.loads(ln).get("step", 0) <= step]
+        keep = [ln for ln, rec in metric_lines(self.metrics) if rec.get("step", 0) <= step]
         tmp = self.metrics.with_name(".metrics.tmp")
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.metrics)
+
+
+def metric_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) of every JSON object line of a metrics.jsonl ([] when there is none).
+
+    The file is appended in place, so a run killed mid-write (or out of disk) leaves its last line cut
+    off: such a line, and any other that is not a JSON object, is dropped with one note on stderr."""
+    if not path.is_file():
+        return []
+    good, bad = [], []
+    lines = path.read_bytes().decode("utf-8", "replace").split("\n")
+    for i, ln in enumerate(lines, 1):
+        try:
+            rec = json.loads(ln) if ln.strip() else None
+        except ValueError:  # JSONDecodeError
+            rec = None
+        if isinstance(rec, dict):
+            good.append((ln, rec))
+        elif ln.strip():
+            bad.append(i)
+    if bad:
+        last = bad == [len(lines)]  # the last line (the file ends without its newline): torn by a stopped write
+        what = f"its last line (line {bad[0]}), cut off mid-write" if last else f"line(s) {bad} (not JSON records)"
+        print(f"nestlm: note: {path}: dropped {what}", file=sys.stderr, flush=True)
+    return good
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order (see metric_lines: a torn line is dropped)."""
+    return [rec for _, rec in metric_lines(Path(path))]
 
 
 def _restore_single_file(

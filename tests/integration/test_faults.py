@@ -6,6 +6,7 @@ Every run here is the tiny recipe on one thread (a few seconds of CPU each).
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -165,6 +166,58 @@ def test_no_good_checkpoint_refuses_naming_the_files(tmp_path: Path, capsys) -> 
     assert main(["train", "tiny", "--out", str(out), "--no-progress", *KEEP_ALL, "--resume"]) == 2
     err = capsys.readouterr().err
     assert "no good checkpoint" in err and "rng.safetensors" in err, err
+
+
+# ------------------------------------------------------------------ a torn metrics log
+def test_a_torn_metrics_line_does_not_stop_a_resume(solo_run: Path, tmp_path: Path) -> None:
+    """metrics.jsonl is appended in place: a run killed mid-write leaves half a line, which --resume drops
+    (one note on stderr) and then continues exactly as the uninterrupted run."""
+    out = tmp_path / "run"
+    _killed_after(out, 10)
+    f = out / "metrics.jsonl"
+    with open(f, "a") as fh:  # half of a record, as a write cut off by SIGKILL or a full disk leaves it
+        fh.write('{"budget": "75", "loss": 3.14159, "kd": 3.1')
+    cmd = [sys.executable, "-m", "nestlm", "train", "tiny", "--out", str(out), "--no-progress", *KEEP_ALL, "--resume"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    notes = [ln for ln in res.stderr.splitlines() if "metrics.jsonl" in ln]
+    assert len(notes) == 1 and "cut off mid-write" in notes[0] and notes[0].startswith("nestlm: note:"), res.stderr
+    rows = losses(out)
+    assert [r["step"] for r in rows] == list(range(1, len(losses(solo_run)) + 1))
+    assert max_diff(solo_run, out) == 0.0  # every per-step loss equal to the uninterrupted run's
+    assert f.read_text().endswith("}\n") and "3.14159" not in f.read_text()
+
+
+def test_every_metrics_reader_drops_a_torn_line(tmp_path: Path, capsys) -> None:
+    from nestlm.train.checkpointer import metric_lines, read_metrics
+
+    f = tmp_path / "metrics.jsonl"
+    assert read_metrics(f) == [] and capsys.readouterr().err == ""  # no file yet: no records, no note
+    good = [{"step": 1, "loss": 2.5}, {"step": 1, "stage": "short", "val": {"full": 2.4}}]
+    text = "".join(json.dumps(r) + "\n" for r in good)
+    f.write_text(text)
+    assert read_metrics(f) == good and capsys.readouterr().err == ""
+    f.write_text(text + json.dumps({"step": 2, "loss": 2.0}))  # complete, only the newline missing: kept
+    assert read_metrics(f)[-1] == {"step": 2, "loss": 2.0} and capsys.readouterr().err == ""
+    for torn in ('{"step": 2, "lo', "\x00" * 40, '{"step": 2, "loss": 2.0, "budget": "f\xc3'):
+        f.write_bytes(text.encode() + torn.encode("latin-1"))  # cut mid-record, a zero-filled tail, mid-UTF-8
+        assert read_metrics(f) == good
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "line 3" in err[0] and "cut off mid-write" in err[0], err
+    f.write_text(text[:10] + "\n" + text)  # damage inside the file: dropped too, and named
+    assert [r for _, r in metric_lines(f)] == good
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "[1]" in err[0], err
+    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_runs.py"  # a reader outside nestlm/
+    spec = importlib.util.spec_from_file_location("compare_runs", bench)
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    for d in ("a", "b"):
+        (tmp_path / d / "elastic").mkdir(parents=True)
+        (tmp_path / d / "eval.json").write_text(json.dumps({"rows": [{"name": "full", "ppl": 3.0}]}))
+        (tmp_path / d / "elastic" / "metrics.jsonl").write_text(text + ('{"step": 2, "l' if d == "b" else ""))
+    assert compare_runs.compare(tmp_path / "a", tmp_path / "b") == {"eval.json": 0.0, "metrics.jsonl": 0.0}
 
 
 # ------------------------------------------------------------------ I/O faults

@@ -52,6 +52,16 @@ def test_moe_parent_end_to_end(tmp_path: Path) -> None:
     assert main(["slice", "--model", str(run), "--budget", "small", "--out", str(out), "--format", "hf"]) == 0
     small = NemotronHForCausalLM.from_pretrained(out).eval()
     assert sum(p.numel() for p in small.parameters()) == budget.params
+    # the active count (computed at freezing, written to elastic.json, read back above) against one counted here
+    # on the exported model: every parameter but those of the routed experts a token is not sent to
+    idle, k = 0, small.config.num_experts_per_tok
+    for block in (b for b in small.model.layers if b.block_type == "moe"):
+        experts = list(block.mixer.experts.parameters())  # (experts, ...) tensors, one row per routed expert
+        n_experts = experts[0].shape[0]
+        assert n_experts > k and all(w.shape[0] == n_experts for w in experts)
+        idle += (n_experts - k) * sum(w[0].numel() for w in experts)
+    active = sum(p.numel() for p in small.parameters()) - idle
+    assert budget.active_params == saved["small"]["active_params"] == active, (budget.active_params, active)
     ids = torch.randint(3, 97, (2, 32), generator=g)
     with torch.no_grad():
         diff = (small(ids, use_cache=False).logits - model(ids, budget="small").logits).abs().max().item()

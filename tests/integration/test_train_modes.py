@@ -70,12 +70,35 @@ def held_out() -> torch.Tensor:
     return tokens[-64 * 8 :].view(8, 64)
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path) -> None:
+def block_forwards(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every block forward from now on (a one-element list)."""
+    from nestlm.model import Block
+
+    count, real = [0], Block.forward
+
+    def forward(self, *a, **k):
+        count[0] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Block, "forward", forward)
+    return count
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
+    plain = block_forwards(monkeypatch)
     train(load_recipe("tiny", FAST), a, progress=False)
+    monkeypatch.undo()
+    ckpt = block_forwards(monkeypatch)
     train(load_recipe("tiny", FAST + ["train.activation_checkpointing=true"]), b, progress=False)
     la, lb = [x["loss"] for x in rows(a)], [x["loss"] for x in rows(b)]
     assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-5
+    # the recomputation really happens: the backward reruns every block of the student's training forward,
+    # once per step (12 steps of one micro-batch; no depth axis: every budget runs all blocks), and nothing else
+    # (not the teacher's forwards, nor importance's or validation's: those keep no graph)
+    n_layers = len(nestlm.load(a).config.layers)
+    print(f"block forwards: {plain[0]} plain, {ckpt[0]} checkpointed ({n_layers} blocks)")
+    assert ckpt[0] - plain[0] == 12 * n_layers, (plain, ckpt)
 
 
 def test_plain_mode_lowers_cross_entropy(tmp_path: Path) -> None:

@@ -207,10 +207,19 @@ def test_causal_conv_matches_conv1d_with_history() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_state", [False, True])
-def test_cuda_fast_path_equals_reference(with_state: bool) -> None:
-    """ssd_scan on CUDA (mamba_ssm's kernel when installed, head order permuted) against ssd_scan_ref."""
+def test_cuda_fast_path_equals_reference(with_state: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ssd_scan on CUDA (mamba_ssm's kernel, head order permuted) against ssd_scan_ref; the kernel really ran."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
+    if ssd._mamba_chunk_scan is None:  # ssd_scan would be the reference itself: nothing to compare
+        pytest.skip("mamba_ssm is not installed (pip install nestlm[gpu])")
+    calls, kernel = [], ssd._mamba_chunk_scan
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return kernel(*a, **k)
+
+    monkeypatch.setattr(ssd, "_mamba_chunk_scan", spy)
     x, dt, A, B, C, D = (t.cuda() for t in inputs(300, H=8, G=2, P=16, N=16))
     h0 = torch.randn(2, 8, 16, 16, device="cuda") if with_state else None
     y, h = ssd.ssd_scan(x, dt, A, B, C, chunk_size=64, D=D, initial_state=h0)
@@ -221,3 +230,4 @@ def test_cuda_fast_path_equals_reference(with_state: bool) -> None:
     yn, hn = naive(xs, dts, A.cpu(), Bs, Cs, D.cpu(), None if h0 is None else h0.cpu())
     y37, h37 = ssd.ssd_scan(x[:, :37], dt[:, :37], A, B[:, :37], C[:, :37], chunk_size=16, D=D, initial_state=h0)
     assert maxdiff(y37.cpu(), yn) < 1e-3 and maxdiff(h37.cpu(), hn) < 1e-3
+    assert calls == [x.shape, x[:, :37].shape]  # both ssd_scan calls ran the kernel, not a fallback
