@@ -21,6 +21,7 @@ demo's recipe: short problems, T1 = steps x batch x 320 tokens, from the same ra
   elastic, soft, one-shot init   the same, routers fitted first to prefer the one-shot choice
   elastic, soft, hetero          the same, heterogeneous (per-layer) routers
   elastic, soft, router lr 10x   the same, routers at a tenth of their learning rate (they commit later)
+  elastic, soft, search init     the same, routers started at the grid choice of least one-shot KD loss
 
 --seed S sets the training seed (train.seed; the data and the held-out problems stay the same) and
 names every method "METHOD sS"; run one process per seed (and per core) and --merge them: the seeds
@@ -82,6 +83,7 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "elastic, soft, one-shot init": _changed(soft, elastic__router_init="one-shot"),
         "elastic, soft, hetero": _changed(soft, elastic__heterogeneous=True),
         "elastic, soft, router lr 10x": _changed(soft, elastic__router_lr_mult=10.0),  # commit later
+        "elastic, soft, search init": _changed(soft, elastic__router_init="search"),
         "elastic, fixed": _changed(base, elastic__router="fixed"),
         "elastic, 3 T1": longer,
         "elastic, lr 5e-4": _changed(base, train__lr=5e-4),
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     order = ["elastic", "prune+KD", "elastic, fixed", "prune+KD, T1/3", "elastic, 3 T1", "elastic, lr 5e-4"]
     order += ["elastic, router lr 10x", "elastic, fixed, 3 T1", "elastic, one-shot init"]
     order += ["elastic, soft", "elastic, soft, one-shot init", "elastic, soft, hetero", "elastic, soft, router lr 10x"]
+    order += ["elastic, soft, search init"]
     for method in order:
         if (wanted and method not in wanted) or method + sfx in res["runs"]:
             continue
@@ -253,6 +256,48 @@ def kd_at_archs(ranked: Path, runs: dict[str, Path], n: int = 64) -> list[dict[s
     return out
 
 
+def _seed_of(method: str) -> tuple[str, int]:
+    """("elastic, soft s2") -> ("elastic, soft", 2); no suffix is seed 0."""
+    head, _, tail = method.rpartition(" s")
+    return (head, int(tail)) if head and tail.isdigit() else (method, 0)
+
+
+def seeds_table(res: dict[str, Any]) -> list[str]:
+    """Each learned-router setting against ``elastic, fixed`` of the same training seed, per small budget
+    (the *better* rule), with whether freezing kept the routers' own choice; empty without seeds."""
+    from nestlm.eval.stats import better
+
+    m = res["models"]
+    by: dict[str, dict[int, str]] = {}
+    for method in res["runs"]:
+        base, seed = _seed_of(method)
+        by.setdefault(base, {})[seed] = method
+    fixed = by.get("elastic, fixed", {})
+    if len(fixed) < 2:
+        return []
+    L = ["Training seeds (`--seed`): each setting against `elastic, fixed` of the same seed, paired [95% bootstrap],"]
+    L[-1] += " verdict by the *better* rule; 'own' = frozen to the routers' own choice."
+    L += ["", "| setting | seed | " + " | ".join(f"{b}: acc, vs fixed, own" for b in SMALL) + " |"]
+    L.append("|---|---|" + "---|" * len(SMALL))
+    for base, seeds in sorted(by.items()):
+        if base == "elastic, fixed" or not set(seeds) & set(fixed):
+            continue
+        for seed in sorted(seeds):
+            meth, cells = seeds[seed], []
+            for b in SMALL:
+                a, f = m.get(f"{meth}/{b}"), m.get(f"{fixed.get(seed)}/{b}")
+                if a is None or f is None:
+                    cells.append("-")
+                    continue
+                d = study.compare(a["short"], f["short"])
+                own = res["runs"][meth].get("own_choice", {}).get(b)
+                acc = 100 * sum(a["short"]) / len(a["short"])
+                cells.append(f"{acc:.1f}, {study._diff(d)} {better(d['lo'], d['hi'])}, {own}")
+            L.append(f"| {base} | {seed} | " + " | ".join(cells) + " |")
+    L.append("")
+    return L
+
+
 def write_report(out: Path, res: dict[str, Any], n: int) -> str:
     m = res["models"]
     refs = {
@@ -285,6 +330,7 @@ def write_report(out: Path, res: dict[str, Any], n: int) -> str:
         acc = study._cell(study.acc_cell(s["short"]))
         L.append(f"| {method} | {tok_s} | {b} | {s['params']:,} | {s['arch']} | {acc} | {' | '.join(cells)} |")
     L.append("")
+    L += seeds_table(res)
     if res.get("kd"):
         names = [k for k in res["kd"][0] if k not in ("arch of", "budget", "params")]
         L += ["KL(parent || model) per solution token (64 held-out problems) at each run's frozen architecture:", ""]

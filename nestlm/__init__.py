@@ -9,6 +9,7 @@ from .errors import CheckpointError, NestlmError, UnknownBudgetError
 from .interop.formats import export_hf
 from .loading import load
 from .model import HybridLM, ModelOutput
+from .tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,6 @@ __all__ = [
     "compile_model",
     "export_hf",
     "load",
+    "load_tokenizer",
     "save_pretrained",
 ]

@@ -14,9 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import ELASTIC_FILE, IMPORTANCE_FILE, require_new_dir
-from .cli_common import MODEL_DIR_HELP, _check_out, _tokens_for
-from .cli_use import _add_demo, _add_eval, _add_generate, _add_harness, _add_serve
+from .cli_common import MODEL_DIR_HELP, NO_PROGRESS_HELP, Parser, _check_out, _tokens_for
+from .cli_generate import _add_generate
+from .cli_use import _add_demo, _add_eval, _add_harness, _add_serve
 from .errors import NestlmError
+from .progress import show_progress
+
+PLAN_DOES_NOT_FIT = 3  # `train --dry-run`: exit status when a stage does not fit in --gpu-memory
+FORMAT_HELP = "nestlm: safetensors + JSON as nestlm writes them; hf: a Hugging Face directory"
 
 
 def cmd_importance(args: argparse.Namespace) -> int:
@@ -33,7 +38,9 @@ def cmd_importance(args: argparse.Namespace) -> int:
     n = sum(b.shape[0] for b in batches)
     print(f"importance: {n} calibration sequences of {args.seq_len} tokens from {args.data}")
     print(f"importance: on {device}")
-    imp = estimate_importance(model, batches, depth=not args.no_depth, depth_batches=args.depth_batches)
+    imp = estimate_importance(
+        model, batches, depth=not args.no_depth, depth_batches=args.depth_batches, progress=not args.no_progress
+    )
     reorder(model.cpu(), imp)
     save_pretrained(model, args.out)
     print(f"reordered checkpoint + {IMPORTANCE_FILE} written to {args.out}")
@@ -46,13 +53,14 @@ def _add_importance(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help=MODEL_DIR_HELP)
     p.add_argument("--data", required=True, help="text file, directory, .jsonl (text or input_ids), .parquet, stdlib")
     p.add_argument("--out", required=True, help=f"new directory for the reordered checkpoint + {IMPORTANCE_FILE}")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
     p.add_argument("--num-samples", type=int, default=1024, help="calibration sequences (the paper uses 1024)")
     p.add_argument("--depth-batches", type=int, default=4, help="batches used for the iterative depth ranking")
     p.add_argument("--no-depth", action="store_true", help="skip the depth ranking")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: CUDA when present")
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this much text")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_importance)
 
 
@@ -85,9 +93,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--budget",
         required=True,
-        help="0.5 (fraction), 6e9 (parameters), active=2e9 or 23e9,active=2.8e9 (MoE), 12GB (memory)",
+        help="0.5 (fraction), 6e9 or 6b (parameters), active=2e9 or 23e9,active=2.8e9 (MoE), 12GB (memory)",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="new directory for the pruned model")
     p.add_argument("--tolerance", type=float, default=0.02, help="largest relative miss of the budget (default 0.02)")
     p.add_argument(
         "--width-multiple",
@@ -95,7 +103,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         default=8,
         help="channel widths (hidden, MLP, experts) as multiples of this, as kernels take them (default 8; 1: any)",
     )
-    p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
+    p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm", help=FORMAT_HELP)
     p.set_defaults(func=cmd_prune)
 
 
@@ -125,8 +133,8 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("slice", help="cut one budget out of an elastic checkpoint as a standalone model")
     p.add_argument("--model", required=True, help="elastic checkpoint directory")
     p.add_argument("--budget", required=True, help=f"budget name (see {ELASTIC_FILE})")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm")
+    p.add_argument("--out", required=True, help="new directory for the standalone model")
+    p.add_argument("--format", choices=["nestlm", "hf"], default="nestlm", help=FORMAT_HELP)
     p.set_defaults(func=cmd_slice)
 
 
@@ -139,15 +147,28 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.dry_run:  # the memory plan only: nothing is allocated, loaded or written
-        from .train.plan import format_plan
+        from .train.plan import RESERVE_GIB, format_plan
 
         if args.world_size is not None and args.world_size < 1:
             raise NestlmError(f"--world-size must be >= 1, got {args.world_size}")
-        print(format_plan(recipe, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        if not RESERVE_GIB < args.gpu_memory < float("inf"):
+            raise NestlmError(
+                f"--gpu-memory {args.gpu_memory} is out of range: give GiB > {RESERVE_GIB} (the plan keeps that spare)"
+            )
+        world, unfit = args.world_size or int(os.environ.get("WORLD_SIZE", "1")), []
+        print(format_plan(recipe, world, gpu_gib=args.gpu_memory, unfit=unfit))
+        if unfit:
+            stages = ", ".join(unfit)
+            print(
+                f"nestlm: stage {stages} does not fit in {args.gpu_memory:g} GiB per GPU at world size {world} "
+                f"(exit status {PLAN_DOES_NOT_FIT}; see the plan above)",
+                file=sys.stderr,
+            )
+            return PLAN_DOES_NOT_FIT
         return 0
     if args.out is None:
         raise NestlmError("nestlm train needs --out DIR (only --dry-run runs without one)")
-    out = train(recipe, args.out, resume=args.resume, progress=not args.no_progress)
+    out = train(recipe, args.out, resume=args.resume, progress=show_progress(not args.no_progress))
     for name, b in read_budgets(out).items():  # the frozen budgets, one line each
         desc = b.arch.describe()
         print(f"  budget {name:>6}: {b.params:,} params ({b.fraction:.1%}; target {b.target})  {desc}")
@@ -164,34 +185,56 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 stages.0.steps=5")
     p.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl, final model)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the per-rank memory plan of every stage (built on the meta device) and exit; needs no --out",
+        help="print the per-rank memory plan of every stage (built on the meta device) and exit; needs no --out. "
+        f"Exit status 0 when every stage fits in --gpu-memory, {PLAN_DOES_NOT_FIT} when one does not",
     )
     p.add_argument(
         "--world-size", type=int, default=None, help="ranks the --dry-run plans for (default: $WORLD_SIZE or 1)"
+    )
+    p.add_argument(
+        "--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory of one GPU the --dry-run plans for (GiB)"
     )
     p.set_defaults(func=cmd_train)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from .tokenizer import ByteTokenizer, load_tokenizer
+    from .train.chat import ChatFormat
     from .train.shards import prepare
 
     tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer)
     require_new_dir(args.out, "--out")
-    meta = prepare(args.inputs, args.out, tok, args.tokenizer, args.max_bytes, args.num_problems, args.seed)
+    chat = ChatFormat(args.tokenizer, args.chat_template)
+    meta = prepare(
+        args.inputs, args.out, tok, args.tokenizer, args.max_bytes, args.num_problems, args.seed, args.loss, chat
+    )
+    spans = f", {meta['spans']:,} trained spans" if meta.get("spans") else ""
     print(
-        f"prepared {args.out}: {meta['tokens']:,} tokens ({meta['dtype']}) in {meta['documents']:,} documents "
+        f"prepared {args.out}: {meta['tokens']:,} tokens ({meta['dtype']}) in {meta['documents']:,} documents{spans} "
         f"from {', '.join(meta['sources'])}; train on it with data.train={args.out}"
     )
     return 0
 
 
+def cmd_data_show(args: argparse.Namespace) -> int:
+    from .tokenizer import ByteTokenizer, load_tokenizer
+    from .train.show import show
+
+    tok = ByteTokenizer() if args.tokenizer == "bytes" else load_tokenizer(args.tokenizer)
+    pad = getattr(tok, "pad_token_id", None) or 0
+    for line in show(args.source, tok, args.tokenizer, args.rows, args.loss, args.chat_template, args.seq_len, pad):
+        print(line)
+    return 0
+
+
 def _add_data(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="data tools: `data prepare` tokenizes once into memory-mapped token shards")
+    p = sub.add_parser(
+        "data", help="data tools: `data prepare` tokenizes once into memory-mapped token shards, `data show` marks"
+    )
     dsub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     q = dsub.add_parser("prepare", help="tokenize sources once into a memory-mapped token shard directory")
     q.add_argument(
@@ -202,7 +245,22 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-bytes", type=int, default=None, help="cap on the text read per source")
     q.add_argument("--num-problems", type=int, default=20000, help="problems per reasoning:* source")
     q.add_argument("--seed", type=int, default=0, help="seed of the reasoning:* problems (as data.seed)")
+    q.add_argument("--chat-template", default=None, help="Jinja file rendering conversations (as data.chat_template)")
+    q.add_argument(
+        "--loss",
+        choices=("completion", "last_turn", "all"),
+        default="completion",
+        help="trained spans kept of conversations and prompt/completion records (completion: every assistant turn)",
+    )
     q.set_defaults(func=cmd_data_prepare)
+    s = dsub.add_parser("show", help="rows as text with the trained spans marked, and the trained/ignored counts")
+    s.add_argument("source", help="a source as data.train takes it, or a directory from `data prepare`")
+    s.add_argument("--tokenizer", required=True, help="'bytes', or a model directory holding tokenizer.json")
+    s.add_argument("--rows", type=int, default=3, help="rows to print (default 3)")
+    s.add_argument("--loss", choices=("completion", "last_turn", "all"), default=None, help="as data.loss")
+    s.add_argument("--chat-template", default=None, help="Jinja file rendering conversations (as data.chat_template)")
+    s.add_argument("--seq-len", type=int, default=None, help="show rows packed as packing: rows packs them")
+    s.set_defaults(func=cmd_data_show)
 
 
 def cmd_export_checkpoint(args: argparse.Namespace) -> int:
@@ -221,12 +279,41 @@ def _add_export_checkpoint(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_export_checkpoint)
 
 
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    import torch
+
+    from .interop.family import SHARD_BYTES, export_family, parse_size
+    from .loading import load
+
+    _check_out(args.out)
+    shard = SHARD_BYTES if args.max_shard_size is None else parse_size(args.max_shard_size, "--max-shard-size")
+    model = load(args.model)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    export_family(model, args.out, max_shard_bytes=shard, dtype=dtype)
+    for name, b in model.elastic.items():
+        print(f"  budget {name:>6}: {b.params:,} params, {b.active_params or b.params:,} active  {b.arch.describe()}")
+    print(f"{args.model} -> {args.out}: one Hugging Face directory, {len(model.elastic)} budgets (trust_remote_code)")
+    return 0
+
+
+def _add_export_hf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-hf", help="the whole elastic family as ONE Hugging Face directory (trust_remote_code, budget=)"
+    )
+    p.add_argument("--model", required=True, help="elastic checkpoint directory (frozen budgets)")
+    p.add_argument("--out", required=True, help="new directory for the Hugging Face family")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None, help="default: as stored")
+    p.add_argument("--max-shard-size", default=None, help="largest weight file, e.g. 5GB (default), 500MB")
+    p.set_defaults(func=cmd_export_hf)
+
+
 # subcommand -> function that adds its parser; each parser sets func=...
 COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
     "importance": _add_importance,
     "prune": _add_prune,
     "train": _add_train,
     "export-checkpoint": _add_export_checkpoint,
+    "export-hf": _add_export_hf,
     "slice": _add_slice,
     "eval": _add_eval,
     "generate": _add_generate,
@@ -237,13 +324,23 @@ COMMANDS: dict[str, Callable[[argparse._SubParsersAction], None]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nestlm")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(  # every subcommand's --help shows the defaults (cli_common.DefaultsFormatter)
         prog="nestlm",
         description=(
             "Train one hybrid Mamba-Attention LM with smaller models nested inside it; slice or serve any of them."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"nestlm {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS.values():
         add(sub)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from typing import Any
 
 from .checkpoint import require_new_dir
 from .errors import NestlmError
 
 COMPILE_HELP = "torch.compile every block first (slower start, faster tokens; needs a C++ compiler on CPU)"
+NO_PROGRESS_HELP = "no progress bars (they are drawn only when stderr is a terminal anyway)"
 MODEL_DIR_HELP = "nestlm or Hugging Face (NemotronH, llama, mistral, qwen2, qwen3) model directory"
 
 
@@ -39,3 +42,27 @@ def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
 
 def _check_out(out: str) -> None:
     require_new_dir(out, "--out")
+
+
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default: ``(default: X)`` appended unless the help already says it.
+
+    Nothing is appended for a default of None (the help says what then happens), for flags (False),
+    or for an empty list."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if d is None or d is False or d == [] or d is argparse.SUPPRESS or "%(default)" in text:
+            return text
+        if re.search(r"default[:=]?\s+" + re.escape(str(d)) + r"(?!\w)", text):  # "(default 64)" already written
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose help shows defaults; its subcommands' parsers are of this class too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsFormatter)
+        super().__init__(*args, **kwargs)

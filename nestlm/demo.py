@@ -20,6 +20,7 @@ from .elastic.arch import Target, closest_homogeneous, count_parameters
 from .elastic.importance import calibration_batches, estimate_importance, reorder
 from .errors import NestlmError
 from .loading import load
+from .progress import show_progress
 
 PARENT_DIR = Path(__file__).resolve().parent / "assets" / "parent"
 
@@ -71,7 +72,7 @@ def run_demo(
     t = time.time()
     recipe.model.path = str(ranked)
     elastic_dir = out / "elastic"
-    train(recipe, elastic_dir, progress=progress)
+    train(recipe, elastic_dir, progress=show_progress(progress))  # the trainer's bar: on a terminal only
     timings["train"] = time.time() - t
 
     # 3. slices of every frozen budget

@@ -22,7 +22,11 @@ importance estimation reads named activations, router training replaces them wit
 masks and multiplies block outputs by straight-through gates. A Tap is passed down to
 the blocks explicitly rather than installed as forward hooks or a wrapper (DESIGN.md rules
 both out): the path is visible in the code, costs nothing when ``tap`` is None (inference),
-and keeps inference's forward signature free of training arguments.
+and keeps inference's forward signature free of training arguments. Context parallelism reaches in
+the same way: ``forward(part, context=...)`` runs one contiguous part of every sequence, and the
+Mamba and attention mixers ask the ``SequencePart`` (cache.py) for what the earlier parts hold (the
+conv's last inputs, the SSM state, keys and values), as a decode asks its cache; the communication
+lives in train/context_parallel.py, never here.
 
 Imports run one way: this file imports config, cache, ssd and the index helpers only; the
 thin conveniences at the bottom (generate, save_pretrained, slice) call modules that never
@@ -42,8 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.nn.attention.bias import causal_lower_right
 
-from .cache import AttentionState, InferenceCache, MambaState
+from .cache import AttentionState, InferenceCache, MambaState, SequencePart
 from .config import LayerSpec, ModelConfig
 from .elastic.index import expert_index, head_channels, query_channels
 from .errors import UnknownBudgetError
@@ -166,7 +171,10 @@ class Mamba2Mixer(nn.Module):
         decode: bool = False,
         probe: Probe | None = None,
         keep_steps: bool = False,
+        seq_idx: torch.Tensor | None = None,
+        context: SequencePart | None = None,
     ) -> tuple[torch.Tensor, MambaState | None]:
+        # seq_idx (B, L): packed documents; the conv and the SSM state restart from zero at each one
         Bsz, L, D = u.shape  # (B, L, hidden)
         H = self.H if active is None else active.heads
         P = self.P if active is None else active.head_dim
@@ -210,7 +218,9 @@ class Mamba2Mixer(nn.Module):
             w_conv = cw.index_select(0, idx.to(cw.device))
             b_conv = None if cb is None else cb.index_select(0, idx.to(cw.device))
         history = state.conv if state is not None else None
-        xbc = causal_conv1d(xbc_in, w_conv, b_conv, history)  # (B, HP + d_bc, L)
+        if context is not None:  # context parallelism: the previous part's last K-1 inputs
+            history = context.conv_history(xbc_in, self.K - 1, seq_idx)
+        xbc = causal_conv1d(xbc_in, w_conv, b_conv, history, seq_idx)  # (B, HP + d_bc, L)
         new_conv = None
         if state is not None or decode:
             full = (
@@ -250,7 +260,10 @@ class Mamba2Mixer(nn.Module):
                 self.chunk_size,
                 Dskip,
                 None if state is None else state.ssm,
+                seq_idx,
             )
+            if context is not None:  # context parallelism: the scan ran from zero; add the earlier parts' state
+                y = context.add_initial_state(y, ssm, dt, A, Cm.view(Bsz, L, G, N), seq_idx)
             y = y.reshape(Bsz, L, HP)
         head_mask = None
         if probe is not None:  # soft router masks on the heads (B and C are shared per group, never masked)
@@ -334,6 +347,7 @@ class Attention(nn.Module):
         make_state: bool = False,
         capacity: int = 0,
         probe: Probe | None = None,
+        context: SequencePart | None = None,
     ) -> tuple[torch.Tensor, AttentionState | None]:
         Bsz, L, D = u.shape
         nq = self.nq if active is None else active.heads
@@ -353,6 +367,8 @@ class Attention(nn.Module):
         if self.rope_theta is not None:
             cos, sin = rope_cos_sin(positions, hd, self.rope_theta, self.rope_scaling)
             q, k = rope(q, cos, sin), rope(k, cos, sin)
+        if context is not None:  # context parallelism: the keys and values of the earlier parts come first
+            k, v = context.keys_values(k, v)
         if state is None and make_state:
             shape = (Bsz, nkv, max(capacity, L), hd)
             state = AttentionState(k.new_zeros(shape), v.new_zeros(shape))
@@ -363,6 +379,8 @@ class Attention(nn.Module):
             v = v.repeat(1, nq // nkv, 1, 1)
         # a branch, not bool(...): under torch.compile with symbolic sizes bool() would stay a SymBool
         is_causal = True if attn_mask is None and L > 1 and k.shape[2] == L else False
+        if type(attn_mask) is torch.Tensor and attn_mask.is_floating_point() and attn_mask.dtype != q.dtype:
+            attn_mask = attn_mask.to(q.dtype)  # an additive mask made in another dtype (autocast)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(Bsz, L, nq * hd)  # (B, L, nq*hd)
         if probe is not None:
@@ -594,7 +612,16 @@ class Block(nn.Module):
             x = probe("norm", x)
         if self.kind == "mamba":
             out, state = self.mixer(
-                x, active, ctx.hidden, state, ctx.pad_mask, decode=ctx.use_cache, probe=probe, keep_steps=ctx.keep_steps
+                x,
+                active,
+                ctx.hidden,
+                state,
+                ctx.pad_mask,
+                decode=ctx.use_cache,
+                probe=probe,
+                keep_steps=ctx.keep_steps,
+                seq_idx=ctx.seq_idx,
+                context=ctx.context,
             )
         elif self.kind == "attention":
             out, state = self.mixer(
@@ -607,6 +634,7 @@ class Block(nn.Module):
                 make_state=ctx.use_cache,
                 capacity=ctx.capacity,
                 probe=probe,
+                context=ctx.context,
             )
         else:
             out = self.mixer(x, active, probe=probe)
@@ -630,6 +658,32 @@ class _StepContext:
     tap: Tap | None = None
     hidden_mask: torch.Tensor | None = None  # (hidden,) soft router mask of the hidden channels
     keep_steps: bool = False  # Mamba layers keep their state after every token (speculative verify)
+    seq_idx: torch.Tensor | None = None  # (B, L) packed documents: 0, 1, 2, ... one id per document
+    context: SequencePart | None = None  # context parallelism: the earlier parts of every sequence
+
+
+def _documents(
+    input_ids: torch.Tensor, segment_ids: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Any
+) -> torch.Tensor | None:
+    """Packed documents as run ids (B, L): 0 for the first run of equal segment ids, 1 for the next...
+
+    Without segment_ids, position ids that restart at 0 mark the starts (transformers' padding-free
+    collator). None when neither is given."""
+    if segment_ids is None and position_ids is None:
+        return None
+    if cache is not None:
+        raise ValueError(
+            "segment_ids / position_ids (packed documents) run without a cache: cached decoding continues one "
+            "document per row; give each document its own row (left padding and attention_mask)"
+        )
+    given = segment_ids if segment_ids is not None else position_ids
+    if given.shape != input_ids.shape:
+        name = "segment_ids" if segment_ids is not None else "position_ids"
+        raise ValueError(
+            f"{name} has shape {tuple(given.shape)}, input_ids {tuple(input_ids.shape)}: give one per token"
+        )
+    starts = given[:, 1:] != given[:, :-1] if segment_ids is not None else position_ids[:, 1:] == 0  # (B, L-1)
+    return F.pad(starts.long().cumsum(-1), (1, 0))  # (B, L)
 
 
 class HybridLM(nn.Module):
@@ -703,6 +757,8 @@ class HybridLM(nn.Module):
 
     def budget(self, name: str) -> Budget:
         """The frozen Budget record (target, ArchSpec, exact parameter count) of budget ``name``."""
+        if isinstance(name, int) and not isinstance(name, bool):  # budget=50 for the budget named "50"
+            name = str(name)
         if name not in self.elastic:
             known = ", ".join(self.budgets) or "none: this is not an elastic checkpoint"
             raise UnknownBudgetError(f"unknown budget {name!r}; known budgets: {known}")
@@ -738,22 +794,42 @@ class HybridLM(nn.Module):
         return_hidden: bool = False,
         tap: Tap | None = None,
         head: bool = True,
+        segment_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        context: SequencePart | None = None,
     ) -> ModelOutput:
         """Logits for ``input_ids`` (B, L).
 
         cache: an InferenceCache to read and extend (prefill when empty, then decode).
         attention_mask: (B, L) or (B, cached + L), 1 for real tokens, 0 for left padding.
+        segment_ids: (B, L) ints, equal within a document and increasing along a row (packed documents):
+            attention stays within a document, the Mamba conv and state restart at each, RoPE positions
+            too; each document's logits are those it has alone. Without a cache only.
+        position_ids: (B, L) RoPE positions; alone, transformers' padding-free convention: a 0 starts a
+            document (as segment_ids would).
         num_logits: compute logits only for the last ``num_logits`` positions.
         tap: training only (importance scores, router masks and gates); see ``Tap``.
         head: False skips the lm_head: logits is None and hidden_states holds the final normed hidden
             states (B, L, hidden) for losses that apply the head in chunks (train/losses.py).
+        context: training only: ``input_ids`` are one contiguous part of every sequence, and the earlier
+            parts come through this ``SequencePart`` (context parallelism, train/context_parallel.py).
         """
+        if context is not None and (cache is not None or attention_mask is not None):
+            raise ValueError("context= (a part of every sequence, in training) takes no cache and no attention_mask")
         spec = self.resolve_arch(arch, budget)
         cfg = self.config
         Bsz, L = input_ids.shape
         hidden = cfg.hidden_size if spec is None else spec.hidden
         actives = [None] * cfg.n_layers if spec is None else spec.layers
         offset = cache.offset if cache is not None else 0
+        if context is not None:  # the part's place in its sequence: positions and the causal offset of attention
+            offset = context.offset(L)
+        seq = _documents(input_ids, segment_ids, position_ids, cache)  # (B, L) 0, 1, 2, ... or None
+        seq_keys = seq  # the documents of the keys attention reads (B, T)
+        if context is not None and seq is not None:  # a part: number the documents from the sequence's start
+            given = context.prefix(segment_ids if segment_ids is not None else position_ids)  # (B, offset + L)
+            seq_keys = _documents(given, *((given, None) if segment_ids is not None else (None, given)), None)
+            seq = seq_keys[:, -L:]
 
         # Padding: a (B, L) bool of real tokens, and the key mask over everything seen.
         pad_mask = None
@@ -783,14 +859,34 @@ class HybridLM(nn.Module):
                 # a padded query sees only itself, so it stays finite (its output is never used)
                 allowed |= (k_pos[None, :] == q_pos[:, None])[None]
                 attn_mask = allowed[:, None]  # (B, 1, L, T)
+            elif offset and context is not None:  # the earlier parts' keys come first: causal from the lower right
+                k_pos = torch.arange(offset + L, device=input_ids.device)
+                attn_mask = causal_lower_right(L, offset + L) if input_ids.is_cuda else (k_pos <= q_pos[:, None])
             elif offset and L > 1:
                 k_pos = torch.arange(offset + L, device=input_ids.device)
                 attn_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]
+            if seq is not None:  # packed documents (no cache): a query sees its own document's keys only
+                same = (seq[:, :, None] == seq_keys[:, None, :])[:, None]  # (B, 1, L, T)
+                causal = torch.arange(seq_keys.shape[1], device=seq.device)[None, :] <= q_pos[:, None]  # (L, T)
+                attn_mask = same & (causal if attn_mask is None or context is not None else attn_mask)
+            if context is not None and attn_mask is not None and not input_ids.is_cuda:
+                # CPU kernels turn a bool mask into a float one per call and keep it for the backward: one
+                # additive mask (L x offset + L) for every layer instead (CUDA's take the causal bias as it is)
+                zero = torch.zeros((), dtype=self.embeddings.weight.dtype, device=input_ids.device)
+                attn_mask = zero.masked_fill(~attn_mask, float("-inf"))
             if cfg.rope_theta is not None:
                 if key_mask is not None:
                     positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -L:]
                 else:
                     positions = q_pos[None].expand(Bsz, L)
+                if position_ids is not None:
+                    positions = position_ids
+                elif seq is not None:  # count from each document's first token: subtract the count at its start
+                    pos = positions  # (B, T): a part counts from the sequence's start
+                    if context is not None:
+                        pos = torch.arange(seq_keys.shape[1], device=seq.device).expand_as(seq_keys)
+                    starts = F.pad(seq_keys[:, 1:] != seq_keys[:, :-1], (1, 0), value=True)  # (B, T)
+                    positions = (pos - torch.where(starts, pos, 0).cummax(-1).values)[:, -L:]
 
         h = F.embedding(input_ids, self.embeddings.weight[:, :hidden])  # (B, L, hidden)
         if cfg.residual_in_fp32:
@@ -812,6 +908,8 @@ class HybridLM(nn.Module):
             hid_mask,
         )
         ctx.keep_steps = cache is not None and cache.keep_steps
+        ctx.seq_idx = seq
+        ctx.context = context
         for i, block in enumerate(self.layers):
             if spec is not None and actives[i] is None:
                 continue  # a dropped layer is the identity
@@ -851,6 +949,6 @@ class HybridLM(nn.Module):
         """A standalone, physically smaller HybridLM for an ArchSpec or a budget name."""
         from .elastic.slicing import slice_model
 
-        if isinstance(spec, str):
+        if isinstance(spec, (str, int)):  # a budget name (budget=50 for "50")
             spec = self.budget(spec).arch
         return slice_model(self, spec)

@@ -163,6 +163,9 @@ def estimate_importance(
     """
     from tqdm.auto import tqdm
 
+    from ..progress import show_progress
+
+    progress = show_progress(progress)  # bars on a terminal only
     data = _materialize(batches)
     cfg = model.config
     was_training = model.training

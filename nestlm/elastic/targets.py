@@ -80,11 +80,16 @@ class Target:
 
 _MEM = re.compile(r"^\s*([0-9.]+(?:e[0-9]+)?)\s*(k|m|g|t)(i?)b\s*$", re.IGNORECASE)
 _FORMS = (
-    "a fraction (0.5), a parameter count (6e9), active=COUNT (2e9), both (23e9,active=2.8e9) or a memory size (12GB)"
+    "a fraction (0.5), a parameter count (6e9 or 6b), active=COUNT (2e9), both (23e9,active=2.8e9) or a memory "
+    "size (12GB)"
 )
+_COUNT = re.compile(r"^\s*([0-9.]+)\s*([kmbt])\s*$", re.IGNORECASE)  # 6b = 6e9 parameters, 500m = 5e8
 
 
 def _number(text: str, value: Any) -> float:
+    m = _COUNT.match(value) if isinstance(value, str) else None
+    if m:  # a count with a suffix, as budgets are named: 6b, 500m
+        value = float(m.group(1)) * 1000 ** ("kmbt".index(m.group(2).lower()) + 1)
     try:
         v = float(value)
     except (TypeError, ValueError):
@@ -97,7 +102,7 @@ def _number(text: str, value: Any) -> float:
 
 
 def parse_target(value: str | float | int) -> Target:
-    """``0.5`` -> fraction, ``6e9`` -> params, ``active=2e9`` -> active params (MoE),
+    """``0.5`` -> fraction, ``6e9`` or ``6b`` -> params, ``active=2e9`` -> active params (MoE),
     ``23e9,active=2.8e9`` -> both, ``12GB`` / ``12GiB`` -> memory bytes."""
     if isinstance(value, str):
         m = _MEM.match(value)

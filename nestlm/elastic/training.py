@@ -101,6 +101,63 @@ def warm_start_routers(
             key = (max(miss - e.tolerance, 0.0), dist)
             if best_key is None or key < best_key:
                 best_key, want_idx[j], chosen[name] = key, {a: int(c) for a, c in ch.items()}, arch
+    _fit_routers(routers, want_idx, p)
+    return chosen
+
+
+@torch.no_grad()
+def search_router_init(
+    routers: ElasticRouters,
+    model: Any,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    targets: dict[str, Target],
+    routed: list[str],
+    e: ElasticSection,
+    p: float = 0.6,
+) -> dict[str, ArchSpec]:
+    """``elastic.router_init: search``: fit the routers, before training, to put probability ``p`` on each
+    budget's grid choice (within the tolerance of every goal) whose one-shot distillation loss is lowest:
+    KL(parent || parent at that sub-network) on the target tokens of ``batches`` (x, y), the parent
+    untrained for it. Returns those choices (budget -> ArchSpec).
+
+    The routers from a random start commit within the first third of a run to whichever sub-network the
+    early, noisy gradients favour, and at the 50% budget the seeds' choices scored 54% or 26% (the claim-1
+    investigation); pruning's uniform choice (``one-shot``) starts them at a poor one. The one-shot KD
+    loss ranks sub-networks the way their trained quality does (the investigation's KD table), and it is
+    measured, the same for every seed. A forward per candidate and batch, no random draws."""
+    if routers.heterogeneous:
+        raise NestlmError("elastic.router_init: search needs homogeneous routers (elastic.heterogeneous: false)")
+    cfg, kw = routers.config, memory_kw(e)
+    was_training = model.training
+    model.eval()
+    teacher = [model(x).logits for x, _ in batches]
+    want_idx: dict[int, dict[str, int]] = {}
+    chosen: dict[str, ArchSpec] = {}
+    grid = list(routers.grid())
+    for j, name in enumerate(routed):
+        best = None
+        for ch in grid:
+            arch = routers.arch(ch)
+            if target_error(cfg, arch.to_config(cfg), targets[name], **kw) > e.tolerance:
+                continue
+            loss = sum(
+                float(kd_loss(model(x, arch=arch).logits, t, 1.0, y))
+                for (x, y), t in zip(batches, teacher, strict=True)
+            )
+            if best is None or loss < best[0]:
+                best = (loss, {a: int(c) for a, c in ch.items()}, arch)
+        if best is None:
+            raise NestlmError(f"budget {name!r}: no choice of the axes lies within the tolerance; widen elastic.axes")
+        _, want_idx[j], chosen[name] = best
+    model.train(was_training)
+    with torch.enable_grad():
+        _fit_routers(routers, want_idx, p)
+    return chosen
+
+
+def _fit_routers(routers: ElasticRouters, want_idx: dict[int, dict[str, int]], p: float) -> None:
+    """Plain Adam on the routers alone until each budget's wanted choices hold probability ``p`` (no further:
+    the routers stay free to move); no random draws, so a run's other random streams are unchanged."""
     opt = torch.optim.Adam(routers.parameters(), lr=1e-2)
     for _ in range(500):
         loss, done = 0.0, True
@@ -114,7 +171,6 @@ def warm_start_routers(
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return chosen
 
 
 def check_reachable(cfg: ModelConfig, targets: dict[str, Target], e: ElasticSection, layer_order: Any) -> None:

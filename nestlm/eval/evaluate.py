@@ -39,12 +39,14 @@ def reasoning_outcomes(
     """Greedy-decode each problem's solution; (correct per problem, generations)."""
     from tqdm.auto import tqdm
 
+    from ..progress import show_progress
+
     gens: list[str] = []
     pad = getattr(tok, "pad_token_id", 0) or 0
     # shorter prompts first: rows of a batch then need less left padding and finish together
     order = sorted(range(len(problems)), key=lambda i: len(problems[i].prompt))
     by_index: dict[int, str] = {}
-    for i in tqdm(range(0, len(order), batch_size), desc="reasoning", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(order), batch_size), desc="reasoning", disable=not show_progress(progress), leave=False):
         idx = order[i : i + batch_size]
         batch = [problems[j] for j in idx]
         cap = max_new_tokens or max(max_new_tokens_for(p.variant, p.difficulty) for p in batch)

@@ -56,16 +56,40 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], title: str = "nestlm evaluation") -> None:
-    from rich.console import Console
+    """The rows on the terminal, and the lm-evaluation-harness scores as a second table: one line per task
+    metric, one column per model. No name or number is ever cut or wrapped (``acc`` and ``acc_norm`` stay
+    apart): a table wider than the terminal is printed at its own width."""
     from rich.table import Table
 
-    cols = _cols(rows)
+    cols = [c for c in _cols(rows) if not c[0].startswith("tasks:")]
     table = Table(title=title)
     for _, head, _ in cols:
-        table.add_column(head, justify="left" if head in ("model", "kind") else "right", no_wrap=head == "model")
+        table.add_column(head, justify="left" if head in ("model", "kind") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*[_cell(r, c) for c in cols])
-    Console().print(table)
+    _print_whole(table)
+    keys = task_keys(rows)
+    if not keys:
+        return
+    tasks = Table(title="lm-evaluation-harness")
+    tasks.add_column("task", no_wrap=True)
+    tasks.add_column("metric", no_wrap=True)
+    for r in rows:
+        tasks.add_column(str(r.get("name")), justify="right", no_wrap=True)
+    for k in keys:
+        task, _, metric = k.partition("/")
+        values = [(r.get("tasks") or {}).get(k) for r in rows]
+        tasks.add_row(task, metric, *["" if v is None else f"{v:.4f}" for v in values])
+    _print_whole(tasks)
+
+
+def _print_whole(table: Any) -> None:
+    """Print ``table`` on the terminal, or at its own width where the terminal is narrower (nothing cut)."""
+    from rich.console import Console
+
+    console = Console()
+    need = Console(width=100_000).measure(table).maximum
+    (console if need <= console.width else Console(width=need)).print(table)
 
 
 def plot(rows: list[dict[str, Any]], path: str | Path, metric: str = "ppl") -> None:

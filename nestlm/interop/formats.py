@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointError
+from . import family as family_dir
 from . import llama, nemotron_h
 
 FAMILIES = {"nemotron_h": nemotron_h, **{t: llama for t in llama.MODEL_TYPES}}
@@ -27,9 +28,14 @@ def family(model_type: Any, where: str) -> Any:
 
 
 def load_hf(path: str | Path, raw: dict[str, Any]) -> Any:
-    """Load a Hugging Face directory whose config.json is ``raw``."""
+    """Load a Hugging Face directory whose config.json is ``raw``; a family directory (export-hf) with its budgets."""
     path = Path(path)
-    return family(raw.get("model_type"), str(path / "config.json")).load_hf(path, raw)
+    where = str(path / "config.json")
+    model = family(raw.get("model_type"), where).load_hf(path, raw)
+    model.elastic = family_dir.budgets_from_config(raw, model.config, where)
+    for key in family_dir.OWN_KEYS:  # budgets and custom code belong to this directory, not to what it exports
+        (model.config.hf_config or {}).pop(key, None)
+    return model
 
 
 def _export_family(cfg: Any) -> Any:
@@ -42,12 +48,17 @@ def hf_config_dict(cfg: Any) -> dict[str, Any]:
     return _export_family(cfg).hf_config_dict(cfg)
 
 
-def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
+def export_hf(model: Any, path: str | Path, overwrite: bool = False, **family_options: Any) -> None:
     """Write ``model`` in the Hugging Face format of its source: a sliced Qwen3 is a Qwen3 directory.
 
     Models without a Transformer source (NemotronH parents, models built in nestlm) are written as NemotronH.
+    An elastic model (frozen budgets) is written as ONE family directory holding every budget, with the custom
+    code that runs them (``nestlm.interop.family``; ``family_options``: ``max_shard_bytes``, ``dtype``).
     """
-    _export_family(model.config).export_hf(model, path, overwrite=overwrite)
+    if getattr(model, "elastic", None):
+        family_dir.export_family(model, path, overwrite=overwrite, **family_options)
+    else:
+        _export_family(model.config).export_hf(model, path, overwrite=overwrite)
 
 
 __all__ = ["FAMILIES", "export_hf", "hf_config_dict", "load_hf"]

@@ -279,8 +279,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
-    """Write ``model`` in its source's Hugging Face format (loads with plain transformers)."""
+def hf_files(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], None]:
+    """config.json and the tensors (as the file names them) of ``model`` in its source's format (None: its
+    cache always works in transformers, unlike some NemotronH shapes)."""
     cfg = model.config
     raw = hf_config_dict(cfg)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
@@ -289,7 +290,12 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
         raw["dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
         raw.pop("torch_dtype", None)
     sd = permute_query_heads(cfg, sd, to_nestlm=False)
-    files = {_to_hf_name(k): v.clone().contiguous() for k, v in sd.items()}
+    return raw, {_to_hf_name(k): v.clone().contiguous() for k, v in sd.items()}, None
+
+
+def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
+    """Write ``model`` in its source's Hugging Face format (loads with plain transformers)."""
+    raw, files, _ = hf_files(model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_file(files, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", raw)

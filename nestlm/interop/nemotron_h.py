@@ -381,8 +381,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
     return out
 
 
-def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
-    """Write ``model`` in Hugging Face NemotronH format (loads with plain transformers, tokenizer included)."""
+def hf_files(model: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor], str | None]:
+    """config.json, the tensors (as the file names them) of ``model`` in NemotronH format, and why the installed
+    transformers cannot use its cache on it (None when it can; config.json then says use_cache: false)."""
     cfg = model.config
     raw = hf_config_dict(cfg)
     first = cfg.layers[0].kind
@@ -398,6 +399,12 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
     files = {
         ("lm_head.weight" if k == "lm_head.weight" else "backbone." + k): v.clone().contiguous() for k, v in sd.items()
     }
+    return raw, files, without_cache
+
+
+def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
+    """Write ``model`` in Hugging Face NemotronH format (loads with plain transformers, tokenizer included)."""
+    raw, files, without_cache = hf_files(model)
     with atomic_dir(path, overwrite=overwrite) as tmp:
         save_file(files, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", raw)
@@ -407,9 +414,13 @@ def export_hf(model: Any, path: str | Path, overwrite: bool = False) -> None:
             gen = tmp / "generation_config.json"
             write_json(gen, (json.loads(gen.read_text()) if gen.is_file() else {}) | {"use_cache": False})
     if without_cache:
-        print(
-            f"nestlm: note: the first layer is a{'n MLP' if first == 'mlp' else ' MoE'} block, which the installed "
-            f"transformers {transformers_version()} runs only without its cache ({without_cache}): config.json and "
-            "generation_config.json say use_cache: false (vLLM and nestlm ignore it)",
-            file=sys.stderr,
-        )
+        note_without_cache(model.config.layers[0].kind, without_cache)
+
+
+def note_without_cache(first: str, why: str) -> None:
+    print(
+        f"nestlm: note: the first layer is a{'n MLP' if first == 'mlp' else ' MoE'} block, which the installed "
+        f"transformers {transformers_version()} runs only without its cache ({why}): config.json and "
+        "generation_config.json say use_cache: false (vLLM and nestlm ignore it)",
+        file=sys.stderr,
+    )

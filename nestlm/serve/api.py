@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .metrics import Metrics
 from .scheduler import QueueFull, Scheduler
 from .scheduler import Request as GenRequest
 from .validate import (
@@ -113,6 +114,7 @@ class Api:
         max_context: int,
         served_name: str,
         api_key: str | None = None,
+        log_prompts: bool = False,
     ) -> None:
         self.scheduler = scheduler
         self.tok = tokenizer
@@ -126,6 +128,7 @@ class Api:
         self.chat_template = load_chat_template(model_dir)
         self.special = _special_tokens(model_dir)
         self.created = int(time.time())
+        self.metrics = Metrics(scheduler, self.ids, None if self.budgets else served_name, log_prompts)
 
     # ---------------------------------------------------------- fields
     def resolve_model(self, body: dict[str, Any]) -> str:

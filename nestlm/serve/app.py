@@ -1,6 +1,8 @@
 """The OpenAI-compatible HTTP API over a :class:`~nestlm.serve.scheduler.Scheduler`.
 
-Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions``.
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /metrics`` (Prometheus),
+``POST /v1/completions``, ``POST /v1/chat/completions``; each generation request ends in one access-log
+line and in the metrics (nestlm.serve.metrics).
 Every request is validated, field by field, before anything reaches the model
 (nestlm.serve.validate); a bad one gets a 4xx with an OpenAI-shaped body
 ``{"error": {"message", "type", "param", "code"}}`` and the server keeps serving. A request that
@@ -20,10 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .api import Api, ApiError, Params
+from .metrics import Record
 from .scheduler import Request as GenRequest
 
 
@@ -92,10 +95,31 @@ def create_app(api: Api) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "scheduler": api.scheduler.snapshot()}
 
+    def model_card(m: str) -> dict[str, Any]:
+        return {
+            "id": m,
+            "object": "model",
+            "created": api.created,
+            "owned_by": "nestlm",
+            "max_model_len": api.max_context,
+        }
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        data = [{"id": m, "object": "model", "created": api.created, "owned_by": "nestlm"} for m in api.ids]
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [model_card(m) for m in api.ids]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in api.ids:
+            known = ", ".join(api.ids)
+            msg = f"the model {model_id!r} does not exist; known models: {known} (and 'auto' in requests)"
+            return ApiError(404, msg, "model", "model_not_found").response()
+        return model_card(model_id)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, kind = api.metrics.exposition()
+        return Response(body, media_type=kind)
 
     async def body_of(request: Request) -> Any:
         raw = await request.body()
@@ -105,21 +129,39 @@ def create_app(api: Api) -> FastAPI:
             raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
 
     async def handle(request: Request, chat: bool):
+        client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        rec = Record("/v1/chat/completions" if chat else "/v1/completions", client)
+        resp = await answer(request, chat, rec)
+        if not rec.stream:  # a stream is logged and counted when it ends
+            rec.status = resp.status_code
+            api.metrics.done(rec)
+        return resp
+
+    async def answer(request: Request, chat: bool, rec: Record):
         try:
-            p = api.params(await body_of(request), chat)
+            body = await body_of(request)
+            if isinstance(body, dict):
+                rec.model = api.metrics.label(body.get("model"))
+                rec.prompt = body.get("messages" if chat else "prompt")
+            p = api.params(body, chat)
             queue: asyncio.Queue = asyncio.Queue()
             reqs = api.submit(p, queue)
         except ApiError as e:
+            rec.error = e.code or e.kind
             return e.response()
         except Exception as e:  # unforeseen: still an OpenAI-shaped answer
+            rec.error = "internal_error"
             return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error").response()
+        rec.prompt_tokens = sum(len(x) for x in p.prompts)  # as usage counts them
         if p.stream:
-            return StreamingResponse(_stream(api, p, reqs, queue, chat), media_type="text/event-stream")
+            rec.stream = True
+            return StreamingResponse(_stream(api, p, reqs, queue, chat, rec), media_type="text/event-stream")
         try:
-            return await _complete(api, p, reqs, queue, chat, request)
+            return await _complete(api, p, reqs, queue, chat, request, rec)
         except Exception as e:
             for r in reqs:
                 r.cancel()
+            rec.error = "internal_error"
             return ApiError(500, f"internal error: {type(e).__name__}: {e}", None, "internal_error").response()
 
     @app.post("/v1/completions")
@@ -223,12 +265,22 @@ async def _collect(
                 r.cancel()
 
 
+def _ended(api: Api, p: Params, reqs: list[GenRequest], choices: list[_Choice], rec: Record) -> None:
+    """What the access log and the metrics record of a request that ran."""
+    rec.budget = api.answered_by(reqs, p)
+    rec.completion_tokens = sum(len(c.ids) for c in choices)
+    rec.finish = ",".join(dict.fromkeys(c.finish or "cancelled" for c in choices))
+    if any(c.error for c in choices):
+        rec.error = "internal_error"
+
+
 async def _complete(
-    api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Queue, chat: bool, request: Request
+    api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Queue, chat: bool, request: Request, rec: Record
 ) -> JSONResponse:
     choices = [_Choice() for _ in reqs]
     async for _ in _collect(api, reqs, queue, choices, request):
         pass
+    _ended(api, p, reqs, choices, rec)
     if any(c.finish is None for c in choices):  # the client went away; nobody reads this
         return ApiError(499, "client closed the request", None, "client_closed").response()
     errors = [c.error for c in choices if c.error]
@@ -272,12 +324,26 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _stream(api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Queue, chat: bool):
+async def _stream(api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Queue, chat: bool, rec: Record):
+    """_events, logged and counted when the stream ends (a client that went away: status 499)."""
+    choices = [_Choice() for _ in reqs]
+    try:
+        async for ev in _events(api, p, reqs, queue, chat, choices):
+            yield ev
+    finally:
+        _ended(api, p, reqs, choices, rec)
+        if any(c.finish is None for c in choices):
+            rec.status = 499
+        api.metrics.done(rec)
+
+
+async def _events(
+    api: Api, p: Params, reqs: list[GenRequest], queue: asyncio.Queue, chat: bool, choices: list[_Choice]
+):
     """Server-sent events: one chunk per piece of text, the finish reason, usage if asked, then [DONE]."""
     cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     obj = "chat.completion.chunk" if chat else "text_completion"
-    choices = [_Choice() for _ in reqs]
     hold = max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be arriving
 
     def chunk(i: int, text: str | None, finish: str | None, logprobs: Any = None, role: bool = False) -> str:

@@ -1,9 +1,20 @@
-"""Putting the server together: load a model directory, build the API, serve it with uvicorn."""
+"""Putting the server together: load a model directory, build the API, serve it with uvicorn.
+
+:func:`bind` takes the address first (a taken port is a one-line error before the model loads);
+:func:`run` serves on that socket and calls ``on_ready`` only once it is listening.
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..errors import NestlmError
 
 DEFAULT_MAX_CONTEXT = 4096
 API_KEY_ENV = "NESTLM_API_KEY"
@@ -26,6 +37,7 @@ def build_api(
     device: str = "cpu",
     model: Any = None,
     compile: bool = False,
+    log_prompts: bool = False,
 ) -> Any:
     """Load ``model_dir`` (unless ``model`` is given) and return the :class:`~nestlm.serve.app.Api` over it."""
     from ..loading import load
@@ -43,13 +55,70 @@ def build_api(
     sched = Scheduler(model, max_batch=max_batch, max_queue=max_queue, target_latency_ms=target_latency_ms)
     ctx = max_context if max_context is not None else default_max_context(model)
     name = Path(model_dir).resolve().name or "model"
-    return Api(sched, tok, model_dir, ctx, name, api_key=api_key)
+    return Api(sched, tok, model_dir, ctx, name, api_key=api_key, log_prompts=log_prompts)
 
 
-def run(api: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serve ``api`` with uvicorn until interrupted."""
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (listening starts when the server does). A taken port, a port
+    this user may not take, or an address not of this machine is a one-line NestlmError."""
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[
+            0
+        ]
+    except socket.gaierror as e:
+        raise NestlmError(f"cannot listen on {where}: the host {host!r} does not resolve ({e.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port can be taken again
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = {
+            errno.EADDRINUSE: f"port {port} is in use (another server?); stop it or give another --port",
+            errno.EACCES: f"permission denied for port {port} (ports below 1024 need privileges); give another --port",
+            errno.EADDRNOTAVAIL: f"{host} is not an address of this machine; give another --host",
+        }.get(e.errno, e.strerror or str(e))
+        raise NestlmError(f"cannot listen on {where}: {why}") from None
+    return sock
+
+
+def url_of(sock: socket.socket) -> str:
+    """``http://host:port`` of a bound socket (the real port when 0 was asked for)."""
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def access_log_to_stderr() -> None:
+    """The access log (nestlm.serve.metrics) as timestamped lines on stderr."""
+    log = logging.getLogger("nestlm.serve.access")
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def run(
+    api: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    sock: socket.socket | None = None,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve ``api`` with uvicorn on ``sock`` (else on ``host:port``, bound here) until interrupted;
+    ``on_ready()`` once the socket is listening and the scheduler runs."""
     import uvicorn
 
     from .app import create_app
 
-    uvicorn.run(create_app(api), host=host, port=port, log_level=log_level)
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and not self.should_exit and on_ready is not None:
+                on_ready()
+
+    sock = sock if sock is not None else bind(host, port)
+    _Server(uvicorn.Config(create_app(api), log_level=log_level)).run(sockets=[sock])

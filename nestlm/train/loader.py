@@ -21,6 +21,12 @@ completion part of a document is a target: for ``reasoning:*`` problems the work
 solution and answer after the question. Why: a small model trained on fixed windows
 mostly sees problems cut in the middle, without their question, and learns to continue
 plausible steps instead of solving the question it was asked.
+
+Batches of rows are ``(inputs, targets, segments)``: ``segments`` (B, seq_len) numbers the
+documents of each row, which the model takes as ``segment_ids`` so that no document sees
+another (attention, Mamba state, RoPE positions restart), and a document's first token is
+never a target (nothing of its own document comes before it). Training on packed rows is
+then training on the documents alone, one per row. Batches of a stream are ``(inputs, targets)``.
 """
 
 import math
@@ -34,26 +40,42 @@ from ..errors import NestlmError
 
 
 # ----------------------------------------------------------------------------- packing
+def check_fits(docs: Sequence[tuple[Any, ...]], seq_len: int) -> None:
+    """Refuse, in one line naming it, a record (a document with a ``where``) longer than a row:
+    split across rows, its later part would be trained without the prompt it answers."""
+    for ids, _, *where in docs:
+        if where and ids.numel() > seq_len + 1:
+            raise NestlmError(
+                f"{where[0]} is {ids.numel():,} tokens, longer than a row of seq_len + 1 = {seq_len + 1:,}: packing: "
+                "rows does not split a conversation or prompt/completion record; raise seq_len or leave it out"
+            )
+
+
 class RowDataset:
     """Whole documents packed greedily into rows of ``seq_len + 1`` tokens, each row starting
     at a document's start; the rest of a row is ``pad_id`` and is never a target.
 
+    A document is ``(ids, n_context)``: its first ``n_context`` tokens are never targets, or a
+    record ``(ids, trained, where)`` with ``trained`` a bool per token (e.g. the assistant turns),
+    which is never split across rows (see :func:`check_fits`).
     ``ds.batch(indices)`` gives (inputs, targets) like :class:`TokenDataset`, with targets
-    ``IGNORE`` (-100, what ``cross_entropy`` skips) at padding and context-only tokens.
+    ``IGNORE`` (-100, what ``cross_entropy`` skips) at padding, context-only tokens and each
+    document's first token; ``ds.segments(indices)`` the document ids of the inputs.
     """
 
     IGNORE = -100
 
-    def __init__(self, docs: Sequence[tuple[torch.Tensor, int]], seq_len: int, pad_id: int = 0) -> None:
+    def __init__(self, docs: Sequence[tuple[Any, ...]], seq_len: int, pad_id: int = 0) -> None:
         if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
             raise NestlmError(f"seq_len must be a positive int, got {seq_len!r}")
+        check_fits(docs, seq_len)
         self.seq_len, width = seq_len, seq_len + 1
         rows: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         cur_ids: list[torch.Tensor] = []
         cur_loss: list[torch.Tensor] = []
         used = 0
-        for ids, n_ctx in docs:
-            loss = torch.arange(ids.numel()) >= n_ctx  # which tokens are targets
+        for ids, n_ctx, *_ in docs:
+            loss = n_ctx.bool() if torch.is_tensor(n_ctx) else torch.arange(ids.numel()) >= n_ctx  # targets
             for s in range(0, ids.numel(), width):  # a document longer than a row fills several
                 piece = slice(s, s + width)
                 if used and used + ids[piece].numel() > width:  # it does not fit: start a new row
@@ -67,11 +89,18 @@ class RowDataset:
         self.n = len(rows)
         self.tokens = torch.full((self.n, width), pad_id, dtype=torch.long)
         self.loss = torch.zeros((self.n, width), dtype=torch.bool)
+        self.doc = torch.zeros((self.n, width), dtype=torch.int16)  # document j of its row; padding: one more
+        self.used = torch.zeros(self.n, dtype=torch.long)  # tokens of documents in each row (the rest: padding)
         for r, (parts, losses) in enumerate(rows):
             row_ids, row_loss = torch.cat(parts), torch.cat(losses)
+            lengths = torch.tensor([p.numel() for p in parts])
+            self.used[r] = row_ids.numel()
             self.tokens[r, : row_ids.numel()] = row_ids
             self.loss[r, : row_ids.numel()] = row_loss
-        self.loss[:, 0] = False  # never a target (nothing before it)
+            self.loss[r, lengths.cumsum(0) - lengths] = False  # a document's first token: nothing of it before
+            self.doc[r] = torch.arange(len(parts) + 1, dtype=torch.int16).repeat_interleave(
+                torch.cat([lengths, torch.tensor([width - row_ids.numel()])])
+            )
 
     def __len__(self) -> int:
         return self.n
@@ -85,9 +114,18 @@ class RowDataset:
         targets = torch.where(keep[:, 1:], rows[:, 1:], torch.full_like(rows[:, 1:], self.IGNORE))
         return rows[:, :-1].contiguous(), targets.contiguous()
 
+    def segments(self, indices: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """(len(indices), seq_len) LongTensor: which document of its row each input token belongs to."""
+        return self.doc[torch.as_tensor(indices, dtype=torch.long).reshape(-1), :-1].long()
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batch([i])
         return x[0], y[0]
+
+
+def take(ds: Any, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """The batch of ``indices``: (inputs, targets), and for rows the segments (the model's segment_ids)."""
+    return (*ds.batch(indices), ds.segments(indices)) if isinstance(ds, RowDataset) else ds.batch(indices)
 
 
 class PackedRows:
@@ -257,15 +295,15 @@ class BlockLoader:
         return indices[self.rank * per : (self.rank + 1) * per]
 
     # ------------------------------------------------------------ batches
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (inputs, targets) of the next global batch, each (batch_size // world, seq_len)."""
-        return self.blocks.train.batch(self._shard(self.next_global_indices()))
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """This rank's (inputs, targets[, segments]) of the next global batch, each (batch_size // world, seq_len)."""
+        return take(self.blocks.train, self._shard(self.next_global_indices()))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             yield self.next_batch()
 
-    def val_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self, n: int) -> list[tuple[torch.Tensor, ...]]:
         """Up to ``n`` validation batches (this rank's chunks of global batches), the same every call.
 
         There are ``max(1, n_val // batch_size)`` distinct ones at most; when the validation
@@ -277,7 +315,7 @@ class BlockLoader:
         out = []
         for b in range(count):
             glob = [(b * self.batch_size + j) % self.n_val for j in range(self.batch_size)]
-            out.append(self.blocks.val.batch(self._shard(glob)))
+            out.append(take(self.blocks.val, self._shard(glob)))
         return out
 
     @property
@@ -336,7 +374,7 @@ class BlendLoader:
         ss = np.random.SeedSequence([self.seed % 2**64, k, 0x626C656E64])
         return np.random.Generator(np.random.PCG64(ss)).choice(len(self.loaders), self.batch_size, p=self.weights)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         src = self.sources_of(self.step)
         self.step += 1
         places: list[tuple[int, int]] = [(0, 0)] * self.batch_size
@@ -346,24 +384,24 @@ class BlendLoader:
                 places[p] = (s, i)
         per = self.batch_size // self.world
         mine = places[self.rank * per : (self.rank + 1) * per]
-        out_x, out_y = [], []
+        rows = any(isinstance(ld.blocks.train, RowDataset) for ld in self.loaders)
+        parts = []
         for s, i in mine:  # one row at a time keeps the order; rows are few
-            x, y = self.loaders[s].blocks.train.batch([i])
-            out_x.append(x)
-            out_y.append(y)
-        return torch.cat(out_x), torch.cat(out_y)
+            b = take(self.loaders[s].blocks.train, [i])
+            parts.append(b + (torch.zeros_like(b[0]),) if rows and len(b) == 2 else b)  # a block: one document
+        return tuple(torch.cat(t) for t in zip(*parts, strict=True))
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             yield self.next_batch()
 
-    def val_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def val_batches(self, n: int) -> list[tuple[torch.Tensor, ...]]:
         """Each source's validation batches (this rank's chunk), sources in order."""
         per = self.batch_size // self.world
         out = []
         for loader in self.loaders:
-            for x, y in loader.val_batches(max(1, n // len(self.loaders))):
-                out.append((x[self.rank * per : (self.rank + 1) * per], y[self.rank * per : (self.rank + 1) * per]))
+            for b in loader.val_batches(max(1, n // len(self.loaders))):
+                out.append(tuple(t[self.rank * per : (self.rank + 1) * per] for t in b))
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -65,6 +65,8 @@ def kd_loss(
 def ce_loss(logits: torch.Tensor | Head, targets: torch.Tensor) -> torch.Tensor:
     if isinstance(logits, Head):
         return chunked_loss(logits, None, targets, 1.0, kd_weight=0.0, ce_weight=1.0)
+    if bool((targets == IGNORE).all()):  # nothing trained here (a padded part of a sequence): 0, not NaN
+        return logits.float().sum() * 0.0  # the graph stays whole: its backward may hold collectives
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
 
@@ -146,7 +148,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     def forward(ctx, s_h, s_w, t_h, t_w, y, spec):  # type: ignore[override]
         chunk = spec[3]
         keep = (y != IGNORE).sum().to(torch.float32)
-        denoms = (keep.clamp_min(1.0), keep)  # kd: masked mean (0 when nothing is kept); ce: as cross_entropy
+        denoms = (keep.clamp_min(1.0), keep.clamp_min(1.0))  # masked means (0 when nothing is kept, not NaN)
         need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under no_grad: loss only
         g_h = torch.zeros_like(s_h) if need else None
         g_w = torch.zeros(s_w.shape, dtype=torch.float32, device=s_w.device) if need else None

@@ -18,6 +18,12 @@ gradients and AdamW moments (sharded), bf16 compute (train/precision.py). Per ra
   soft masks   elastic.mask: soft runs the full widths with each budget's mask multiplied in: every
                masked tensor is kept once more for the mask's gradient (2 B per token per masked
                channel: the block output, the MLP hidden, the attention heads, the Mamba heads)
+  context      train.context_parallel = K: each sequence in K parts over K ranks (world = data x K), so
+  parallel     T above is micro_batch x seq_len / K; plus what the parts exchange, for the last part
+               (the largest): per attention layer the keys and values of the whole sequence as SDPA
+               keeps them (repeated to the query heads, bf16) and their gather (KV heads); per Mamba
+               layer every part's state summary and the initial state's contribution (fp32); one
+               layer's (x2, its backward) with activation checkpointing, every layer's without
   loss         chunked KD (train.kd_chunk_tokens = C): four fp32 C x vocab tensors (teacher
                log-probs, student logits, log-probs, their gradient) and both models' final
                hidden states; unchunked: six fp32 T x vocab tensors
@@ -122,9 +128,22 @@ def _soft_mask_per_token(cfg: ModelConfig, ls: Any) -> float:
     return 2 * (d + ls.heads * ls.head_dim)
 
 
+def _context_per_layer(cfg: ModelConfig, ls: Any, micro: int, seq_len: int, k: int) -> float:
+    """Bytes the last of k parts holds for one layer's exchange (train/context_parallel.py)."""
+    if ls.kind == "attention":  # K and V of all seq_len positions: repeated to the query heads, and gathered
+        return 2 * 2 * micro * seq_len * ls.head_dim * (ls.heads + 2 * ls.kv_heads)
+    if ls.kind == "mamba":  # the k summaries (P x N state + 2) per head, and C . h0 decayed (P + 1 per head)
+        t = micro * seq_len // k
+        return 4 * ls.heads * (k * micro * (ls.head_dim * ls.d_state + 2) + t * (2 * ls.head_dim + 1))
+    return 0.0
+
+
 def plan_stage(recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_idx: int, world: int) -> StagePlan:
     tr, stage = recipe.train, recipe.stages[stage_idx]
-    b = stage_batching(stage, tr, world)
+    cp = tr.context_parallel
+    if world % cp:
+        raise NestlmError(f"train.context_parallel {cp} must divide the world size {world}")
+    b = stage_batching(stage, tr, world // cp)  # data-parallel ranks: each context group shares its sequences
     n_all, root, block = sizes["total"], sizes["root"], sizes["block"]
     shard = math.ceil(n_all / world)
     sp = StagePlan(stage.name, stage.seq_len, b)
@@ -134,7 +153,7 @@ def plan_stage(recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_id
     sp.parts["gradients (fp32)"] = 4 * shard
     sp.parts["optimizer (AdamW m, v fp32)"] = 8 * shard
     sp.parts["gathered weights + grads"] = 2 * (root + 2 * block) + 4 * (root + block) if world > 1 else 0
-    tokens = b.micro_batch * stage.seq_len
+    tokens = b.micro_batch * stage.seq_len // cp  # this rank's part of every sequence
     res = 4 if cfg.residual_in_fp32 or world == 1 else 2  # one process: autocast keeps an fp32 residual
     per_block = [_block_act_per_token(cfg, ls) for ls in cfg.layers]
     if tr.activation_checkpointing:
@@ -142,6 +161,9 @@ def plan_stage(recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_id
     else:
         act = tokens * (cfg.n_layers * cfg.hidden_size * res + sum(per_block))
     sp.parts["activations / micro-batch"] = act
+    if cp > 1:
+        per_layer = [_context_per_layer(cfg, ls, b.micro_batch, stage.seq_len, cp) for ls in cfg.layers]
+        sp.parts["context-parallel exchange"] = 2 * max(per_layer) if tr.activation_checkpointing else sum(per_layer)
     if recipe.train.mode == "elastic" and recipe.elastic.router == "learned" and recipe.elastic.mask == "soft":
         soft = [_soft_mask_per_token(cfg, ls) for ls in cfg.layers]
         sp.parts["soft masks / micro-batch"] = tokens * (2 * max(soft) if tr.activation_checkpointing else sum(soft))
@@ -164,31 +186,39 @@ def model_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "root": total - sum(blocks), "block": max(blocks)}
 
 
-def smallest_world(recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_idx: int) -> int | None:
-    """The smallest power-of-two world size whose batch divides and whose plan fits, or None."""
+def smallest_world(
+    recipe: Recipe, cfg: ModelConfig, sizes: dict[str, int], stage_idx: int, gpu_gib: float = GPU_GIB
+) -> int | None:
+    """The smallest power-of-two world size whose batch divides and whose plan fits in ``gpu_gib``, or None."""
     for k in range(13):
         w = 2**k
         try:
-            if plan_stage(recipe, cfg, sizes, stage_idx, w).fits():
+            if plan_stage(recipe, cfg, sizes, stage_idx, w).fits(gpu_gib):
                 return w
         except NestlmError:  # the global batch does not divide at this world size
             continue
     return None
 
 
+def _context(k: int) -> str:
+    return "" if k == 1 else f" as {k}-rank context groups (each sequence in {k} parts)"
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:8.2f} GiB"
 
 
-def format_plan(recipe: Recipe, world: int) -> str:
+def format_plan(recipe: Recipe, world: int, gpu_gib: float = GPU_GIB, unfit: list[str] | None = None) -> str:
+    """The plan as text, for GPUs of ``gpu_gib`` GiB; the names of the stages that do not fit go to ``unfit``."""
     cfg = parent_config(recipe)
     sizes = model_sizes(cfg)
     tr = recipe.train
     lines = [
-        f"memory plan of {recipe.name} per rank at world size {world} (a plan from formulas, not measured on a GPU)",
+        f"memory plan of {recipe.name} per rank at world size {world} on {gpu_gib:g} GiB GPUs (a plan from "
+        "formulas, not measured on a GPU)",
         f"parent: {sizes['total']:,} parameters, {cfg.n_layers} layers, hidden {cfg.hidden_size}, vocab "
-        f"{cfg.vocab_size}; FSDP2 over {world} ranks; fp32 master weights, bf16 compute; activation "
-        f"checkpointing {'on' if tr.activation_checkpointing else 'off'}; KD chunk "
+        f"{cfg.vocab_size}; FSDP2 over {world} ranks{_context(tr.context_parallel)}; fp32 master weights, bf16 "
+        f"compute; activation checkpointing {'on' if tr.activation_checkpointing else 'off'}; KD chunk "
         f"{tr.kd_chunk_tokens or 'none (whole micro-batch)'}",
     ]
     for si, stage in enumerate(recipe.stages):
@@ -196,16 +226,24 @@ def format_plan(recipe: Recipe, world: int) -> str:
         b = sp.batching
         lines.append(
             f"stage {si + 1} {stage.name}: seq_len {stage.seq_len}, global batch {b.global_batch} = micro-batch "
-            f"{b.micro_batch} x {b.accum} accumulation steps x {world} ranks"
+            f"{b.micro_batch} x {b.accum} accumulation steps x "
+            + (
+                f"{world} ranks"
+                if b.world == world
+                else f"{b.world} data-parallel ranks (x {world // b.world} context)"
+            )
         )
         lines += [f"  {k:<30}{_gib(v)}" for k, v in sp.parts.items()]
-        verdict = "fits" if sp.fits() else "does NOT fit"
+        verdict = "fits" if sp.fits(gpu_gib) else "does NOT fit"
+        if unfit is not None and not sp.fits(gpu_gib):
+            unfit.append(f"{si + 1} ({stage.name})")
         spare = f"keeping {RESERVE_GIB} GiB spare"
-        lines.append(f"  {'total':<30}{_gib(sp.total)}  -> {verdict} in {GPU_GIB} GiB ({spare})")
-        w = smallest_world(recipe, cfg, sizes, si)
+        lines.append(f"  {'total':<30}{_gib(sp.total)}  -> {verdict} in {gpu_gib:g} GiB ({spare})")
+        w = smallest_world(recipe, cfg, sizes, si, gpu_gib)
         lines.append(
             f"  smallest power-of-two world size that fits: {w}"
             if w
-            else "  fits at no world size: activations do not shard with FSDP (lower micro_batch or seq_len)"
+            else "  fits at no world size: activations do not shard with FSDP (lower micro_batch or seq_len, or "
+            "raise train.context_parallel)"
         )
     return "\n".join(lines)

@@ -52,7 +52,10 @@ class DataSection:
     max_bytes: int | None = None  # cap on the text read (stdlib / directories)
     num_problems: int = 20000  # for reasoning:* sources
     packing: str = "stream"  # "stream": one token stream cut into blocks; "rows": whole documents per row, padded
-    loss: str = "all"  # "all" tokens are targets, or "completion" only (reasoning:* solutions; needs packing: rows)
+    # "all" tokens are targets; "completion": only the answers (assistant turns, completions, reasoning:* solutions);
+    # "last_turn": a conversation's last assistant turn only. Both need packing: rows
+    loss: str = "all"
+    chat_template: str | None = None  # a Jinja file rendering conversations instead of the tokenizer's own template
 
 
 @dataclass
@@ -86,15 +89,25 @@ class ElasticSection:
     router_eps: float = 1e-6
     tau: list[float] = field(default_factory=lambda: [1.0, 0.05])
     logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
-    mask: str = "hard"  # "hard" (sliced, straight-through) or "soft" (pi-weighted masks)
+    # "soft" (default): the full widths run with each axis's mask sum_i pi_i mask_i, so the task loss compares
+    # every option; "hard" (the paper's): the argmax option runs sliced, scaled by pi_c / pi_c.detach(), whose
+    # gradient only says whether scaling the chosen block would help. With the paper's settings (hard,
+    # budget_loss_weight 1) the study's 75% / 50% budgets reached 9% / 10% against 55% / 54% (seed 0) for
+    # soft masks with budget_loss_weight 10 (benchmarks/study_claim1.py, docs/study-claim1.md)
+    mask: str = "soft"
     # "learned": Gumbel-Softmax routers choose each budget's sub-network (the paper). "fixed": no
     # routers; each budget is the homogeneous one-shot choice (`nestlm prune --budget`), trained nested
     # as is (Minitron widths, MatFormer-style): the ablation that isolates what the routers cost or give
     router: str = "learned"
     # "random": routers start at random (the paper). "one-shot": fitted first to prefer, with p = 0.6, the
-    # axes' choice nearest the homogeneous one-shot architecture (elastic.training.warm_start_routers)
+    # axes' choice nearest the homogeneous one-shot architecture (elastic.training.warm_start_routers).
+    # "search": fitted first to prefer the axes' choice (within the tolerance) whose sub-network of the
+    # parent distils best before any training: least KL to the parent on importance_batches batches
+    # (elastic.training.search_router_init; homogeneous routers)
     router_init: str = "random"
-    budget_loss_weight: float = 1.0
+    # 10 keeps each budget's own choice inside the tolerance to the end (at 1 the soft routers' 50% budget ended
+    # at 46.6%, outside 5%, and freezing had to take a sub-network training never ran); the paper's is 1
+    budget_loss_weight: float = 10.0
     tolerance: float = 0.05
     # channel widths (hidden, MLP, expert widths) below the parent's are multiples of this, in the axes'
     # choices and the one-shot architectures: transformers' grouped_mm experts need rows of 16 bytes and
@@ -155,6 +168,7 @@ class TrainSection:
     tensorboard: bool = True
     threads: int | None = None  # torch CPU threads
     kd_chunk_tokens: int | None = None  # KD/CE from hidden states, the lm_head applied this many tokens at a time
+    context_parallel: int = 1  # each sequence in this many parts over as many ranks (train/context_parallel.py)
 
 
 @dataclass
@@ -176,6 +190,7 @@ class Recipe:
         d = self.to_dict()
         for k in ("checkpoint_every", "keep_last", "tensorboard", "threads", "device", "eval_every", "compile"):
             d["train"].pop(k, None)
+        d["train"].pop("context_parallel", None)  # how the work is laid out over the ranks: a resume may change it
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -361,23 +376,32 @@ def validate(recipe: Recipe) -> None:
     if recipe.train.mode not in ("elastic", "plain"):
         raise RecipeError(f"train.mode {recipe.train.mode!r} must be 'elastic' or 'plain'")
     if (recipe.model.path is None) == (recipe.model.init is None):
-        raise RecipeError("give exactly one of model.path (a checkpoint) and model.init (a random parent)")
+        if recipe.model.path is None:
+            raise RecipeError("give one of model.path (a checkpoint) and model.init (a random parent); both are unset")
+        raise RecipeError(
+            "give exactly one of model.path (a checkpoint) and model.init (a random parent); this recipe sets both: "
+            "to start from the checkpoint add model.init=null (e.g. `nestlm train tiny model.path=DIR model.init=null`)"
+        )
     if recipe.model.teacher is not None and (recipe.train.mode != "elastic" or recipe.elastic.trainable_teacher):
         raise RecipeError("model.teacher needs train.mode: elastic with elastic.trainable_teacher: false")
     if recipe.elastic.mask not in ("hard", "soft"):
         raise RecipeError(f"elastic.mask {recipe.elastic.mask!r} must be 'hard' or 'soft'")
-    if recipe.elastic.router_init not in ("random", "one-shot"):
-        raise RecipeError(f"elastic.router_init {recipe.elastic.router_init!r} must be 'random' or 'one-shot'")
+    if recipe.elastic.router_init not in ("random", "one-shot", "search"):
+        raise RecipeError(
+            f"elastic.router_init {recipe.elastic.router_init!r} must be 'random', 'one-shot' or 'search'"
+        )
     if recipe.elastic.router not in ("learned", "fixed"):
         raise RecipeError(f"elastic.router {recipe.elastic.router!r} must be 'learned' or 'fixed'")
     if recipe.data.tokenizer not in ("model", "bytes"):
         raise RecipeError(f"data.tokenizer {recipe.data.tokenizer!r} must be 'model' or 'bytes'")
     if recipe.data.packing not in ("stream", "rows"):
         raise RecipeError(f"data.packing {recipe.data.packing!r} must be 'stream' or 'rows'")
-    if recipe.data.loss not in ("all", "completion"):
-        raise RecipeError(f"data.loss {recipe.data.loss!r} must be 'all' or 'completion'")
-    if recipe.data.loss == "completion" and recipe.data.packing != "rows":
-        raise RecipeError("data.loss: completion needs data.packing: rows (a packed stream has no prompt boundaries)")
+    if recipe.data.loss not in ("all", "completion", "last_turn"):
+        raise RecipeError(f"data.loss {recipe.data.loss!r} must be 'all', 'completion' or 'last_turn'")
+    if recipe.data.loss != "all" and recipe.data.packing != "rows":
+        raise RecipeError(
+            f"data.loss: {recipe.data.loss} needs data.packing: rows (a packed stream has no prompt boundaries)"
+        )
     if recipe.train.kd_chunk_tokens is not None and recipe.train.kd_chunk_tokens < 0:
         raise RecipeError(
             f"train.kd_chunk_tokens must be >= 0 (0 or null: full logits), got {recipe.train.kd_chunk_tokens}"
@@ -386,7 +410,11 @@ def validate(recipe: Recipe) -> None:
         raise RecipeError("a recipe needs at least one stage")
     if recipe.train.grad_accum < 1:
         raise RecipeError(f"train.grad_accum must be >= 1, got {recipe.train.grad_accum}")
+    if (cp := recipe.train.context_parallel) < 1 or (cp > 1 and recipe.train.compile):
+        raise RecipeError(f"train.context_parallel {cp} must be >= 1, and 1 with train.compile (not traced)")
     for s in recipe.stages:
+        if s.seq_len % cp:
+            raise RecipeError(f"stage {s.name!r}: seq_len {s.seq_len} is not divisible by train.context_parallel {cp}")
         if (s.steps is None) == (s.tokens is None):
             raise RecipeError(f"stage {s.name!r}: give exactly one of steps and tokens")
         if s.seq_len < 2:

@@ -17,10 +17,11 @@ from ..elastic.importance import estimate_importance, reorder, require_reordered
 from ..errors import NestlmError
 from ..loading import load
 from ..model import HybridLM
-from ..tokenizer import ByteTokenizer, load_tokenizer
+from ..tokenizer import ByteTokenizer, is_byte_level, load_tokenizer
 from . import loader as loader_mod
 from . import shards, sources
 from .batching import global_batch
+from .chat import ChatFormat
 from .distributed import DistInfo
 from .recipe import Recipe
 
@@ -77,21 +78,36 @@ def blend_parts(src: Any, where: str) -> list[tuple[str, float]]:
     return parts
 
 
+def chat_format(recipe: Recipe) -> ChatFormat:
+    """What renders conversations: the parent directory's tokenizer and chat template (or data.chat_template)."""
+    path, d = recipe.model.path, recipe.data
+    byte_dir = path is not None and is_byte_level(path)
+    return ChatFormat(path if path is not None and (d.tokenizer != "bytes" or byte_dir) else "bytes", d.chat_template)
+
+
 class StageData:
     """The data of every stage: tokens read once per source (memory-mapped when prepared by
-    ``nestlm data prepare``), a resumable loader per stage; a blend of sources mixes their loaders."""
+    ``nestlm data prepare``), a resumable loader per stage; a blend of sources mixes their loaders.
+
+    With packing: rows every source's documents are read (and conversations rendered) once, before
+    any write, and kept until the last stage that uses them has its rows: a record longer than a
+    stage's row is refused then, in one line naming it."""
 
     def __init__(self, recipe: Recipe, tokenizer: Any, dist: DistInfo) -> None:
         self.recipe, self.tokenizer, self.dist = recipe, tokenizer, dist
+        self.chat = chat_format(recipe)
         self.tokens: dict[str, Any] = {}
+        self.docs: dict[str, list] = {}
+        self.last_use: dict[str, int] = {}
         for path, _ in blend_parts(recipe.data.train, "data.train"):  # a bad source fails before any write
             if recipe.data.packing == "stream":
                 self._tokens(path)
-            else:
-                self._documents(path, 1)
         for i, st in enumerate(recipe.stages):
-            if st.data is not None:
-                blend_parts(st.data, f"stages.{i}.data")
+            where = f"stages.{i}.data" if st.data is not None else "data.train"
+            for path, _ in blend_parts(st.data or recipe.data.train, where):
+                if recipe.data.packing == "rows":  # (reasoning:* problems: one, generated to check the source)
+                    loader_mod.check_fits(self._documents(path, 1), st.seq_len)
+                self.last_use[path] = i
 
     def _tokens(self, source: str) -> Any:
         d = self.recipe.data
@@ -102,17 +118,23 @@ class StageData:
                 self.tokens[source] = prepared.tokens()
             else:
                 self.tokens[source] = sources.load_tokens(
-                    source, self.tokenizer, max_bytes=d.max_bytes, num_problems=d.num_problems, seed=d.seed
+                    source, self.tokenizer, d.max_bytes, d.num_problems, d.seed, chat=self.chat
                 )
         return self.tokens[source]
 
-    def _documents(self, source: str, num_problems: int) -> list[tuple[torch.Tensor, int]]:
+    def _documents(self, source: str, num_problems: int) -> list[tuple[Any, ...]]:
+        """The documents of a source (loaded once; reasoning:* problems are generated again per count)."""
         d = self.recipe.data
-        if shards.is_prepared(source):
-            return shards.Prepared(source).documents(completion_only=d.loss == "completion")
-        return sources.load_documents(
-            source, self.tokenizer, d.max_bytes, num_problems, d.seed, completion_only=d.loss == "completion"
-        )
+        if sources.is_reasoning(source):
+            return sources.load_documents(source, self.tokenizer, d.max_bytes, num_problems, d.seed, loss=d.loss)
+        if source not in self.docs:
+            if shards.is_prepared(source):
+                self.docs[source] = shards.Prepared(source).documents(loss=d.loss)
+            else:
+                self.docs[source] = sources.load_documents(
+                    source, self.tokenizer, d.max_bytes, num_problems, d.seed, loss=d.loss, chat=self.chat
+                )
+        return self.docs[source]
 
     def loader(self, stage_idx: int, whole_batch: bool = False) -> Any:
         stage = self.recipe.stages[stage_idx]
@@ -125,6 +147,8 @@ class StageData:
                 pad = getattr(self.tokenizer, "pad_token_id", None) or 0
                 docs = self._documents(src, d.num_problems)
                 packed: Any = loader_mod.PackedRows(docs, stage.seq_len, d.val_fraction, src, pad_id=pad)
+                if not whole_batch and self.last_use.get(src, -1) <= stage_idx:
+                    self.docs.pop(src, None)  # no later stage packs it: its rows hold it now
             else:
                 packed = loader_mod.PackedBlocks(self._tokens(src), stage.seq_len, d.val_fraction, src)
             one = len(parts) == 1  # a blend's sources give global indices; the blend shards them

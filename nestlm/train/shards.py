@@ -8,7 +8,12 @@ A prepared directory (written atomically: it appears only when complete)::
     docs.npy           int64 (documents + 1,): where each document starts in the tokens, then the end
     context.npy        int64 (documents,): how many leading tokens of each document are prompt only
                        (reasoning:* questions; 0 elsewhere), so ``data.loss: completion`` works
+    spans.npy          int64 (spans, 3), only when some document has them: the trained spans of
+                       conversations and prompt/completion records (train/chat.py) as [start, end)
+                       in the token stream and 1 for a record's last assistant turn (data.loss: last_turn)
 
+Preparing streams: each source is read, rendered and tokenized one record at a time and every
+array is written as it grows, so peak memory does not depend on the size of the corpus.
 Training opens the shard with ``np.memmap`` and never loads it: :class:`MemmapTokens` is the
 1-D token stream the loader cuts into blocks, reading only the blocks a rank draws.
 """
@@ -16,6 +21,7 @@ Training opens the shard with ``np.memmap`` and never loads it: :class:`MemmapTo
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ import torch
 from ..checkpoint import atomic_dir
 from ..errors import NestlmError
 from . import sources
+from .chat import trained_mask
 
 META = "shards.json"
 FORMAT = "nestlm-token-shards"
@@ -37,8 +44,34 @@ def is_prepared(spec: Any) -> bool:
     return isinstance(spec, str | Path) and (Path(spec) / META).is_file()
 
 
-def _is_reasoning(spec: str) -> bool:
-    return spec == "reasoning" or spec.startswith("reasoning:")
+class _Column:
+    """An int64 .npy array of rows of ``width`` written as it grows: appends go to a raw file in
+    blocks, and ``save()`` copies it into the .npy block by block (memory stays one block)."""
+
+    BLOCK = 1 << 16
+
+    def __init__(self, path: Path, width: int = 1) -> None:
+        self.path, self.width, self.n = path, width, 0
+        self.raw = open(path.with_suffix(".raw"), "wb")
+        self.buf: list[int] = []
+
+    def add(self, *values: int) -> None:
+        self.buf.extend(values)
+        self.n += 1
+        if len(self.buf) >= self.BLOCK:
+            self.raw.write(np.asarray(self.buf, dtype=np.int64).tobytes())
+            self.buf.clear()
+
+    def save(self) -> None:
+        self.raw.write(np.asarray(self.buf, dtype=np.int64).tobytes())
+        self.raw.close()
+        raw = Path(self.raw.name)
+        shape = (self.n,) if self.width == 1 else (self.n, self.width)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int64)), "fortran_order": False, "shape": shape}
+        with open(self.path, "wb") as out, open(raw, "rb") as src:  # file to file: no map stays resident
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(src, out, 1 << 20)
+        raw.unlink()
 
 
 def prepare(
@@ -49,44 +82,58 @@ def prepare(
     max_bytes: int | None = None,
     num_problems: int = 20000,
     seed: int = 0,
+    loss: str = "completion",
+    chat: Any = None,
 ) -> dict[str, Any]:
-    """Tokenize ``inputs`` (any data.train source) into one prepared directory ``out``; returns its meta."""
+    """Tokenize ``inputs`` (any data.train source) into one prepared directory ``out``; returns its meta.
+
+    ``loss`` chooses the spans kept of conversations and prompt/completion records (``chat``
+    renders them): "completion" every assistant turn (training may still ask for the last only),
+    "last_turn" the last one, "all" none (every token trains).
+    """
     vocab = int(getattr(tokenizer, "vocab_size", 0) or 0)
     if vocab <= 0:
         raise NestlmError("the tokenizer has no vocab_size; give --tokenizer bytes or a model directory")
     dtype = np.uint16 if vocab < 2**16 else np.uint32
-    offsets, context, n_tok = [0], [], 0
+    n_tok, n_docs, prompts = 0, 0, False
     with atomic_dir(out) as tmp:
+        offsets, context, spans = _Column(tmp / "docs.npy"), _Column(tmp / "context.npy"), _Column(tmp / "spans.npy", 3)
+        offsets.add(0)
         with open(tmp / SHARD, "wb") as f:
             for spec in inputs:
-                docs = sources.load_documents(
-                    spec, tokenizer, max_bytes, num_problems, seed, completion_only=_is_reasoning(str(spec))
-                )
-                for ids, n_ctx in docs:
+                for ids, n_ctx, sp, where in sources.iter_documents(
+                    spec, tokenizer, max_bytes, num_problems, seed, loss, chat
+                ):
                     if ids.numel() and int(ids.max()) >= vocab:
-                        raise NestlmError(
-                            f"data {spec} has token id {int(ids.max())}, outside the vocabulary of {vocab}"
-                        )
+                        raise NestlmError(f"{where} has token id {int(ids.max())}, outside the vocabulary of {vocab}")
                     f.write(ids.numpy().astype(dtype).tobytes())
+                    for s, e, last in sp or []:
+                        spans.add(n_tok + s, n_tok + e, int(last))
                     n_tok += ids.numel()
-                    offsets.append(n_tok)
-                    context.append(n_ctx)
+                    n_docs += 1
+                    offsets.add(n_tok)
+                    context.add(n_ctx)
+                    prompts = prompts or n_ctx > 0 or bool(sp)
         if n_tok == 0:
             raise NestlmError(f"{', '.join(map(str, inputs))} hold no tokens; nothing to prepare")
-        np.save(tmp / "docs.npy", np.asarray(offsets, dtype=np.int64))
-        np.save(tmp / "context.npy", np.asarray(context, dtype=np.int64))
+        for col in (offsets, context, spans):
+            col.save()
+        if spans.n == 0:
+            (tmp / "spans.npy").unlink()
         meta = {
             "format": FORMAT,
             "version": 1,
             "dtype": np.dtype(dtype).name,
             "vocab_size": vocab,
             "tokens": n_tok,
-            "documents": len(context),
+            "documents": n_docs,
             "shards": [SHARD],
             "sources": [str(s) for s in inputs],
             "tokenizer": tokenizer_name,
-            "has_prompts": any(c > 0 for c in context),
+            "has_prompts": prompts,
         }
+        if spans.n:
+            meta |= {"spans": spans.n, "loss": loss}
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
@@ -173,6 +220,8 @@ class Prepared:
         self.mm = np.memmap(shard, dtype=dtype, mode="r", shape=(n,))
         self.offsets = np.load(self.path / "docs.npy", mmap_mode="r")
         self.context = np.load(self.path / "context.npy", mmap_mode="r")
+        has_spans = (self.path / "spans.npy").is_file()
+        self.spans = np.load(self.path / "spans.npy", mmap_mode="r") if has_spans else np.zeros((0, 3), np.int64)
 
     @property
     def vocab_size(self) -> int:
@@ -188,16 +237,23 @@ class Prepared:
     def tokens(self) -> MemmapTokens:
         return MemmapTokens(self.mm)
 
-    def documents(self, completion_only: bool = False) -> list[tuple[torch.Tensor, int]]:
-        """Every document as (ids, n_context), as sources.load_documents gives them (read into memory)."""
-        if completion_only and not self.meta.get("has_prompts"):
+    def documents(self, completion_only: bool = False, loss: str | None = None) -> list[tuple[Any, ...]]:
+        """Every document as sources.load_documents gives them (read into memory): (ids, n_context),
+        or for a record with trained spans (ids, trained, "DIR document i")."""
+        loss = loss or ("completion" if completion_only else "all")
+        if loss != "all" and not self.meta.get("has_prompts"):
             raise NestlmError(
-                f"data.loss: completion needs documents with a prompt and a completion; {self.path} has none "
-                "(prepare reasoning:* data, or use data.loss: all)"
+                f"data.loss: {loss} needs documents with a prompt and a completion; {self.path} has none "
+                "(prepare conversations, prompt/completion records or reasoning:* data, or use data.loss: all)"
             )
-        out = []
+        first = np.searchsorted(self.spans[:, 0], self.offsets) if loss != "all" else None  # each document's spans
+        out: list[tuple[Any, ...]] = []
         for i in range(len(self.context)):
             a, b = int(self.offsets[i]), int(self.offsets[i + 1])
             ids = torch.from_numpy(self.mm[a:b].astype(np.int64))
-            out.append((ids, int(self.context[i]) if completion_only else 0))
+            if loss == "all" or first[i] == first[i + 1]:
+                out.append((ids, int(self.context[i]) if loss != "all" else 0))
+                continue
+            sp = [(int(s) - a, int(e) - a, bool(last)) for s, e, last in self.spans[first[i] : first[i + 1]]]
+            out.append((ids, trained_mask(ids.numel(), sp, loss), f"{self.path} document {i}"))
         return out

@@ -6,9 +6,12 @@ Sources (``spec``), all local, nothing downloaded:
   FILE.txt / .md / .py / .rst / any file   the file's text, one document
   DIR                       every *.txt *.md *.py *.rst *.jsonl *.parquet under it,
                             recursively, in sorted path order (hidden paths skipped)
-  FILE.jsonl                one JSON object per line: ``{"text": ...}`` (a document)
-                            or ``{"input_ids": [...]}`` (pre-tokenized, used as is)
-  FILE.parquet              column ``text`` (or ``input_ids``); needs pyarrow
+  FILE.jsonl                one JSON object per line: ``{"text": ...}`` (a document),
+                            ``{"input_ids": [...]}`` (pre-tokenized, used as is),
+                            ``{"messages": [...]}`` (a conversation) or ``{"prompt", "completion"}``
+                            (TRL); see train/records.py, and train/chat.py for the chat template
+  FILE.parquet              the same as columns; needs pyarrow
+  DIR of datasets           a directory written by ``datasets``' save_to_disk (pip install nestlm[datasets])
   stdlib                    the Python standard library's own .py sources (tests and
                             site-packages left out), sorted, the same on every run
   reasoning[:short|long[:DIFFICULTY]]
@@ -16,14 +19,14 @@ Sources (``spec``), all local, nothing downloaded:
                             training seeds ``seed * num_problems ...`` (never test seeds)
 
 Text documents are tokenized and each is followed by the tokenizer's EOS; pre-tokenized
-records are concatenated as they are (add EOS yourself where you want one). ``max_bytes``
-caps the text read (UTF-8 bytes; the last document is cut at the cap).
+records are concatenated as they are (add EOS yourself where you want one); conversations
+end with the template's own end-of-turn tokens. ``max_bytes`` caps the text read (UTF-8
+bytes; the last document is cut at the cap).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -35,14 +38,15 @@ import torch
 from ..errors import NestlmError
 from ..tasks import reasoning
 from ..tokenizer import ByteTokenizer
+from .chat import LOSSES, ChatFormat, trained_mask
+from .records import Document, Record, is_saved_dataset, json_record, read_file, read_saved_dataset
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")
 DIR_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
 SPECIAL_SOURCES = "'stdlib' or 'reasoning:short|long'"
 _STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-_KINDS = "a text file, a directory, .jsonl (text or input_ids), .parquet, " + SPECIAL_SOURCES
-
-Document = str | torch.Tensor  # text, or the token ids of a pre-tokenized record
+_KINDS = "a text file, a directory, .jsonl or .parquet (text, messages, prompt/completion, input_ids), "
+_KINDS += "a datasets.save_to_disk directory, " + SPECIAL_SOURCES
 
 
 # ----------------------------------------------------------------------------- reading
@@ -54,7 +58,7 @@ def is_pretokenized(spec: str | Path) -> bool:
     with open(p, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
-                rec = _json_record(p, i, line)
+                rec = json_record(p, i, line)
                 return "input_ids" in rec
     return False
 
@@ -87,100 +91,9 @@ def _dir_files(d: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(d).as_posix())
 
 
-def _json_record(path: Path, lineno: int, line: str) -> dict[str, Any]:
-    try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise NestlmError(
-            f'{path} line {lineno} is not valid JSON ({e.msg}); each line must be one object such as {{"text": "..."}}'
-        ) from None
-    if not isinstance(rec, dict):
-        raise NestlmError(
-            f"{path} line {lineno} is a JSON {type(rec).__name__}, not an object; "
-            'each line must be {"text": "..."} or {"input_ids": [...]}'
-        )
-    return rec
-
-
-def _check_ids(ids: Any, where: str) -> torch.Tensor:
-    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        raise NestlmError(f"{where}: 'input_ids' must be a list of integer token ids")
-    t = torch.tensor(ids, dtype=torch.long)
-    if t.numel() and int(t.min()) < 0:
-        raise NestlmError(f"{where}: 'input_ids' holds a negative token id ({int(t.min())})")
-    return t
-
-
-def _read_jsonl(path: Path) -> Iterator[Document]:
-    field = None  # "text" or "input_ids", fixed by the first record
-    first = 0
-    with open(path, "rb") as f:
-        for i, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise NestlmError(f"{path} line {i} is not valid UTF-8 (byte {e.start}); re-encode the file") from None
-            if not line.strip():
-                continue
-            rec = _json_record(path, i, line)
-            if field is None:
-                field, first = ("input_ids" if "input_ids" in rec else "text"), i
-            if field not in rec:
-                keys = ", ".join(map(repr, rec)) or "none"
-                mixed = (
-                    f" (line {first} has {field!r}; a file is either all text or all input_ids)" if i > first else ""
-                )
-                raise NestlmError(
-                    f"{path} line {i} has no {field!r} field (its keys: {keys}){mixed}; "
-                    'each line needs {"text": "..."} or {"input_ids": [...]}'
-                )
-            if field == "text":
-                if not isinstance(rec["text"], str):
-                    raise NestlmError(f"{path} line {i}: 'text' is a {type(rec['text']).__name__}, not a string")
-                yield rec["text"]
-            else:
-                yield _check_ids(rec["input_ids"], f"{path} line {i}")
-
-
-def _read_parquet(path: Path) -> Iterator[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise NestlmError(
-            f"{path} is a .parquet file, which needs pyarrow: pip install nestlm[parquet] "
-            "(or convert it to .jsonl with a 'text' field)"
-        ) from None
-    pf = pq.ParquetFile(path)
-    names = pf.schema_arrow.names
-    column = "text" if "text" in names else "input_ids" if "input_ids" in names else None
-    if column is None:
-        raise NestlmError(
-            f"{path} has no 'text' (or 'input_ids') column (its columns: {', '.join(names) or 'none'}); "
-            "rename the text column to 'text'"
-        )
-    for batch in pf.iter_batches(columns=[column]):
-        for row, value in enumerate(batch.column(0).to_pylist()):
-            if value is None:
-                continue
-            if column == "text":
-                yield str(value)
-            else:
-                yield _check_ids(list(value), f"{path} ({column} row {row})")
-
-
-def _read_file(path: Path) -> Iterator[Document]:
-    """The documents of one file; an unreadable file or a line that is not UTF-8 is one line naming it."""
-    try:
-        if path.suffix == ".jsonl":
-            yield from _read_jsonl(path)
-        elif path.suffix == ".parquet":
-            yield from _read_parquet(path)
-        else:
-            yield path.read_text(encoding="utf-8", errors="replace")
-    except UnicodeDecodeError as e:
-        raise NestlmError(f"{path} is not valid UTF-8 (byte {e.start} of a line); re-encode it as UTF-8") from None
-    except OSError as e:
-        raise NestlmError(f"data file {path} cannot be read: {e.strerror or e}") from None
+def is_reasoning(spec: str | Path) -> bool:
+    """A ``reasoning[:...]`` source (synthetic problems, generated on demand)."""
+    return str(spec) == "reasoning" or str(spec).startswith("reasoning:")
 
 
 def _parse_reasoning(spec: str) -> tuple[str, list[int]]:
@@ -227,8 +140,11 @@ def _documents(spec: str | Path, num_problems: int, seed: int) -> Iterator[Docum
     p = Path(spec)
     if not p.exists():
         raise NestlmError(f"data {s} does not exist; give {_KINDS}")
+    if is_saved_dataset(p):
+        yield from read_saved_dataset(p)
+        return
     for f in _dir_files(p) if p.is_dir() else [p]:
-        yield from _read_file(f)
+        yield from read_file(f)
 
 
 def _capped(docs: Iterable[Document], max_bytes: int | None) -> Iterator[Document]:
@@ -254,6 +170,8 @@ def read_texts(spec: str | Path, max_bytes: int | None = None, num_problems: int
     """
     out: list[str] = []
     for d in _capped(_documents(spec, num_problems, seed), max_bytes):
+        if isinstance(d, Record):
+            raise NestlmError(f"{d.where} is a conversation or prompt/completion record, not plain text")
         if not isinstance(d, str):
             raise NestlmError(f"data {spec} holds pre-tokenized input_ids, not text; load it with load_tokens")
         out.append(d)
@@ -276,7 +194,16 @@ def tokenize(texts: Iterable[str], tokenizer: Any, chunk: int = 256) -> torch.Te
     return _stream(texts, tokenizer, chunk)
 
 
-def _stream(docs: Iterable[Document], tokenizer: Any, chunk: int = 256) -> torch.Tensor:
+def _record(d: Record, chat: ChatFormat | None, loss: str) -> tuple[torch.Tensor, list]:
+    if chat is None:
+        raise NestlmError(
+            f"{d.where} is a {'conversation' if d.kind == 'messages' else 'prompt/completion record'}, which needs "
+            "the tokenizer's chat template: give a model directory's tokenizer (or 'bytes' and data.chat_template)"
+        )
+    return chat.encode(d, loss)
+
+
+def _stream(docs: Iterable[Document], tokenizer: Any, chunk: int = 256, chat: ChatFormat | None = None) -> torch.Tensor:
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     eos_t = torch.tensor([eos], dtype=torch.long) if eos is not None else None
     parts: list[torch.Tensor] = []
@@ -290,6 +217,10 @@ def _stream(docs: Iterable[Document], tokenizer: Any, chunk: int = 256) -> torch
         pending.clear()
 
     for d in docs:
+        if isinstance(d, Record):  # rendered by the chat template, which ends it (no EOS added)
+            flush()
+            parts.append(_record(d, chat, "all")[0])
+            continue
         if len(d) == 0:  # an empty document adds nothing, not even an EOS
             continue
         if isinstance(d, str):
@@ -312,15 +243,17 @@ def load_tokens(
     num_problems: int = 20000,
     seed: int = 0,
     vocab_size: int | None = None,
+    chat: ChatFormat | None = None,
 ) -> torch.Tensor:
     """The whole token stream of ``spec`` as a 1-D LongTensor.
 
     Text is tokenized with ``tokenizer`` (``encode(text) -> list[int]``, ``eos_token_id``),
-    one EOS after each document; pre-tokenized input_ids need no tokenizer. With
-    ``vocab_size`` (default: the tokenizer's, if it has one) every id is checked to be below it.
+    one EOS after each document; pre-tokenized input_ids need no tokenizer; conversations and
+    prompt/completion records are rendered by ``chat``. With ``vocab_size`` (default: the
+    tokenizer's, if it has one) every id is checked to be below it.
     """
     docs = _capped(_documents(spec, num_problems, seed), max_bytes)
-    tokens = _stream(docs, tokenizer)
+    tokens = _stream(docs, tokenizer, chat=chat)
     if tokens.numel() == 0:
         raise NestlmError(f"data {spec} holds no text (every document is empty); give data with text in it")
     vocab = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
@@ -332,6 +265,46 @@ def load_tokens(
     return tokens
 
 
+def iter_documents(
+    spec: str | Path,
+    tokenizer: Any = None,
+    max_bytes: int | None = None,
+    num_problems: int = 20000,
+    seed: int = 0,
+    loss: str = "completion",
+    chat: ChatFormat | None = None,
+) -> Iterator[tuple[torch.Tensor, int, list | None, str]]:
+    """Each document of ``spec``, one at a time, as ``(ids, n_context, spans, where)``.
+
+    ids: its token ids (EOS appended to text, as in :func:`load_tokens`); n_context: for
+    ``reasoning:*`` problems the length of the question, else 0; spans: for conversations and
+    prompt/completion records the trained spans that ``loss`` asks for (train/chat.py), else None;
+    where: the file and line it came from (records), else the source.
+    """
+    s = str(spec)
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    tail = torch.tensor([eos] if eos is not None else [], dtype=torch.long)
+    if s == "reasoning" or s.startswith("reasoning:"):
+        if tokenizer is None:
+            raise NestlmError("this data is text and needs a tokenizer (or give pre-tokenized .jsonl input_ids)")
+        for p in _reasoning_problems(s, num_problems, seed):
+            q, a = _encode_all([p.prompt, p.cot], tokenizer)
+            yield torch.cat([q, a, tail]), q.numel(), None, s
+        return
+    for d in _capped(_documents(spec, num_problems, seed), max_bytes):
+        if isinstance(d, Record):
+            ids, spans = _record(d, chat, loss)
+            yield ids, 0, (spans if loss != "all" else None), d.where
+        elif len(d) == 0:
+            continue
+        elif isinstance(d, str):
+            if tokenizer is None:
+                raise NestlmError("this data is text and needs a tokenizer (or give pre-tokenized .jsonl input_ids)")
+            yield torch.cat([_encode_all([d], tokenizer)[0], tail]), 0, None, s
+        else:
+            yield d.long(), 0, None, s
+
+
 def load_documents(
     spec: str | Path,
     tokenizer: Any = None,
@@ -339,41 +312,33 @@ def load_documents(
     num_problems: int = 20000,
     seed: int = 0,
     completion_only: bool = False,
-) -> list[tuple[torch.Tensor, int]]:
-    """Each document of ``spec`` as ``(ids, n_context)``: its token ids (EOS appended, as in
-    :func:`load_tokens`) and how many leading tokens are context only, never targets.
+    loss: str | None = None,
+    chat: ChatFormat | None = None,
+) -> list[tuple[torch.Tensor, Any] | tuple[torch.Tensor, Any, str]]:
+    """Each document of ``spec`` as ``(ids, n_context)``, or ``(ids, trained, where)`` for a record.
 
-    ``n_context`` is 0 unless ``completion_only``; then, for ``reasoning:*`` problems, it is
-    the length of the question (the targets are the worked solution, the answer and EOS).
+    ``loss`` (``data.loss``; ``completion_only`` is the old ``loss="completion"``): with "all",
+    n_context is 0 and every token is a target. Else ``reasoning:*`` problems train on what
+    follows the question (n_context = its length), conversations and prompt/completion records
+    on ``trained`` (a bool per token: the assistant turns, or the completion), and plain text is
+    refused (it has no prompt). A record is never split across rows (``where`` names it).
     """
-    s = str(spec)
-    is_reasoning = s == "reasoning" or s.startswith("reasoning:")
-    if completion_only and not is_reasoning:
-        raise NestlmError(
-            f"data.loss: completion needs documents with a prompt and a completion; {s} has none "
-            "(use reasoning:* data, or data.loss: all)"
-        )
-    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-    tail = [eos] if eos is not None else []
-    if is_reasoning:
-        if tokenizer is None:
-            raise NestlmError("this data is text and needs a tokenizer (or give pre-tokenized .jsonl input_ids)")
-        out = []
-        for p in _reasoning_problems(s, num_problems, seed):
-            q, a = _encode_all([p.prompt, p.cot], tokenizer)
-            out.append((torch.cat([q, a, torch.tensor(tail, dtype=torch.long)]), q.numel() if completion_only else 0))
-        return out
-    out = []
-    for d in _capped(_documents(spec, num_problems, seed), max_bytes):
-        if len(d) == 0:
-            continue
-        if isinstance(d, str):
-            if tokenizer is None:
-                raise NestlmError("this data is text and needs a tokenizer (or give pre-tokenized .jsonl input_ids)")
-            ids = torch.cat([_encode_all([d], tokenizer)[0], torch.tensor(tail, dtype=torch.long)])
+    loss = loss or ("completion" if completion_only else "all")
+    if loss not in LOSSES:
+        raise NestlmError(f"data.loss {loss!r} must be one of {', '.join(LOSSES)}")
+    out: list[Any] = []
+    for ids, n_ctx, spans, where in iter_documents(spec, tokenizer, max_bytes, num_problems, seed, loss, chat):
+        if loss == "all":
+            out.append((ids, 0))
+        elif spans is not None:
+            out.append((ids, trained_mask(ids.numel(), spans, loss), where))
+        elif n_ctx:
+            out.append((ids, n_ctx))
         else:
-            ids = d.long()
-        out.append((ids, 0))
+            raise NestlmError(
+                f"data.loss: {loss} needs documents with a prompt and a completion; {where} has none "
+                "(use conversations, prompt/completion records or reasoning:* data, or data.loss: all)"
+            )
     if not out:
         raise NestlmError(f"data {spec} holds no text (every document is empty); give data with text in it")
     return out

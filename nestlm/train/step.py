@@ -1,5 +1,8 @@
 """One optimizer step's forward and backward passes: micro-batches, token weights, routers, clipping.
 
+A batch is (inputs, targets), or (inputs, targets, segments) for packed rows: the segments go to
+the model as ``segment_ids`` (train/loader.py).
+
 A rank's share of the global batch is split into ``accum`` micro-batches; each runs forward and
 backward at once (no graph outlives its micro-batch). Each micro-batch's mean loss is weighted
 by its share of the *global* batch's trained tokens (targets that are not IGNORE, counted over
@@ -15,6 +18,7 @@ without keeping anything alive.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -24,13 +28,18 @@ from ..elastic.router import RouterSample
 from .distributed import DistInfo, all_reduce_sum
 from .losses import IGNORE, ce_loss
 
-
-def micro_batches(x: torch.Tensor, y: torch.Tensor, micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A rank's (inputs, targets) of one step, (per_rank, L) each, cut into micro-batches of ``micro`` rows."""
-    return list(zip(x.split(micro), y.split(micro), strict=True))
+Batch = list[tuple[torch.Tensor, ...]]
 
 
-Batch = list[tuple[torch.Tensor, torch.Tensor]]
+def micro_batches(batch: tuple[torch.Tensor, ...], micro: int) -> Batch:
+    """A rank's (inputs, targets[, segments]) of one step, (per_rank, L) each, in micro-batches of ``micro`` rows."""
+    return list(zip(*(t.split(micro) for t in batch), strict=True))
+
+
+def on_device(batch: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(inputs, targets, the model's keyword arguments: the segment ids of packed rows) on ``device``."""
+    x, y, *seg = (t.to(device) for t in batch)
+    return x, y, {"segment_ids": seg[0]} if seg else {}
 
 
 def token_weights(batches: Batch, device: torch.device, info: DistInfo) -> list[float]:
@@ -38,7 +47,7 @@ def token_weights(batches: Batch, device: torch.device, info: DistInfo) -> list[
 
     FSDP2 averages gradients over the ranks (and average_gradients the routers'), hence the
     factor world: the averaged gradient is then the global token mean."""
-    counts = torch.tensor([float((y != IGNORE).sum()) for _, y in batches], device=device)
+    counts = torch.tensor([float((b[1] != IGNORE).sum()) for b in batches], device=device)
     total = float(all_reduce_sum(counts.sum(), info))
     if total == 0:
         return [0.0] * len(batches)
@@ -50,7 +59,7 @@ def _leaf(sample: RouterSample) -> RouterSample:
 
 
 def forward_backward(
-    t: Any, budget: str, sample: RouterSample | None, arch: Any, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    t: Any, budget: str, sample: RouterSample | None, arch: Any, batches: Batch
 ) -> tuple[float, float, float | None]:
     """Forward and backward of every micro-batch of a step, and the routers' backward.
 
@@ -60,14 +69,15 @@ def forward_backward(
     weights = token_weights(batches, t.device, t.dist)
     leaf = _leaf(sample) if sample is not None else None
     loss_sum = torch.zeros((), device=t.device)
-    for (x, y), w in zip(batches, weights, strict=True):
-        x, y = x.to(t.device), y.to(t.device)
+    for batch, w in zip(batches, weights, strict=True):
+        x, y, kw = on_device(batch, t.device)
+        forward = functools.partial(t._forward, **kw) if kw else t._forward
         if not t.elastic:
-            loss = ce_loss(t._forward(t.model, x), y)
+            loss = ce_loss(forward(t.model, x), y)
         else:
             with torch.no_grad():
-                t_logits = t._forward(t.teacher if t.teacher is not None else t.model, x)
-            loss = el.student_loss(t._forward, t.model, t.routers, leaf, arch, x, y, t_logits, e)
+                t_logits = forward(t.teacher if t.teacher is not None else t.model, x)
+            loss = el.student_loss(forward, t.model, t.routers, leaf, arch, x, y, t_logits, e)
         loss_sum = loss_sum + loss.detach() * w
         (loss * w).backward()
     bl_val, cost_val = 0.0, None

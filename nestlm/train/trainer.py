@@ -27,7 +27,7 @@ from ..elastic.router import ElasticRouters
 from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer
-from . import precision, preempt, setup
+from . import context_parallel, precision, preempt, setup
 from .batching import stage_batching
 from .checkpointer import METRICS, Checkpointer, TrainState, python_rng_from_json, python_rng_to_json
 from .distributed import (
@@ -43,7 +43,7 @@ from .distributed import (
 from .losses import IGNORE, Head, ce_loss, kd_loss
 from .recipe import Recipe, stage_probs, stage_steps, stored_fingerprint
 from .schedules import gumbel_schedule, set_lr
-from .step import clip_gradients, forward_backward, micro_batches
+from .step import clip_gradients, forward_backward, micro_batches, on_device
 
 RUN_FILE = "run.json"
 
@@ -63,8 +63,9 @@ class Trainer:
                 min(tr.threads, len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else tr.threads
             )
         self.device, self.dist = setup.device_and_dist(tr.device, init_distributed)
+        self.mesh = context_parallel.make_mesh(tr.context_parallel, self.dist)  # (data, context) ranks
         self.precision = precision.resolve(tr.dtype, self.device, sharded=self.dist.enabled)
-        self.batching = [stage_batching(s, tr, self.dist.world) for s in recipe.stages]  # refused before any write
+        self.batching = [stage_batching(s, tr, self.mesh.data.world) for s in recipe.stages]  # refused before any write
         self.elastic = tr.mode == "elastic"
         self.ckpt = Checkpointer(self.out, tr.keep_last, self.dist)
         self._check_out_dir(resume)
@@ -75,7 +76,7 @@ class Trainer:
         self.model = setup.build_parent(recipe)
         if self.tokenizer is None:
             self.tokenizer = setup.model_tokenizer(self.model)
-        self.data = setup.StageData(recipe, self.tokenizer, self.dist)  # a bad source fails before any write
+        self.data = setup.StageData(recipe, self.tokenizer, self.mesh.data)  # a bad source fails before any write
         self._save_parent = False
         if self.elastic:  # check the axes and targets before any slow or written work
             el.resolve_choices(self.model.config, e.axes, width_multiple=e.width_multiple)
@@ -100,6 +101,10 @@ class Trainer:
             self.routers = el.make_routers(self.model.config, e, len(self.routed), order)
             if e.router_init == "one-shot" and not resume:  # (a resumed run restores its routers)
                 el.warm_start_routers(self.routers, self.model.config, self.targets, self.routed, e)
+            elif e.router_init == "search" and not resume:  # on the same batches on every rank
+                loader = self.data.loader(0, whole_batch=True)
+                batches = [tuple(loader.next_batch()[:2]) for _ in range(e.importance_batches)]
+                el.search_router_init(self.routers, self.model, batches, self.targets, self.routed, e)
             self.routers.to(self.device)
             broadcast_parameters(self.routers, self.dist)  # identical on every rank from step 0
         self.teacher: HybridLM | None = None
@@ -169,7 +174,7 @@ class Trainer:
         """Logits, or with train.kd_chunk_tokens a Head (hidden states + weight) for the chunked losses."""
         chunk = self.recipe.train.kd_chunk_tokens
         with self.precision.autocast(self.device):
-            out = model(x, head=not chunk, **kw)
+            out = model(x, head=not chunk, context=self.mesh.context, **kw)
         return Head(out.hidden_states, model.output_weight(), chunk, self.precision.compute) if chunk else out.logits
 
     # ---------------------------------------------------------------- one step
@@ -216,11 +221,11 @@ class Trainer:
             if budget in self.routed:  # unconstrained argmax: validation watches what the routers prefer now
                 arch = self.routers.freeze(self.routed.index(budget), scale=self.recipe.elastic.logit_scale[1])
             total = torch.zeros(2, device=self.device)  # (sum of token-weighted losses, tokens) on the device
-            for x, y in (m for b in batches for m in micro_batches(*b, self.batching[stage_idx].micro_batch)):
-                x, y = x.to(self.device), y.to(self.device)
-                logits = self._forward(self.model, x, arch=arch)
+            for mb in (m for b in batches for m in micro_batches(b, self.batching[stage_idx].micro_batch)):
+                x, y, kw = on_device(mb, self.device)  # kw: the segment ids of packed rows
+                logits = self._forward(self.model, x, arch=arch, **kw)
                 if self.elastic:
-                    t_logits = self._forward(self.teacher or self.model, x)
+                    t_logits = self._forward(self.teacher or self.model, x, **kw)
                     loss = kd_loss(logits, t_logits, self.recipe.elastic.kd_temperature, y)
                 else:
                     loss = ce_loss(logits, y)
@@ -241,6 +246,8 @@ class Trainer:
     def run(self) -> Path:
         from tqdm.auto import tqdm
 
+        from ..progress import show_progress
+
         rec = self.recipe
         self.tb = setup.open_tensorboard(rec.train.tensorboard and self.dist.is_main, self.out)
         guard = preempt.PreemptGuard()
@@ -249,7 +256,7 @@ class Trainer:
             for si in range(self.state.stage, len(rec.stages)):
                 stage = rec.stages[si]
                 steps, shape = stage_steps(stage, rec.train), self.batching[si]
-                self.loader = self.data.loader(si)
+                self.loader = self.mesh.loader(self.data.loader(si))  # this rank's part of every sequence
                 start = self.state.stage_step if si == self.state.stage else 0
                 if start and self.state.data:
                     self.loader.load_state_dict(self.state.data)
@@ -257,14 +264,14 @@ class Trainer:
                     total=steps,
                     initial=start,
                     desc=f"stage {si + 1}/{len(rec.stages)} {stage.name}",
-                    disable=not (self.progress and self.dist.is_main),
+                    disable=not (show_progress(self.progress) and self.dist.is_main),
                     dynamic_ncols=True,
                 )
                 ema: dict[str, float] = {}
                 for step in range(start, steps):
                     set_lr(self.opt, stage, rec.train.lr, step, steps)
                     t0 = time.perf_counter()
-                    batches = micro_batches(*self.loader.next_batch(), shape.micro_batch)  # this rank's share
+                    batches = micro_batches(self.loader.next_batch(), shape.micro_batch)  # this rank's share
                     m = self.train_step(si, batches)
                     dt = time.perf_counter() - t0
                     ntok = shape.tokens(stage.seq_len)  # the global batch's, exact for any world size

@@ -52,3 +52,34 @@ def test_generate_refuses_out_of_range_options(capsys: pytest.CaptureFixture, op
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nestlm: error: ") and needle in err[0], err
+
+
+def test_budget_targets_take_the_names_budgets_have() -> None:
+    """`prune --budget 6b` as the README names budgets: 6e9 parameters (500m, 1.5k likewise)."""
+    from nestlm.elastic.targets import Target
+
+    assert nestlm.parse_target("6b") == nestlm.parse_target("6e9") == Target("params", 6e9)
+    assert nestlm.parse_target("500M") == Target("params", 5e8)
+    assert nestlm.parse_target("23b,active=2.8b") == Target("params", 23e9, 2.8e9)
+    assert nestlm.parse_target("12GB").kind == "memory"  # a memory size is still one
+    with pytest.raises(nestlm.NestlmError, match="6x"):
+        nestlm.parse_target("6x")
+
+
+def test_a_recipe_with_both_a_path_and_an_init_says_how_to_fix_it(capsys: pytest.CaptureFixture, tmp_path) -> None:
+    parent = Path(nestlm.__file__).parent / "assets" / "parent"
+    assert main(["train", "tiny", "--out", str(tmp_path / "r"), f"model.path={parent}", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.init=null" in err[0]
+    assert (
+        main(["train", "tiny", "--out", str(tmp_path / "r"), f"model.path={parent}", "model.init=null", "--dry-run"])
+        == 0
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_text_to_ids_with_the_models_tokenizer() -> None:
+    parent = Path(nestlm.__file__).parent / "assets" / "parent"
+    tok = nestlm.load_tokenizer(parent)
+    ids = tok.encode("x = 1")
+    assert tok.decode(ids) == "x = 1" and len(ids) == 5

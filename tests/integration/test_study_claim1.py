@@ -13,6 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 ELASTIC = ["elastic", "elastic, fixed", "elastic, 3 T1", "elastic, lr 5e-4", "elastic, router lr 10x"]
 ELASTIC += ["elastic, fixed, 3 T1", "elastic, one-shot init"]
+ELASTIC += ["elastic, soft", "elastic, soft, one-shot init", "elastic, soft, hetero", "elastic, soft, router lr 10x"]
+ELASTIC += ["elastic, soft, search init"]
 
 
 def _script():
@@ -52,3 +54,8 @@ def test_quick_investigation_measures_every_method(tmp_path: Path) -> None:
         assert {"held": lo_ >= 0, "not held": hi_ <= 0, "inconclusive": lo_ <= 0 <= hi_}[v], (diff, lo, hi, v)
     assert len(res["kd"]) == 4 and all(r["parent (one-shot)"] > 0 for r in res["kd"])
     assert "parent (one-shot)" in report
+    # every learned-router run records, per budget, whether freezing kept the routers' own choice
+    for method in ELASTIC:
+        own = runs[method]["own_choice"]
+        assert set(own) == {"full", "75", "50"} and own["full"] is None
+        assert all(isinstance(own[b], bool) for b in ("75", "50")) != method.startswith("elastic, fixed")

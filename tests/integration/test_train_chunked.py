@@ -63,7 +63,7 @@ def spied_train(overrides: list[str], out: Path, monkeypatch: pytest.MonkeyPatch
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["elastic.mask=soft"], ["elastic.trainable_teacher=true"], ["train.mode=plain"]],
+    [["elastic.mask=hard"], ["elastic.mask=soft"], ["elastic.trainable_teacher=true"], ["train.mode=plain"]],
     ids=["hard", "soft", "trainable-teacher", "plain"],
 )
 def test_chunked_losses_equal_full_logits(

@@ -25,14 +25,14 @@ def rows(out: Path) -> list[dict]:
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["elastic.mask=soft"],
+        ["elastic.mask=hard"],  # the paper's masks (soft is the default)
         ["elastic.heterogeneous=true"],
         ["elastic.axes.depth=[0,1,2]"],
         ["elastic.trainable_teacher=true"],
         ["train.activation_checkpointing=true", "train.grad_accum=2"],
         ["elastic.router_init=one-shot"],
     ],
-    ids=["soft", "heterogeneous", "depth", "trainable-teacher", "checkpointing-accum", "one-shot-init"],
+    ids=["hard", "heterogeneous", "depth", "trainable-teacher", "checkpointing-accum", "one-shot-init"],
 )
 def test_modes_train_and_freeze(tmp_path: Path, overrides: list[str]) -> None:
     out = tmp_path / "run"

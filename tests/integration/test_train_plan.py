@@ -18,8 +18,13 @@ RECIPE = str(Path(__file__).resolve().parents[2] / "recipes" / "nemotron-nano-12
 
 def test_12b_plan_at_64_ranks(capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert main(["train", RECIPE, "--dry-run", "--world-size", "64"]) == 0
-    out = capsys.readouterr().out
+    assert main(["train", RECIPE, "--dry-run", "--world-size", "64"]) == 3  # stage 2 needs context parallelism
+    out, err = capsys.readouterr()
+    assert (
+        err == "nestlm: stage 2 (long-context) does not fit in 80 GiB per GPU at world size 64 (exit status 3; "
+        "see the plan above)\n"
+    )
+    assert "per rank at world size 64 on 80 GiB GPUs" in out
     cfg = parent_config(load_recipe(RECIPE))
     n = count_parameters(cfg)  # arch.py's exact count agrees with the meta-device model
     assert f"parent: {n:,} parameters, 62 layers, hidden 5120, vocab 131072" in out
@@ -39,8 +44,8 @@ def test_plan_refuses_a_world_size_the_batch_does_not_divide(capsys: pytest.Capt
 
 
 def test_activations_grow_with_the_micro_batch_and_checkpointing_saves(capsys: pytest.CaptureFixture) -> None:
-    def act(*ov: str) -> float:
-        assert main(["train", RECIPE, "--dry-run", "--world-size", "64", *ov]) == 0
+    def act(*ov: str) -> float:  # on GPUs large enough that every stage fits (exit 0): the parts do not depend on it
+        assert main(["train", RECIPE, "--dry-run", "--world-size", "64", "--gpu-memory", "1000", *ov]) == 0
         return float(re.search(r"activations / micro-batch\s+([\d.]+) GiB", capsys.readouterr().out).group(1))
 
     one = act()
@@ -77,7 +82,7 @@ def test_soft_masks_cost_one_more_copy_of_the_masked_tensors(capsys: pytest.Capt
     """elastic.mask: soft adds a plan line; hard masks and fixed architectures do not."""
 
     def soft(*ov: str) -> float | None:
-        assert main(["train", RECIPE, "--dry-run", "--world-size", "64", *ov]) == 0
+        assert main(["train", RECIPE, "--dry-run", "--world-size", "64", "--gpu-memory", "1000", *ov]) == 0
         m = re.search(r"soft masks / micro-batch\s+([\d.]+) GiB", capsys.readouterr().out)
         return None if m is None else float(m.group(1))
 
@@ -87,3 +92,24 @@ def test_soft_masks_cost_one_more_copy_of_the_masked_tensors(capsys: pytest.Capt
     mlp = max(ls.ffn for ls in cfg.layers if ls.kind == "mlp")
     tokens = 8192  # stage 0: micro-batch 1 x 8192
     assert soft("elastic.mask=soft") == pytest.approx(2 * 2 * (cfg.hidden_size + mlp) * tokens / GIB, abs=0.006)
+
+
+def test_context_parallel_plan_fits_the_paper_on_one_node(capsys: pytest.CaptureFixture) -> None:
+    """train.context_parallel=8 on 8 ranks: every sequence in 8 parts; both stages fit in 80 GiB per GPU."""
+
+    def plan(*ov: str, code: int = 0) -> str:
+        assert main(["train", RECIPE, "--dry-run", *ov]) == code
+        return capsys.readouterr().out
+
+    out = plan("--world-size", "8", "train.context_parallel=8")
+    assert "FSDP2 over 8 ranks as 8-rank context groups" in out
+    assert "global batch 256 = micro-batch 1 x 256 accumulation steps x 1 data-parallel ranks (x 8 context)" in out
+    assert out.count("-> fits in 80 GiB") == 2 and out.count("context-parallel exchange") == 2
+    one = plan("--world-size", "8", code=3)  # exit 3: a stage does not fit
+    act = [float(x) for x in re.findall(r"activations / micro-batch\s+([\d.]+) GiB", one)]
+    act_cp = [float(x) for x in re.findall(r"activations / micro-batch\s+([\d.]+) GiB", out)]
+    assert act_cp == pytest.approx([a / 8 for a in act], abs=0.01)  # each rank holds 1/8 of every sequence
+    assert "does NOT fit" in one  # stage 2 without context parallelism
+    assert main(["train", RECIPE, "--dry-run", "--world-size", "12", "train.context_parallel=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.context_parallel 8 must divide the world size 12" in err[0]

@@ -264,3 +264,47 @@ def test_warm_start_puts_the_routers_on_the_one_shot_choice(fraction):
     assert any(not torch.equal(before[a], lg) for a, lg in routers.logits(0).items())
     with pytest.raises(Exception, match="homogeneous routers"):
         warm_start_routers(_routers(cfg, heterogeneous=True), cfg, targets, ["a", "b"], e)
+
+
+def test_search_init_starts_the_routers_at_the_choice_of_least_one_shot_kd():
+    """elastic.router_init: search: among the grid choices within the tolerance, the one whose sub-network of
+    the untrained parent distils best (lowest KL to the parent on the batches); the same on every call."""
+    from nestlm.elastic.training import search_router_init
+    from nestlm.train.losses import kd_loss
+    from nestlm.train.recipe import ElasticSection
+
+    cfg = _config()
+    torch.manual_seed(0)
+    model = HybridLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, cfg.vocab_size, (2, 12), generator=g),) * 2 for _ in range(2)]
+    batches = [(x, x.roll(-1, dims=1)) for x, _ in batches]
+    e = ElasticSection(budgets={"a": 0.6, "b": 0.8}, axes=AXES, tolerance=0.05)
+    targets = {"a": Target("fraction", 0.6), "b": Target("fraction", 0.8)}
+    routers = _routers(cfg, seed=3)
+    chosen = search_router_init(routers, model, batches, targets, ["a", "b"], e)
+    again = search_router_init(_routers(cfg, seed=4), model, batches, targets, ["a", "b"], e)
+    assert {k: v.to_dict() for k, v in chosen.items()} == {k: v.to_dict() for k, v in again.items()}
+    with torch.no_grad():
+        teacher = [model(x).logits for x, _ in batches]
+
+    @torch.no_grad()
+    def kd(arch: ArchSpec) -> float:
+        return sum(
+            float(kd_loss(model(x, arch=arch).logits, t, 1.0, y)) for (x, y), t in zip(batches, teacher, strict=True)
+        )
+
+    for j, name in enumerate(["a", "b"]):
+        spec = chosen[name]
+        assert abs(spec.num_parameters(cfg) / targets[name].params(cfg) - 1) <= 0.05
+        inside = [
+            routers.arch(ch)
+            for ch in routers.grid()
+            if abs(routers.arch(ch).num_parameters(cfg) / targets[name].params(cfg) - 1) <= 0.05
+        ]
+        assert len(inside) >= 2  # a real choice was made
+        assert kd(spec) == pytest.approx(min(kd(a) for a in inside))
+        assert kd(spec) < max(kd(a) for a in inside)
+        assert routers.freeze(j) == spec  # the routers now prefer it, with p >= 0.6 but not saturated
+        for lg in routers.logits(j).values():
+            assert 0.6 <= float(F.softmax(lg[0].detach(), dim=-1).max()) < 0.9
