@@ -72,6 +72,11 @@ def elastic_variants(base: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The elastic runs of the investigation (stage 1 only), each one change from ``base``."""
     base = copy.deepcopy(base)
     base["stages"] = base["stages"][:1]
+    # the setting the investigation measured, whatever the demo's: random router init, uniform stage-1
+    # sampling, lr 1e-4 (the rows below change one thing each)
+    base["elastic"]["router_init"] = "random"
+    base["stages"][0]["budget_probs"] = "uniform"
+    base["train"]["lr"] = 1e-4
     longer = copy.deepcopy(base)
     longer["stages"][0]["steps"] *= 3
     base = _changed(base, elastic__mask="hard", elastic__budget_loss_weight=1.0)  # the paper's, whatever the defaults

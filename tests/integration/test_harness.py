@@ -37,7 +37,9 @@ def _in_task_dir(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def elastic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("harness") / "run"
-    train(load_recipe("tiny", ["data.max_bytes=60000", "stages.0.steps=4", "stages.1.steps=2"]), out, progress=False)
+    ov = ["data.max_bytes=60000", "stages.0.steps=4", "stages.1.steps=2"]
+    ov += ["elastic.mask=hard", "elastic.budget_loss_weight=1", "elastic.router_init=random"]  # as these were written
+    train(load_recipe("tiny", ov), out, progress=False)
     (out / "chat_template.jinja").write_text(TEMPLATE)
     return out
 
