@@ -89,11 +89,9 @@ class ElasticSection:
     router_eps: float = 1e-6
     tau: list[float] = field(default_factory=lambda: [1.0, 0.05])
     logit_scale: list[float] = field(default_factory=lambda: [1.0, 10.0])
-    # "soft" (default): the full widths run with each axis's mask sum_i pi_i mask_i, so the task loss compares
-    # every option; "hard" (the paper's): the argmax option runs sliced, scaled by pi_c / pi_c.detach(), whose
-    # gradient only says whether scaling the chosen block would help. With the paper's settings (hard,
-    # budget_loss_weight 1) the study's 75% / 50% budgets reached 9% / 10% against 55% / 54% (seed 0) for
-    # soft masks with budget_loss_weight 10 (benchmarks/study_claim1.py, docs/study-claim1.md)
+    # "soft" (default): full widths run with each axis's mask sum_i pi_i mask_i, so the task loss compares every
+    # option; "hard" (the paper's): the argmax option sliced, scaled by pi_c / pi_c.detach() (its gradient only
+    # says whether scaling the chosen block helps): 9% / 10% at 75% / 50% in docs/study-claim1.md, soft 55% / 54%
     mask: str = "soft"
     # "learned": Gumbel-Softmax routers choose each budget's sub-network (the paper). "fixed": no
     # routers; each budget is the homogeneous one-shot choice (`nestlm prune --budget`), trained nested
@@ -107,8 +105,7 @@ class ElasticSection:
     # the default since the family-quality issue: from "random" the 50% budget's seeds scored 54% or 26%,
     # from "search" 53% and 50% (docs/study-claim1.md). Heterogeneous routers take "random"
     router_init: str = "search"
-    # 10 keeps each budget's own choice inside the tolerance to the end (at 1 the soft routers' 50% budget ended
-    # at 46.6%, outside 5%, and freezing had to take a sub-network training never ran); the paper's is 1
+    # 10 keeps each budget's own choice inside the tolerance (at 1, the paper's, soft routers ended outside it)
     budget_loss_weight: float = 10.0
     tolerance: float = 0.05
     # channel widths (hidden, MLP, expert widths) below the parent's are multiples of this, in the axes'

@@ -16,7 +16,8 @@ from nestlm.train.recipe import load_recipe
 
 @pytest.mark.parametrize("heterogeneous", [False, True])
 def test_one_hot_soft_mask_equals_sliced_subnetwork(heterogeneous: bool, one_thread: None) -> None:
-    r = load_recipe("tiny", [f"elastic.heterogeneous={str(heterogeneous).lower()}"])
+    ov = [f"elastic.heterogeneous={str(heterogeneous).lower()}"] + (["elastic.router_init=random"] * heterogeneous)
+    r = load_recipe("tiny", ov)
     model = setup.build_parent(r).eval()
     routers = el.make_routers(model.config, r.elastic, 2, None)
     choices = routers.choices
