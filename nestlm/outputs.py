@@ -17,12 +17,21 @@ from safetensors import SafetensorError
 from .errors import NestlmError, OutputError
 
 
+def _wrapped(e: BaseException) -> BaseException | None:
+    """The first rank's exception inside torch.distributed.checkpoint's CheckpointException, else None."""
+    failures = getattr(e, "failures", None)  # {rank: (exception, stack summary)}
+    if not isinstance(failures, dict) or not failures:
+        return None
+    inner = next(iter(failures.values()))
+    inner = inner[0] if isinstance(inner, tuple) and inner else getattr(inner, "exc", inner)
+    return inner if isinstance(inner, BaseException) else None
+
+
 def _cause(e: BaseException) -> tuple[str | None, str]:
     """The file and the one-line cause of a failed write (OSError, safetensors' or a DCP wrapper's error)."""
-    failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        return _cause(getattr(inner, "exc", inner))
+    inner = _wrapped(e)
+    if inner is not None:
+        return _cause(inner)
     if isinstance(e, OSError):
         name = errno.errorcode.get(e.errno or 0, "")
         return e.filename, f"{e.strerror or e}{f' ({name})' if name else ''}"
@@ -61,4 +70,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except BaseException as e:  # torch.distributed.checkpoint wraps a rank's error in a BaseException
         if type(e).__name__ != "CheckpointException":
             raise
+        inner = _wrapped(e)
+        if inner is not None and not isinstance(inner, Exception):  # Ctrl-C or a signal mid-write: not an I/O error
+            raise inner from None
         raise OutputError(io_error_line(e, path)) from None

@@ -19,10 +19,16 @@ import yaml
 
 from ..errors import NestlmError
 from .batching import global_batch
+from .ranges import check_ranges
 
 
 class RecipeError(NestlmError):
     """A recipe key, value or combination that cannot be used."""
+
+
+# train keys a resume may change (bookkeeping, and how the work is laid out over the ranks)
+RESUMABLE_KEYS = ("checkpoint_every", "keep_last", "tensorboard", "threads", "device", "eval_every", "compile")
+RESUMABLE_KEYS += ("context_parallel",)
 
 
 @dataclass
@@ -125,10 +131,9 @@ class StageSection:
 
     name: str = "stage"
     seq_len: int = 256
-    # Batch shape (train/batching.py): global_batch = sequences per optimizer step (all ranks),
-    # micro_batch = sequences per rank per forward/backward (default global_batch / world); the
-    # accumulation steps are global_batch / (micro_batch * world). Old recipes: batch_size = the
-    # global batch of one micro-step, times train.grad_accum per step (8 when nothing is given).
+    # Batch shape (train/batching.py): global_batch = sequences per optimizer step (all ranks), micro_batch =
+    # sequences per rank per forward/backward (default global_batch / world); accumulation steps = global_batch /
+    # (micro_batch * world). Old recipes: batch_size = the global batch of one micro-step (8 if unset), x grad_accum.
     global_batch: int | None = None
     micro_batch: int | None = None
     batch_size: int | None = None
@@ -184,13 +189,14 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint(self) -> str:
-        """Identity of a run: everything but bookkeeping that may change on resume."""
+    def identity(self) -> dict[str, Any]:
+        """What makes a run what it is: all but the bookkeeping a resume may change (RESUMABLE_KEYS)."""
         d = self.to_dict()
-        for k in ("checkpoint_every", "keep_last", "tensorboard", "threads", "device", "eval_every", "compile"):
-            d["train"].pop(k, None)
-        d["train"].pop("context_parallel", None)  # how the work is laid out over the ranks: a resume may change it
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS}
+        return d
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- building
@@ -328,14 +334,6 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     return recipe
 
 
-def stored_fingerprint(run: dict[str, Any]) -> str | None:
-    """The fingerprint of a run.json's recipe, re-read with today's defaults for keys added since it was written."""
-    try:
-        return build(Recipe, run.get("recipe") or {}).fingerprint()
-    except (RecipeError, TypeError, AttributeError):
-        return None
-
-
 def shipped_recipes() -> list[str]:
     d = Path(__file__).resolve().parent.parent / "recipes"
     return sorted(p.stem for p in d.glob("*.yaml"))
@@ -371,7 +369,8 @@ def stage_probs(recipe: Recipe, stage: StageSection) -> list[float]:
 
 
 def validate(recipe: Recipe) -> None:
-    """Cross-field checks that types alone cannot express."""
+    """Ranges (train/ranges.py), then cross-field checks that types alone cannot express."""
+    check_ranges(recipe, RecipeError)
     if recipe.train.mode not in ("elastic", "plain"):
         raise RecipeError(f"train.mode {recipe.train.mode!r} must be 'elastic' or 'plain'")
     if (recipe.model.path is None) == (recipe.model.init is None):

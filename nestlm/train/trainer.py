@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import io_error_line, require_new_dir, save_into, save_pretrained, write_json
+from ..checkpoint import io_error_line, save_into, save_pretrained, write_json
 from ..elastic import training as el
 from ..elastic.router import ElasticRouters
 from ..errors import NestlmError
 from ..model import HybridLM
 from ..tokenizer import ByteTokenizer
-from . import context_parallel, precision, preempt, setup
+from . import context_parallel, precision, preempt, rundir, setup
 from .batching import stage_batching
 from .checkpointer import METRICS, Checkpointer, TrainState, python_rng_from_json, python_rng_to_json
 from .distributed import (
@@ -41,11 +41,10 @@ from .distributed import (
     shutdown,
 )
 from .losses import IGNORE, Head, ce_loss, kd_loss
-from .recipe import Recipe, stage_probs, stage_steps, stored_fingerprint
+from .recipe import Recipe, stage_probs, stage_steps
+from .rundir import RUN_FILE
 from .schedules import gumbel_schedule, set_lr
 from .step import clip_gradients, forward_backward, micro_batches, on_device
-
-RUN_FILE = "run.json"
 
 
 class TrainingError(NestlmError):
@@ -68,7 +67,11 @@ class Trainer:
         self.batching = [stage_batching(s, tr, self.mesh.data.world) for s in recipe.stages]  # refused before any write
         self.elastic = tr.mode == "elastic"
         self.ckpt = Checkpointer(self.out, tr.keep_last, self.dist)
-        self._check_out_dir(resume)
+        if rundir.check_out_dir(self.out, recipe, resume, self.ckpt, TrainingError):  # a failed start: again
+            barrier(self.dist)  # every rank has read the directory before the main rank clears it
+            if self.dist.is_main:
+                rundir.clear_failed_start(self.out)
+        barrier(self.dist)
         torch.manual_seed(tr.seed)
 
         # ---- parent, tokenizer, data
@@ -140,27 +143,6 @@ class Trainer:
         barrier(self.dist)
 
     # ------------------------------------------------------------------ set-up
-    def _check_out_dir(self, resume: bool) -> None:
-        out, run = self.out, self.out / RUN_FILE
-        if out.exists() and not out.is_dir():
-            raise TrainingError(f"--out {out} is a file; give a directory")
-        if not resume:
-            what = "a different run" if run.is_file() else "files"
-            msg = f"--out {out} already holds {what}; pass --resume to continue it, or choose a new --out"
-            require_new_dir(out, "--out", TrainingError, not_empty=msg)
-            return
-        if not run.is_file():
-            raise TrainingError(f"--resume: {out} holds no run to resume (no {RUN_FILE}); drop --resume to start")
-        stored = json.loads(run.read_text())
-        fp = stored.get("fingerprint")
-        if self.recipe.fingerprint() not in (fp, stored_fingerprint(stored)):  # keys added since: their defaults
-            raise TrainingError(
-                f"--out {out} holds a different run (recipe fingerprint {fp} != {self.recipe.fingerprint()}); "
-                "resume with the same recipe and overrides, or choose a new --out"
-            )
-        if self.ckpt.latest() is None:
-            raise TrainingError(f"--resume: {out} has no complete checkpoint yet; start again without --resume")
-
     def _byte_tokenizer(self) -> ByteTokenizer | None:
         return self.tokenizer if isinstance(self.tokenizer, ByteTokenizer) else None
 

@@ -390,7 +390,7 @@ def test_single_file_checkpoint_still_resumes_and_exports(solo_run: Path, tmp_pa
 
 def test_a_run_written_before_a_recipe_key_existed_still_resumes() -> None:
     """run.json of an older version lacks keys added since: their defaults fill in, the fingerprint matches."""
-    from nestlm.train.recipe import stored_fingerprint
+    from nestlm.train.rundir import stored_fingerprint
 
     recipe = load_recipe("tiny", ARGS)
     old = recipe.to_dict()

@@ -83,3 +83,80 @@ def test_text_to_ids_with_the_models_tokenizer() -> None:
     tok = nestlm.load_tokenizer(parent)
     ids = tok.encode("x = 1")
     assert tok.decode(ids) == "x = 1" and len(ids) == 5
+
+
+FAST = ["data.max_bytes=60000", "stages.0.steps=3", "stages.1.steps=2", "train.checkpoint_every=2"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lr=-1", "train.lr = -1.0 must be > 0"),
+        ("stages.0.steps=-3", "stages.0.steps (stage 'short') = -3 must be >= 0"),
+        ("train.betas=[0.9,1.5]", "train.betas = [0.9, 1.5] must be two numbers in [0, 1)"),
+        ("elastic.tolerance=2", "elastic.tolerance = 2.0 must be in [0, 1]"),
+        ("data.val_fraction=1", "data.val_fraction = 1.0 must be in [0, 1)"),
+    ],
+)
+def test_a_recipe_value_out_of_range_is_one_line_before_any_write(
+    capsys: pytest.CaptureFixture, tmp_path: Path, override: str, needle: str
+) -> None:
+    """train.lr=-1 used to end in torch's traceback after the run directory was begun; stages.0.steps=-3 skipped."""
+    out = tmp_path / "run"
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not out.exists()
+
+
+def test_a_start_that_never_reached_a_checkpoint_runs_again_without_resume(
+    capsys: pytest.CaptureFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C after the run directory was begun (before any checkpoint): the same command starts it again."""
+    from nestlm.train import trainer
+
+    out = tmp_path / "run"
+    real_run = trainer.Trainer.run
+
+    def interrupted(self: trainer.Trainer) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer.Trainer, "run", interrupted)
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *FAST]) == 130
+    assert (out / "run.json").is_file() and not (out / "checkpoints").exists()
+    code = main(["train", "tiny", "--out", str(out), "--no-progress", "--resume", *FAST])
+    assert code == 2 and "no complete checkpoint yet; start again without --resume" in capsys.readouterr().err
+    monkeypatch.setattr(trainer.Trainer, "run", real_run)
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *FAST]) == 0
+    assert "starting it again" in capsys.readouterr().out
+    assert (out / "checkpoints").is_dir() and (out / "model.safetensors").is_file()
+
+
+def test_a_failed_start_next_to_a_file_of_the_user_is_not_cleared(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """Only what a start writes is ever removed: a directory holding anything else is refused, untouched."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "run.json").write_text('{"fingerprint": "x", "recipe": {}}')
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "tiny", "--out", str(out), "--no-progress", *FAST]) == 2
+    assert "already holds a different run" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "run.json"]
+
+
+def test_ctrl_c_inside_a_sharded_checkpoint_write_is_an_interrupt_not_an_io_error() -> None:
+    """torch.distributed.checkpoint wraps a rank's KeyboardInterrupt in a CheckpointException."""
+    import traceback
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from nestlm.errors import OutputError
+    from nestlm.outputs import writing
+
+    with pytest.raises(KeyboardInterrupt), writing("/tmp/x"):
+        raise CheckpointException("save failed", {0: (KeyboardInterrupt(), traceback.StackSummary())})
+    full = OSError(28, "No space left on device", "/tmp/x/shard.distcp")
+    with pytest.raises(OutputError, match=r"cannot write /tmp/x/shard.distcp: No space left on device \(ENOSPC\)"):
+        with writing("/tmp/x"):
+            raise CheckpointException("save failed", {0: (full, traceback.StackSummary())})

@@ -55,7 +55,9 @@ def test_out_holding_another_run_is_kept(capsys: pytest.CaptureFixture, tmp_path
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
     code, err = run(capsys, ["train", "tiny", "--out", str(out), "--no-progress", *FAST])
-    assert code == 2 and "already holds a different run" in err and "--resume" in err
+    assert code == 2 and "already holds this run" in err and "--resume" in err  # the same command: the same run
+    code, err = run(capsys, ["train", "tiny", "--out", str(out), "--no-progress", *FAST, "train.lr=0.5"])
+    assert code == 2 and "already holds a different run" in err and "train.lr" in err and "0.5 now" in err
     code, err = run(capsys, ["train", "tiny", "--out", str(out), "--no-progress", "--resume", *FAST, "train.lr=0.5"])
     assert code == 2 and "holds a different run" in err
     after = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
