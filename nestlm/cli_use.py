@@ -142,6 +142,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             device=args.device,
             compile=args.compile,
             log_prompts=args.log_prompts,
+            chat_template=args.chat_template,
         )
     except BaseException:
         sock.close()
@@ -180,5 +181,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
         "--log-prompts",
         action="store_true",
         help="put each request's prompt or messages in its access-log line (stderr); off: counts and timings only",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja file rendering /v1/chat/completions messages (default: the model directory's own template)",
     )
     p.set_defaults(func=cmd_serve)

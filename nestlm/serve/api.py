@@ -115,6 +115,7 @@ class Api:
         served_name: str,
         api_key: str | None = None,
         log_prompts: bool = False,
+        chat_template: str | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.tok = tokenizer
@@ -125,7 +126,7 @@ class Api:
         self.vocab = model.config.vocab_size
         self.budgets = list(model.budgets)
         self.ids = self.budgets or [served_name]
-        self.chat_template = load_chat_template(model_dir)
+        self.chat_template = chat_template or load_chat_template(model_dir)  # `serve --chat-template` first
         self.special = _special_tokens(model_dir)
         self.created = int(time.time())
         self.metrics = Metrics(scheduler, self.ids, None if self.budgets else served_name, log_prompts)
@@ -183,7 +184,7 @@ class Api:
                 raise ApiError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.vocab})", "prompt")
         return ids, texts
 
-    def chat_prompt(self, messages: Any) -> list[int]:
+    def chat_prompt(self, messages: Any, template_kwargs: Any = None) -> list[int]:
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
         clean = []
@@ -222,16 +223,22 @@ class Api:
         if self.chat_template is None:
             raise ApiError(
                 400,
-                "this model has no chat template (none in its tokenizer_config.json); use /v1/completions",
+                "this model has no chat template (none in its tokenizer_config.json or chat_template.jinja); "
+                "start the server with --chat-template FILE, or use /v1/completions",
                 "messages",
                 "no_chat_template",
             )
+        if template_kwargs is None:
+            template_kwargs = {}
+        if not isinstance(template_kwargs, dict) or not all(isinstance(k, str) for k in template_kwargs):
+            raise ApiError(400, "'chat_template_kwargs' must be an object of named values", "chat_template_kwargs")
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        kw = {**self.special, **template_kwargs}  # e.g. {"enable_thinking": false}, as vLLM passes them
+        kw.pop("conversations", None), kw.pop("chat_template", None)
+        kw.setdefault("add_generation_prompt", True)
         try:
-            rendered, _ = render_jinja_template(
-                conversations=[clean], chat_template=self.chat_template, add_generation_prompt=True, **self.special
-            )
+            rendered, _ = render_jinja_template(conversations=[clean], chat_template=self.chat_template, **kw)
         except Exception as e:  # a template may raise on a conversation it does not accept
             raise ApiError(400, f"the chat template rejects these messages: {e}", "messages") from None
         ids = self.encode(rendered[0])
@@ -247,7 +254,7 @@ class Api:
         if chat:
             if "messages" not in body:
                 raise ApiError(400, "you must give 'messages'", "messages")
-            prompts, texts = [self.chat_prompt(body["messages"])], [None]
+            prompts, texts = [self.chat_prompt(body["messages"], body.get("chat_template_kwargs"))], [None]
         else:
             if "prompt" not in body:
                 raise ApiError(400, "you must give 'prompt'", "prompt")

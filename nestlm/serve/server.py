@@ -38,6 +38,7 @@ def build_api(
     model: Any = None,
     compile: bool = False,
     log_prompts: bool = False,
+    chat_template: str | Path | None = None,
 ) -> Any:
     """Load ``model_dir`` (unless ``model`` is given) and return the :class:`~nestlm.serve.app.Api` over it."""
     from ..loading import load
@@ -45,6 +46,12 @@ def build_api(
     from .app import Api
     from .scheduler import Scheduler
 
+    template = None
+    if chat_template is not None:  # read before the model loads: a bad path is one line, at once
+        try:
+            template = Path(chat_template).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise NestlmError(f"--chat-template {chat_template} cannot be read ({e}); give a Jinja file") from None
     if model is None:
         model = load(model_dir, device=device)
     if compile:  # every block through torch.compile (nestlm.compile_model), in place
@@ -55,7 +62,7 @@ def build_api(
     sched = Scheduler(model, max_batch=max_batch, max_queue=max_queue, target_latency_ms=target_latency_ms)
     ctx = max_context if max_context is not None else default_max_context(model)
     name = Path(model_dir).resolve().name or "model"
-    return Api(sched, tok, model_dir, ctx, name, api_key=api_key, log_prompts=log_prompts)
+    return Api(sched, tok, model_dir, ctx, name, api_key=api_key, log_prompts=log_prompts, chat_template=template)
 
 
 def bind(host: str, port: int) -> socket.socket:

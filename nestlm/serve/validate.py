@@ -31,7 +31,10 @@ REPETITION = (0.01, 2.0)  # repetition_penalty (vLLM's; 1 = none)
 SHARED = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stream_options"}
 SHARED |= {"logprobs", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias"}
 SHARED |= {"top_k", "min_p", "repetition_penalty", "budget_schedule", "draft_budget", "num_draft_tokens"}
-FIELDS = {False: SHARED | {"prompt", "echo", "best_of"}, True: SHARED | {"messages", "top_logprobs"}}
+FIELDS = {
+    False: SHARED | {"prompt", "echo", "best_of"},
+    True: SHARED | {"messages", "top_logprobs", "chat_template_kwargs"},  # vLLM's: extra variables of the template
+}
 MESSAGE_KEYS = ("role", "content", "name")
 
 
