@@ -32,7 +32,7 @@ def cmd_importance(args: argparse.Namespace) -> int:
     _check_out(args.out)
     device = pick_device(args.device, "--device")
     model = load(args.model).eval()
-    tokens = _tokens_for(args.model, args.data, args.max_bytes)
+    tokens = _tokens_for(args.model, args.data, args.max_bytes, model.config.vocab_size)
     model.to(device)  # forward passes only: the scores are the same on any device, up to float rounding
     batches = calibration_batches(tokens, args.seq_len, args.num_samples, args.batch_size, args.data)
     n = sum(b.shape[0] for b in batches)

@@ -27,12 +27,20 @@ def load_tokenizer(model_dir: str, required: bool = True) -> Any:
         raise NestlmError(f"the tokenizer files in {model_dir} cannot be read: {msg}") from None
 
 
-def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None) -> Any:
-    """Token stream of DATA for the model in model_dir (pre-tokenized input_ids need no tokenizer)."""
+def _tokens_for(model_dir: str, data: str, max_bytes: int | None = None, vocab_size: int | None = None) -> Any:
+    """Token stream of DATA for the model in model_dir (pre-tokenized input_ids and prepared directories need no
+    tokenizer; a prepared directory's first ``max_bytes`` tokens, checked against ``vocab_size``)."""
     from pathlib import Path
 
     from .train import sources as data_mod
+    from .train.shards import Prepared, is_prepared
 
+    if is_prepared(data):  # `nestlm data prepare`'s directory, as train takes it: its tokens, for this vocabulary
+        import torch
+
+        prepared = Prepared(data)
+        prepared.check_vocab(vocab_size)
+        return torch.from_numpy(prepared.mm[: max_bytes or None].astype("int64"))
     if data != "stdlib" and not data.startswith("reasoning") and not Path(data).exists():
         raise NestlmError(f"data {data} does not exist; give a text file, a directory, .jsonl, .parquet or stdlib")
     needs_tok = not data_mod.is_pretokenized(data)

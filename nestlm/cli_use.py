@@ -25,6 +25,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NestlmError(f"--out {out} is a file; give a directory for the report")
+    for name in ("seq_len", "batch_size", "num_problems", "num_reasoning", "max_bytes"):
+        v = getattr(args, name)
+        if v is not None and v < (2 if name == "seq_len" else 1):
+            raise NestlmError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, got {v}")
+    if (out / "eval.json").is_file() and not args.overwrite:  # as every other command: nothing replaced unasked
+        raise NestlmError(f"--out {out} already holds a report; pass --overwrite to replace it, or choose a new --out")
     if args.data not in ("reasoning", "stdlib", "none") and not Path(args.data).exists():
         raise NestlmError(f"--data {args.data} does not exist; give a text file, directory, .jsonl, or 'reasoning'")
     harness = None
@@ -42,7 +48,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.data == "reasoning":
         tokens = reasoning_tokens(tok, args.num_problems)
     elif args.data != "none":
-        tokens = _tokens_for(args.model, args.data, args.max_bytes)
+        tokens = _tokens_for(args.model, args.data, args.max_bytes, model.config.vocab_size)
     total = model.num_parameters()
     rows = []
     for b in budgets:
@@ -53,7 +59,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             row.update(loss=ppl["loss"], ppl=ppl["ppl"])
         if args.data == "reasoning":
             acc = reasoning_accuracy(model, tok, n=args.num_reasoning, budget=b, progress=not args.no_progress)
-            row["accuracy"] = acc["accuracy"]
+            row.update(accuracy=acc["accuracy"], accuracy_ci=list(acc["ci95"]), accuracy_n=acc["n"])
+            row["correct"] = acc["correct"]  # each problem's outcome: paired comparisons of two reports
         if harness is not None:
             row["tasks"] = harness.scores(model, args.model, b)
         rows.append(row)
@@ -79,10 +86,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include-path", default=None, help="harness: a directory of local task YAML files")
     p.add_argument("--apply-chat-template", action="store_true", help="harness: prompts through the chat template")
     p.add_argument("--out", default="nestlm-eval", help="directory for eval.json, report.md and quality.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the report --out already holds (all or none)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence of the perplexity")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass of the perplexity")
     p.add_argument("--num-problems", type=int, default=600, help="held-out problems for perplexity (reasoning)")
-    p.add_argument("--num-reasoning", type=int, default=64, help="problems solved by greedy decoding (reasoning)")
+    p.add_argument(
+        "--num-reasoning",
+        type=int,
+        default=200,
+        help="held-out problems solved by greedy decoding (reasoning; the README's tables use 200)",
+    )
     p.add_argument("--max-bytes", type=int, default=None, help="read at most this much held-out text")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_eval)

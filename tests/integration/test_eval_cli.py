@@ -129,13 +129,17 @@ def test_a_report_failing_halfway_leaves_the_previous_report_whole(
     assert set(before) == {"eval.json", "report.md", "quality.png", "notes.txt"}
     assert [r["name"] for r in json.loads(before["eval.json"])["rows"]] == ["full", "75", "50"]
     capsys.readouterr()
+    assert main([*base, "--budget", "50"]) == 2  # a report is never replaced unasked
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already holds a report; pass --overwrite" in err[0], err
+    assert _files(out) == before
     _full_disk_halfway(monkeypatch, how)
-    assert main([*base, "--budget", "50"]) == 2
+    assert main([*base, "--budget", "50", "--overwrite"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "No space left on device" in err[0], err
     assert _files(out) == before  # byte-identical, and no temporary directory left behind
     monkeypatch.undo()
-    assert main([*base, "--budget", "50"]) == 0  # the new report replaces the old one whole
+    assert main([*base, "--budget", "50", "--overwrite"]) == 0  # the new report replaces the old one whole
     after = _files(out)
     assert set(after) == set(before) and after["notes.txt"] == before["notes.txt"]
     assert [r["name"] for r in json.loads(after["eval.json"])["rows"]] == ["50"]

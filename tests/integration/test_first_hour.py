@@ -160,3 +160,53 @@ def test_ctrl_c_inside_a_sharded_checkpoint_write_is_an_interrupt_not_an_io_erro
     with pytest.raises(OutputError, match=r"cannot write /tmp/x/shard.distcp: No space left on device \(ENOSPC\)"):
         with writing("/tmp/x"):
             raise CheckpointException("save failed", {0: (full, traceback.StackSummary())})
+
+
+def test_eval_reads_a_prepared_directory_as_train_does(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """`eval --data DIR` with DIR from `nestlm data prepare`: the same perplexity as on the text it was made from."""
+    import json
+
+    text = tmp_path / "held-out.txt"
+    text.write_text("def add(a, b):\n    return a + b\n" * 40)
+    prepared = tmp_path / "prepared"
+    assert main(["data", "prepare", str(text), "--out", str(prepared), "--tokenizer", "bytes"]) == 0
+    losses = {}
+    for name, data in (("text", text), ("prepared", prepared)):
+        out = tmp_path / f"eval-{name}"
+        argv = [
+            "eval",
+            "--model",
+            str(DATA),
+            "--budget",
+            "50",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+        ]
+        assert main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+        losses[name] = json.loads((out / "eval.json").read_text())["rows"][0]["loss"]
+    assert losses["prepared"] == pytest.approx(losses["text"], rel=1e-6)
+
+
+def test_eval_reports_the_problem_count_and_interval_and_never_replaces_a_report_unasked(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    import json
+
+    from nestlm.cli import build_parser
+    from nestlm.eval.stats import wilson_interval
+
+    assert build_parser().parse_args(["eval", "--model", "m"]).num_reasoning == 200  # as the README's tables
+    out = tmp_path / "e"
+    argv = ["eval", "--model", str(DATA), "--budget", "50", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--num-reasoning", "8", "--num-problems", "20"]) == 0
+    row = json.loads((out / "eval.json").read_text())["rows"][0]
+    assert row["accuracy_n"] == 8 and len(row["correct"]) == 8
+    assert row["accuracy_ci"] == pytest.approx(list(wilson_interval(sum(row["correct"]), 8)))
+    table = capsys.readouterr().out
+    assert "95% interval" in table and "problems" in table
+    assert main([*argv, "--num-reasoning", "0"]) == 2
+    assert "--num-reasoning must be >= 1, got 0" in capsys.readouterr().err
