@@ -1,6 +1,6 @@
 """Held-out reasoning accuracy of a model, per variant and difficulty, with 95% intervals.
 
-    python benchmarks/parent_accuracy.py                      # the shipped parent, the README's table
+    python benchmarks/parent_accuracy.py                      # the shipped parent, docs/study.md's table
     python benchmarks/parent_accuracy.py --model DIR --budget 50 --spec short:1:500 long:1:100
 
 Each SPEC is VARIANT:DIFFICULTY:N: greedy exact match of the final answer on the first N

@@ -1,4 +1,4 @@
-"""Chat out of the box: the README's openai chat example against `nestlm serve` on the shipped parent and on
+"""Chat out of the box: the openai chat example of docs/serve.md against `nestlm serve` on the shipped parent and on
 the demo's outputs, `serve --chat-template FILE`, and vLLM's `chat_template_kwargs`."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def readme_chat(server: Server, model: str = "auto") -> tuple[str, str]:
-    """The README's example, as written there (model "auto", a user turn, max_tokens 64)."""
+    """docs/serve.md's example, as written there (model "auto", a user turn, max_tokens 64)."""
     r = server.client().chat.completions.create(
         model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=64
     )
