@@ -127,19 +127,30 @@ def study_recipe(scale: float, quick: bool, device: str, seed: int, mix: str | N
 
 
 def train_runs(
-    out: Path, ranked: Path, scale: float, quick: bool, device: str, seed: int, threads: int = 2, mix: str | None = None
+    out: Path,
+    ranked: Path,
+    scale: float,
+    quick: bool,
+    device: str,
+    seed: int,
+    threads: int = 2,
+    mix: str | None = None,
+    claims: tuple[int, ...] = (1, 2, 3),
 ) -> dict[str, Any]:
-    """The elastic runs (two-stage weighted, uniform stage 2, stage 1 only) of one seed."""
+    """The elastic runs of one seed: two-stage weighted (every claim), uniform stage 2 (claim 3), stage 1 only
+    (claim 2)."""
     base = study_recipe(scale, quick, device, seed, mix)
     base["train"]["threads"] = threads
     base["model"]["path"] = str(ranked)
     variants = {"elastic": base}
     uni = copy.deepcopy(base)
     uni["stages"][1]["budget_probs"] = "uniform"
-    variants["uniform"] = uni
+    if 3 in claims:
+        variants["uniform"] = uni
     s1 = copy.deepcopy(base)
     s1["stages"] = s1["stages"][:1]
-    variants["stage1"] = s1
+    if 2 in claims:
+        variants["stage1"] = s1
     runs = {}
     for name, rec in variants.items():
         d = out / f"seed{seed}" / name
@@ -260,7 +271,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
         row["compare"] = compare(m[f"elastic/{b}"]["short"], ref)
         t1_rows.append(row)
     t2_rows = []
-    for b in BUDGETS:
+    for b in BUDGETS if f"stage1/{BUDGETS[0]}" in m else ():
         row = {"budget": b}
         for v in ("short", "long"):
             if v in m[f"elastic/{b}"]:
@@ -269,7 +280,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
                 row[f"compare/{v}"] = compare(m[f"elastic/{b}"][v], m[f"stage1/{b}"][v])
         t2_rows.append(row)
     t3_rows = []
-    for b in BUDGETS:
+    for b in BUDGETS if f"uniform/{BUDGETS[0]}" in m else ():
         row = {"budget": b, "uniform": acc_cell(m[f"uniform/{b}"]["short"])}
         row["weighted"] = acc_cell(m[f"elastic/{b}"]["short"])
         row["compare"] = compare(m[f"elastic/{b}"]["short"], m[f"uniform/{b}"]["short"])
@@ -371,26 +382,29 @@ def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
         "",
         _sentence1(tables["claim1"]),
     ]
-    L += ["", "## Claim 2: the long-context stage 2", ""]
-    L.append("| budget | problems | stage 1 only | two stages | two - one | better |")
-    L.append("|---|---|---|---|---|---|")
-    for r in tables["claim2"]["rows"]:
-        for v in ("short", "long"):
-            if f"compare/{v}" in r:
-                L.append(
-                    f"| {r['budget']} | {v} | {_cell(r[f'stage1/{v}'])} | {_cell(r[f'two-stage/{v}'])} | "
-                    f"{_diff(r[f'compare/{v}'])} | {r[f'compare/{v}']['better']} |"
-                )
-    L += ["", _sentence2(tables["claim2"])]
-    L += ["", "## Claim 3: budget sampling in stage 2, full budget first", ""]
-    L.append("| budget | uniform | 0.5/0.3/0.2 | weighted - uniform | better |")
-    L.append("|---|---|---|---|---|")
-    for r in tables["claim3"]["rows"]:
-        L.append(
-            f"| {r['budget']} | {_cell(r['uniform'])} | {_cell(r['weighted'])} | {_diff(r['compare'])} | "
-            f"{r['compare']['better']} |"
-        )
-    L += ["", _sentence3(tables["claim3"]), ""]
+    if tables["claim2"]["rows"]:  # (--claims without 2: not measured)
+        L += ["", "## Claim 2: the long-context stage 2", ""]
+        L.append("| budget | problems | stage 1 only | two stages | two - one | better |")
+        L.append("|---|---|---|---|---|---|")
+        for r in tables["claim2"]["rows"]:
+            for v in ("short", "long"):
+                if f"compare/{v}" in r:
+                    L.append(
+                        f"| {r['budget']} | {v} | {_cell(r[f'stage1/{v}'])} | {_cell(r[f'two-stage/{v}'])} | "
+                        f"{_diff(r[f'compare/{v}'])} | {r[f'compare/{v}']['better']} |"
+                    )
+        L += ["", _sentence2(tables["claim2"])]
+    if tables["claim3"]["rows"]:
+        L += ["", "## Claim 3: budget sampling in stage 2, full budget first", ""]
+        L.append("| budget | uniform | weighted (the recipe's, full first) | weighted - uniform | better |")
+        L.append("|---|---|---|---|---|")
+        for r in tables["claim3"]["rows"]:
+            L.append(
+                f"| {r['budget']} | {_cell(r['uniform'])} | {_cell(r['weighted'])} | {_diff(r['compare'])} | "
+                f"{r['compare']['better']} |"
+            )
+        L += ["", _sentence3(tables["claim3"]), ""]
+    L.append("")
     text = "\n".join(L)
     (out / "report.md").write_text(text)
     return text
@@ -438,10 +452,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-long", type=int, default=300, help="held-out long problems per cell (claims 2 and 3)")
     ap.add_argument("--n-hard", type=int, default=100, help="held-out problems at difficulties 2 and 3 (claim 1)")
     ap.add_argument("--mix", default="1,1,2,3", help="difficulties the distillation data cycles through")
+    ap.add_argument("--claims", default="1,2,3", help="the claims to measure (1: the family vs prune + KD per size)")
     ap.add_argument("--parent", default=str(PARENT), help="the parent model directory")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training and scoring")
     ap.add_argument("--batch-size", type=int, default=None, help="generation batch (default: 48 on CPU, 64 on GPU)")
     args = ap.parse_args(argv)
+    claims = tuple(int(c) for c in args.claims.split(","))
+    if not claims or not set(claims) <= {1, 2, 3} or 1 not in claims:
+        raise SystemExit(f"paper_in_small: --claims {args.claims} must list claims among 1, 2, 3, claim 1 included")
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SystemExit(f"paper_in_small: --out {out} exists and is not an empty directory; give a new one")
@@ -482,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     every = tuple(ev.sets)  # short and long at difficulty 1 (claims 2, 3), and 2 and 3 (claim 1's cells)
     models["parent"] = ev(ranked, None, every)
     for seed in range(args.seeds):
-        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix)
+        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix, claims)
         kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed)
         for name, r in runs.items():
             tokens[name] = tokens.get(name, 0) + r["tokens"]
@@ -493,8 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[study] seed {seed}: scoring", flush=True)
         for b in BUDGETS:
             merge(f"elastic/{b}", ev(runs["elastic"]["dir"], b, every))
-            merge(f"stage1/{b}", ev(runs["stage1"]["dir"], b, ("short", "long")))
-            merge(f"uniform/{b}", ev(runs["uniform"]["dir"], b, ("short", "long")))
+            for name in ("stage1", "uniform"):
+                if name in runs:
+                    merge(f"{name}/{b}", ev(runs[name]["dir"], b, ("short", "long")))
         for b in SMALL:
             merge(f"kd/{b}", ev(kd[b]["dir"], None, every))
             merge(f"pruned/{b}", ev(kd[b]["pruned"], None, ("short",)))

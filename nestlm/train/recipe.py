@@ -193,6 +193,8 @@ class Recipe:
         """What makes a run what it is: all but the bookkeeping a resume may change (RESUMABLE_KEYS)."""
         d = self.to_dict()
         d["train"] = {k: v for k, v in d["train"].items() if k not in RESUMABLE_KEYS}
+        if self.train.mode == "plain":  # no budgets, no routers: a change of elastic defaults is not another run
+            d.pop("elastic")
         return d
 
     def fingerprint(self) -> str:
@@ -411,8 +413,6 @@ def validate(recipe: Recipe) -> None:
         )
     if not recipe.stages:
         raise RecipeError("a recipe needs at least one stage")
-    if recipe.train.grad_accum < 1:
-        raise RecipeError(f"train.grad_accum must be >= 1, got {recipe.train.grad_accum}")
     if (cp := recipe.train.context_parallel) < 1 or (cp > 1 and recipe.train.compile):
         raise RecipeError(f"train.context_parallel {cp} must be >= 1, and 1 with train.compile (not traced)")
     for s in recipe.stages:

@@ -399,3 +399,17 @@ def test_a_run_written_before_a_recipe_key_existed_still_resumes() -> None:
     assert stored_fingerprint({"recipe": old}) == recipe.fingerprint()
     old["train"]["lr"] = 0.5  # a change that matters still refuses
     assert stored_fingerprint({"recipe": old}) != recipe.fingerprint()
+
+
+def test_a_plain_run_resumes_after_the_elastic_defaults_changed() -> None:
+    """A plain (CE) run has no budgets or routers: new elastic defaults do not make it another run."""
+    from nestlm.train.rundir import stored_fingerprint
+
+    recipe = load_recipe("parent-long")
+    old = recipe.to_dict()
+    old["elastic"]["mask"], old["elastic"]["router_init"] = "hard", "random"  # the defaults when it started
+    assert stored_fingerprint({"recipe": old}) == recipe.fingerprint()
+    elastic = load_recipe("tiny")
+    old = elastic.to_dict()
+    old["elastic"]["mask"] = "hard"  # an elastic run trained with hard masks is another run
+    assert stored_fingerprint({"recipe": old}) != elastic.fingerprint()
