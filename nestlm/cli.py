@@ -176,11 +176,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shipped() -> list[str]:
+    from pathlib import Path
+
+    return sorted(p.stem for p in (Path(__file__).resolve().parent / "recipes").glob("*.yaml"))
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="elastic (or plain) training from a YAML recipe")
     p.add_argument(
         "recipe",
-        help="recipe YAML path, or the name of a shipped recipe (tiny, nemotron-nano-12b-v2-elastic, qwen3-8b-elastic)",
+        help=f"recipe YAML path, or the name of a shipped recipe ({', '.join(_shipped())})",
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.lr=1e-3 stages.0.steps=5")
     p.add_argument("--out", default=None, help="output directory (checkpoints, metrics.jsonl, final model)")

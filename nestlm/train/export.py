@@ -24,8 +24,10 @@ from .recipe import Recipe, RecipeError, build
 
 def _run_of(ckpt: Path) -> tuple[Path, Recipe]:
     if not (ckpt / STATE_FILE).is_file():
+        there = sorted(p.name for p in ckpt.parent.glob("step-*") if (p / STATE_FILE).is_file())
+        have = f"{ckpt.parent} holds {', '.join(there)}" if there else f"{ckpt.parent} holds no complete checkpoint"
         raise CheckpointError(
-            f"{ckpt} is not a complete training checkpoint (no {STATE_FILE}); give RUN/checkpoints/step-N"
+            f"{ckpt} is not a complete training checkpoint (no {STATE_FILE}); {have}; give RUN/checkpoints/step-N"
         )
     run = ckpt.parent.parent
     try:

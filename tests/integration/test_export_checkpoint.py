@@ -45,3 +45,7 @@ def test_not_a_checkpoint_is_one_line(solo_run: Path, tmp_path: Path, capsys) ->
     err = capsys.readouterr().err
     assert err.startswith("nestlm: error:") and "not a complete training checkpoint" in err
     assert not (tmp_path / "x").exists()
+    missing = solo_run / "checkpoints" / "step-00009999"  # a step the run never kept: the message lists those it did
+    assert main(["export-checkpoint", str(missing), "--out", str(tmp_path / "x")]) == 2
+    kept = sorted(p.name for p in (solo_run / "checkpoints").glob("step-*"))
+    assert kept and f"holds {', '.join(kept)}" in capsys.readouterr().err

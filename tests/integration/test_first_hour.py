@@ -210,3 +210,15 @@ def test_eval_reports_the_problem_count_and_interval_and_never_replaces_a_report
     assert "95% interval" in table and "problems" in table
     assert main([*argv, "--num-reasoning", "0"]) == 2
     assert "--num-reasoning must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_train_help_names_every_shipped_recipe(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from nestlm.train.recipe import shipped_recipes
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at hyphens otherwise
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert len(shipped_recipes()) >= 7
+    for name in shipped_recipes():
+        assert name in text, name
