@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import ELASTIC_FILE, IMPORTANCE_FILE, require_new_dir
-from .cli_common import MODEL_DIR_HELP, NO_PROGRESS_HELP, Parser, _check_out, _tokens_for
+from .cli_common import MODEL_DIR_HELP, NO_PROGRESS_HELP, Parser, _check_out, _tokens_for, check_option_ranges
 from .cli_generate import _add_generate
 from .cli_use import _add_demo, _add_eval, _add_harness, _add_serve
 from .errors import NestlmError
@@ -379,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        check_option_ranges(args)
         return int(args.func(args) or 0)
     except NestlmError as e:
         code = getattr(e, "exit_code", 2)  # 75 (preempted at a checkpoint: run again with --resume)

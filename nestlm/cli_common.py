@@ -74,3 +74,31 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", DefaultsFormatter)
         super().__init__(*args, **kwargs)
+
+
+# The range of every numeric option of every command (by argparse dest), checked in cli.main before any
+# work: one line naming the option, the value and the range, never a traceback from deep inside.
+_AT_LEAST_1 = ("an integer >= 1", lambda v: v >= 1)
+OPTION_RANGES: dict[str, tuple[str, Any]] = {
+    "seq_len": ("an integer >= 2", lambda v: v >= 2),
+    "batch_size": _AT_LEAST_1,
+    "num_samples": _AT_LEAST_1,
+    "depth_batches": _AT_LEAST_1,
+    "max_bytes": _AT_LEAST_1,
+    "num_problems": _AT_LEAST_1,
+    "num_reasoning": _AT_LEAST_1,
+    "rows": _AT_LEAST_1,
+    "width_multiple": _AT_LEAST_1,
+    "world_size": _AT_LEAST_1,
+    "num_fewshot": ("an integer >= 0", lambda v: v >= 0),
+    "seed": ("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64),
+    "tolerance": ("a fraction in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
+def check_option_ranges(args: argparse.Namespace) -> None:
+    """Raise one NestlmError line for the first numeric option outside its range (commands may check more)."""
+    for dest, (valid, ok) in OPTION_RANGES.items():
+        v = getattr(args, dest, None)
+        if isinstance(v, int | float) and not isinstance(v, bool) and not ok(v):
+            raise NestlmError(f"--{dest.replace('_', '-')} {v} is out of range: give {valid}")

@@ -25,10 +25,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NestlmError(f"--out {out} is a file; give a directory for the report")
-    for name in ("seq_len", "batch_size", "num_problems", "num_reasoning", "max_bytes"):
-        v = getattr(args, name)
-        if v is not None and v < (2 if name == "seq_len" else 1):
-            raise NestlmError(f"--{name.replace('_', '-')} must be >= {2 if name == 'seq_len' else 1}, got {v}")
     if (out / "eval.json").is_file() and not args.overwrite:  # as every other command: nothing replaced unasked
         raise NestlmError(f"--out {out} already holds a report; pass --overwrite to replace it, or choose a new --out")
     if args.data not in ("reasoning", "stdlib", "none") and not Path(args.data).exists():

@@ -209,7 +209,7 @@ def test_eval_reports_the_problem_count_and_interval_and_never_replaces_a_report
     table = capsys.readouterr().out
     assert "95% interval" in table and "problems" in table
     assert main([*argv, "--num-reasoning", "0"]) == 2
-    assert "--num-reasoning must be >= 1, got 0" in capsys.readouterr().err
+    assert "--num-reasoning 0 is out of range: give an integer >= 1" in capsys.readouterr().err
 
 
 def test_train_help_names_every_shipped_recipe(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -222,3 +222,31 @@ def test_train_help_names_every_shipped_recipe(capsys: pytest.CaptureFixture, mo
     assert len(shipped_recipes()) >= 7
     for name in shipped_recipes():
         assert name in text, name
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["importance", "--data", "reasoning:short", "--seq-len", "0"],
+            "--seq-len 0 is out of range: give an integer >= 2",
+        ),
+        (["importance", "--data", "reasoning:short", "--num-samples", "-2"], "--num-samples -2 is out of range"),
+        (
+            ["prune", "--budget", "0.5", "--tolerance", "1.5"],
+            "--tolerance 1.5 is out of range: give a fraction in [0, 1)",
+        ),
+        (["data", "show", "reasoning:short", "--tokenizer", "bytes", "--rows", "0"], "--rows 0 is out of range"),
+        (["eval", "--batch-size", "0"], "--batch-size 0 is out of range: give an integer >= 1"),
+    ],
+)
+def test_every_numeric_option_is_checked_before_any_work(
+    capsys: pytest.CaptureFixture, tmp_path: Path, argv: list[str], needle: str
+) -> None:
+    """`importance --seq-len 0` used to end in a ZeroDivisionError traceback, `--num-samples -2` in torch's."""
+    extra = ["--model", str(DATA)] if argv[0] != "data" else []
+    extra += ["--out", str(tmp_path / "out")] if argv[0] in ("importance", "prune", "eval") else []
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "out").exists()
