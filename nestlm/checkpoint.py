@@ -306,6 +306,8 @@ def _write_files(
     for name, data in (extra or {}).items():
         write_json(d / name, data)
     copy_tokenizer(getattr(model, "source_dir", None), d)
+    if getattr(model, "chat_template", None):  # the template the model was trained with (data.chat_template)
+        (d / "chat_template.jinja").write_text(model.chat_template)
     if tokenizer is not None and hasattr(tokenizer, "to_json") and not (d / BYTE_TOKENIZER_FILE).is_file():
         write_json(d / BYTE_TOKENIZER_FILE, tokenizer.to_json())
     write_json(

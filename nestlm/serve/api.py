@@ -38,10 +38,14 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def load_chat_template(model_dir: str | Path | None) -> str | None:
-    """The chat template of a model directory: tokenizer_config.json's ``chat_template`` or chat_template.jinja."""
+    """The chat template of a model directory: chat_template.jinja, else tokenizer_config.json's ``chat_template``
+    (transformers' order: the separate file takes priority)."""
     if model_dir is None:
         return None
     d = Path(model_dir)
+    jinja = d / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
     cfg = d / "tokenizer_config.json"
     if cfg.is_file():
         try:
@@ -53,9 +57,6 @@ def load_chat_template(model_dir: str | Path | None) -> str | None:
             t = named.get("default") or next(iter(named.values()), None)
         if isinstance(t, str) and t:
             return t
-    jinja = d / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
     return None
 
 

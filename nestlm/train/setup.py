@@ -96,6 +96,8 @@ class StageData:
     def __init__(self, recipe: Recipe, tokenizer: Any, dist: DistInfo) -> None:
         self.recipe, self.tokenizer, self.dist = recipe, tokenizer, dist
         self.chat = chat_format(recipe)
+        if recipe.data.chat_template:  # read now (the final model carries it): a bad file fails before any write
+            self.chat.template("data.chat_template")
         self.tokens: dict[str, Any] = {}
         self.docs: dict[str, list] = {}
         self.last_use: dict[str, int] = {}

@@ -309,6 +309,8 @@ class Trainer:
         final.load_state_dict({k: v.cpu() for k, v in sd.items()}, assign=True)
         final.importance = self.model.importance
         final.source_dir = self.model.source_dir
+        if self.recipe.data.chat_template:  # the template the data was rendered with: served as trained
+            final.chat_template = self.data.chat.template("data.chat_template")
         final.elastic = budgets
         routers = self.routers.state_dict() if self.routers is not None else None
         save_into(final, self.out, routers=routers, tokenizer=self._byte_tokenizer())

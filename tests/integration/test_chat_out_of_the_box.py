@@ -133,3 +133,22 @@ def test_a_chat_template_that_cannot_be_read_is_one_line(capsys: pytest.CaptureF
     code = main(["serve", "--model", str(tmp_path / "nope"), "--port", "0", "--chat-template", str(tmp_path / "t")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--chat-template" in err[0] and "cannot be read" in err[0], err
+
+
+def test_a_model_trained_with_data_chat_template_carries_it(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """data.chat_template renders the training conversations; the model it makes is served with the same one."""
+    fast = ["data.max_bytes=60000", "stages.0.steps=2", "stages.1.steps=1", "--no-progress"]
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    missing = tmp_path / "missing"
+    assert main(["train", "tiny", "--out", str(missing), *fast, f"data.chat_template={tmp_path / 'nope.jinja'}"]) == 2
+    assert "data.chat_template" in capsys.readouterr().err and not missing.exists()  # refused before any write
+    out = tmp_path / "run"
+    assert main(["train", "tiny", "--out", str(out), *fast, f"data.chat_template={template}"]) == 0
+    assert (out / "chat_template.jinja").read_text() == template.read_text()
+    from nestlm.serve.api import load_chat_template
+
+    assert load_chat_template(out) == template.read_text()
