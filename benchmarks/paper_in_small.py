@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import subprocess
 import sys
@@ -79,9 +80,17 @@ def train_recipe(d: Path, rec: dict[str, Any], label: str) -> tuple[int, float]:
     d.parent.mkdir(parents=True, exist_ok=True)
     path = d.parent / f"{d.name}.yaml"
     path.write_text(yaml.safe_dump(rec, sort_keys=False))
+    done = d.parent / f"{d.name}.done.json"  # (tokens, seconds) of a finished run: --resume reuses it
+    if (d / "config.json").is_file():  # written last: the run finished (in an earlier, --resume'd invocation)
+        if done.is_file():
+            return tuple(json.loads(done.read_text()))  # type: ignore[return-value]
+        seconds = (d / "config.json").stat().st_mtime - (d / "recipe.yaml").stat().st_mtime  # begun to finished
+        print(f"{label}: reused ({seconds / 60:.1f} min by its files)", flush=True)
+        return _tokens(rec), seconds
     t = time.time()
     print(f"{label} ({_tokens(rec):,} tokens)", flush=True)
     _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"{d.name}.log")
+    done.write_text(json.dumps([_tokens(rec), time.time() - t]))
     return _tokens(rec), time.time() - t
 
 
@@ -201,6 +210,15 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens  # None: a cap that every reference solution fits
 
     def __call__(self, path: Path, budget: str | None, variants: tuple[str, ...]) -> dict[str, Any]:
+        key = f"{path}|{budget}|{','.join(variants)}"
+        cache = path.parent / f".scores-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+        if cache.is_file():  # scored in an earlier, --resume'd invocation (same problems: same arguments)
+            return json.loads(cache.read_text())
+        out = self._score(path, budget, variants)
+        cache.write_text(json.dumps(out))
+        return out
+
+    def _score(self, path: Path, budget: str | None, variants: tuple[str, ...]) -> dict[str, Any]:
         model = nestlm.load(path).eval().to(self.device)
         b = budget if model.budgets else None
         out: dict[str, Any] = {"params": model.num_parameters(budget=b)}
@@ -271,7 +289,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
         row["compare"] = compare(m[f"elastic/{b}"]["short"], ref)
         t1_rows.append(row)
     t2_rows = []
-    for b in BUDGETS if f"stage1/{BUDGETS[0]}" in m else ():
+    for b in BUDGETS if any(k.startswith("stage1/") for k in m) else ():
         row = {"budget": b}
         for v in ("short", "long"):
             if v in m[f"elastic/{b}"]:
@@ -280,7 +298,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
                 row[f"compare/{v}"] = compare(m[f"elastic/{b}"][v], m[f"stage1/{b}"][v])
         t2_rows.append(row)
     t3_rows = []
-    for b in BUDGETS if f"uniform/{BUDGETS[0]}" in m else ():
+    for b in BUDGETS if any(k.startswith("uniform/") for k in m) else ():
         row = {"budget": b, "uniform": acc_cell(m[f"uniform/{b}"]["short"])}
         row["weighted"] = acc_cell(m[f"elastic/{b}"]["short"])
         row["compare"] = compare(m[f"elastic/{b}"]["short"], m[f"uniform/{b}"]["short"])
@@ -452,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-long", type=int, default=300, help="held-out long problems per cell (claims 2 and 3)")
     ap.add_argument("--n-hard", type=int, default=100, help="held-out problems at difficulties 2 and 3 (claim 1)")
     ap.add_argument("--mix", default="1,1,2,3", help="difficulties the distillation data cycles through")
+    ap.add_argument("--resume", action="store_true", help="reuse the finished runs and scores of --out")
     ap.add_argument("--claims", default="1,2,3", help="the claims to measure (1: the family vs prune + KD per size)")
     ap.add_argument("--parent", default=str(PARENT), help="the parent model directory")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training and scoring")
@@ -461,8 +480,11 @@ def main(argv: list[str] | None = None) -> int:
     if not claims or not set(claims) <= {1, 2, 3} or 1 not in claims:
         raise SystemExit(f"paper_in_small: --claims {args.claims} must list claims among 1, 2, 3, claim 1 included")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SystemExit(f"paper_in_small: --out {out} exists and is not an empty directory; give a new one")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.resume:
+        raise SystemExit(
+            f"paper_in_small: --out {out} exists and is not an empty directory; give a new one, or --resume "
+            "(the same arguments: finished runs and scores are reused)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -470,11 +492,12 @@ def main(argv: list[str] | None = None) -> int:
 
     ranked = out / "parent-ranked"
     print("[study] ranking the parent", flush=True)
-    _nestlm(
-        ["importance", "--model", args.parent, "--data", "reasoning:short", "--out", str(ranked)]
-        + ["--seq-len", "320", "--num-samples", "16" if args.quick else "64"],
-        out / "importance.log",
-    )
+    if not (ranked / "config.json").is_file():
+        _nestlm(
+            ["importance", "--model", args.parent, "--data", "reasoning:short", "--out", str(ranked)]
+            + ["--seq-len", "320", "--num-samples", "16" if args.quick else "64"],
+            out / "importance.log",
+        )
     ev = Evaluator(
         n,
         n_long,

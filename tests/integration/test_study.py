@@ -81,3 +81,29 @@ def test_quick_study_tables_verdicts_and_tokens(tmp_path: Path) -> None:
     assert max(r.get("step", 0) for r in logged) == sum(s["steps"] for s in recipe["stages"])
     for sentence in ("Claim 1 ", "Claim 2 ", "Claim 3 "):
         assert sentence in report
+
+
+def test_claim_1_alone_has_its_tables_and_no_others(tmp_path: Path) -> None:
+    """`--claims 1` trains neither the stage-1-only nor the uniform run: the report holds claim 1 alone."""
+    import random
+
+    study = _study()
+    rng = random.Random(0)
+
+    def scored(p: float, sets=("short", "long", "short:2", "long:2")) -> dict:
+        return {"params": 1000, "ppl": 1.1} | {s: [rng.random() < p for _ in range(40)] for s in sets}
+
+    models = {"parent": scored(0.6)} | {f"elastic/{b}": scored(0.5) for b in study.BUDGETS}
+    models |= {f"kd/{b}": scored(0.4) for b in study.SMALL} | {f"pruned/{b}": scored(0.0) for b in study.SMALL}
+    tokens = {"elastic": 100} | {f"kd/{b}": 100 for b in study.SMALL}
+    res = {"parent_params": 1000, "seeds": 1, "n_short": 40, "n_long": 40, "tokens": tokens, "models": models}
+    res["wall_s"] = 1.0
+    tables = study.build_tables(res)
+    assert tables["claim2"]["rows"] == [] and tables["claim3"]["rows"] == []
+    assert len(tables["claim1"]["cells"]) == 4 * len(study.BUDGETS)
+    for c in tables["claim1"]["cells"]:
+        _check_verdict(c["compare"])
+    text = study.write_report(tmp_path, res, tables)
+    assert "## Claim 1" in text and "Claim 2" not in text and "Claim 3" not in text
+    with pytest.raises(SystemExit, match="--claims 2 must list claims among 1, 2, 3, claim 1 included"):
+        study.main(["--out", str(tmp_path / "x"), "--claims", "2"])
