@@ -39,11 +39,10 @@ def demo_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def readme_chat(server: Server, model: str = "auto") -> tuple[str, str]:
-    """docs/serve.md's example, as written there (model "auto", a user turn, max_tokens 64)."""
-    r = server.client().chat.completions.create(
-        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=64
-    )
+def readme_chat(server: Server, content: str = "Hi") -> tuple[str, str]:
+    """The README's (and docs/serve.md's) example, as written there: model "auto", a user turn, max_tokens 64."""
+    q = [{"role": "user", "content": content}]
+    r = server.client().chat.completions.create(model="auto", messages=q, max_tokens=64)
     return r.model, r.choices[0].message.content
 
 
@@ -66,6 +65,8 @@ def test_the_readme_chat_example_answers_with_the_problem_format(which: str, dem
     try:
         name, text = readme_chat(server)
         assert name in server.api.ids and isinstance(text, str)  # answered, by a model it serves
+        name, text = readme_chat(server, "f = 6. h = f + 7. l = h + 8. What is l?")  # the README's question
+        assert name in server.api.ids and text.startswith("A: ")  # in the problem format, whatever the budget
         model_id = server.api.ids[-1]  # the smallest budget, or the plain model
         r = server.client().chat.completions.create(
             model=model_id, messages=[{"role": "user", "content": question}], max_tokens=96, temperature=0
