@@ -89,7 +89,13 @@ def train_recipe(d: Path, rec: dict[str, Any], label: str) -> tuple[int, float]:
         return _tokens(rec), seconds
     t = time.time()
     print(f"{label} ({_tokens(rec):,} tokens)", flush=True)
-    _nestlm(["train", str(path), "--out", str(d), "--no-progress"], d.parent / f"{d.name}.log")
+    from nestlm.train.checkpointer import CHECKPOINTS, STATE_FILE
+
+    resume = any((d / CHECKPOINTS).glob(f"step-*/{STATE_FILE}"))  # stopped (SIGTERM checkpoints): continue it
+    _nestlm(
+        ["train", str(path), "--out", str(d), "--no-progress", *(["--resume"] if resume else [])],
+        d.parent / f"{d.name}.log",
+    )
     done.write_text(json.dumps([_tokens(rec), time.time() - t]))
     return _tokens(rec), time.time() - t
 
