@@ -40,12 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", nargs="+", default=["short:1:100", "long:1:100"], help="VARIANT:DIFFICULTY:N ...")
     ap.add_argument("--work", default=None, help="where the exported models go (default RUN/curve)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--steps", type=int, nargs="*", default=None, help="only these steps (default: every kept one)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
     work = Path(args.work) if args.work else run / "curve"
     work.mkdir(parents=True, exist_ok=True)
     steps = sorted(run.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if args.steps is not None:
+        steps = [p for p in steps if int(p.name.split("-")[1]) in set(args.steps)]
     if not steps:
         raise SystemExit(f"parent_curve: {run} has no checkpoints/step-N directories")
     toks = tokens_at(run)
@@ -69,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in args.spec
         )
         print(f"| {step} | {row['tokens'] or '-':,} | {cells} |", flush=True)
-    (work / "curve.json").write_text(json.dumps(rows, indent=1) + "\n")
+    name = "curve.json" if args.steps is None else f"curve-{'-'.join(map(str, args.steps))}.json"
+    (work / name).write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
