@@ -216,7 +216,8 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens  # None: a cap that every reference solution fits
 
     def __call__(self, path: Path, budget: str | None, variants: tuple[str, ...]) -> dict[str, Any]:
-        key = f"{path}|{budget}|{','.join(variants)}"
+        sizes = ",".join(f"{v}={len(self.sets[v])}" for v in variants if v in self.sets)  # another --n: rescored
+        key = f"{path}|{budget}|{sizes}|{self.max_new_tokens}|{len(self.ppl_problems)}"
         cache = path.parent / f".scores-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
         if cache.is_file():  # scored in an earlier, --resume'd invocation (same problems: same arguments)
             return json.loads(cache.read_text())

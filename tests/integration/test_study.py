@@ -81,6 +81,10 @@ def test_quick_study_tables_verdicts_and_tokens(tmp_path: Path) -> None:
     assert max(r.get("step", 0) for r in logged) == sum(s["steps"] for s in recipe["stages"])
     for sentence in ("Claim 1 ", "Claim 2 ", "Claim 3 "):
         assert sentence in report
+    # --resume: every finished run and every score reused, the same tables
+    assert study.main(["--out", str(out), "--quick", "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["tables"] == t and again["wall_s"] < 60
 
 
 def test_claim_1_alone_has_its_tables_and_no_others(tmp_path: Path) -> None:
