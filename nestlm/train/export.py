@@ -31,9 +31,16 @@ def _run_of(ckpt: Path) -> tuple[Path, Recipe]:
         )
     run = ckpt.parent.parent
     try:
-        return run, build(Recipe, json.loads((run / "run.json").read_text())["recipe"])
+        record = json.loads((run / "run.json").read_text())
+        recipe = build(Recipe, record["recipe"])
     except (OSError, ValueError, KeyError, RecipeError) as e:
         raise CheckpointError(f"{run / 'run.json'} (the run of {ckpt}) cannot be read: {e}") from None
+    start = record.get("cwd")  # the directory the run was started in (runs written since 2026-12-05)
+    for key in ("path", "teacher"):
+        v = getattr(recipe.model, key)
+        if v and start and not Path(v).is_absolute() and not Path(v).exists():
+            setattr(recipe.model, key, str(Path(start) / v))  # relative to where the run began, not to here
+    return run, recipe
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path) -> dict:

@@ -117,7 +117,8 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             if self._save_parent:  # the ranked teacher, for comparisons
                 save_pretrained(self.model, self.out / "parent", tokenizer=self._byte_tokenizer())
-            write_json(self.out / RUN_FILE, {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict()})
+            run = {"fingerprint": recipe.fingerprint(), "recipe": recipe.to_dict(), "cwd": os.getcwd()}
+            write_json(self.out / RUN_FILE, run)  # cwd: what a relative model.path was relative to
             (self.out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
         precision.master_weights(self.model).to(self.device).train()
         self.model.gradient_checkpointing = tr.activation_checkpointing

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 import nestlm
@@ -49,3 +50,21 @@ def test_not_a_checkpoint_is_one_line(solo_run: Path, tmp_path: Path, capsys) ->
     assert main(["export-checkpoint", str(missing), "--out", str(tmp_path / "x")]) == 2
     kept = sorted(p.name for p in (solo_run / "checkpoints").glob("step-*"))
     assert kept and f"holds {', '.join(kept)}" in capsys.readouterr().err
+
+
+def test_a_run_with_a_relative_model_path_exports_from_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """model.path=par (relative) resolved against the directory the run began in, not the exporter's."""
+    import shutil
+
+    start = tmp_path / "start"
+    start.mkdir()
+    shutil.copytree(Path(__file__).resolve().parent.parent / "data" / "elastic-v1", start / "par")
+    monkeypatch.chdir(start)
+    fast = ["data.max_bytes=60000", "stages.0.steps=3", "stages.1.steps=2", "train.checkpoint_every=2"]
+    argv = ["train", "tiny", "--out", "R", "--no-progress", "train.mode=plain", "model.path=par", "model.init=null"]
+    assert main([*argv, *fast]) == 0
+    monkeypatch.chdir(tmp_path)  # elsewhere: "par" does not resolve from here
+    assert main(["export-checkpoint", str(start / "R" / "checkpoints" / "step-00000004"), "--out", "ex"]) == 0
+    assert (tmp_path / "ex" / "model.safetensors").is_file()
