@@ -20,6 +20,7 @@ from ..tokenizer import ByteTokenizer
 from . import setup
 from .checkpointer import STATE_FILE, export_state
 from .recipe import Recipe, RecipeError, build
+from .rundir import resolve_model_paths
 
 
 def _run_of(ckpt: Path) -> tuple[Path, Recipe]:
@@ -35,11 +36,7 @@ def _run_of(ckpt: Path) -> tuple[Path, Recipe]:
         recipe = build(Recipe, record["recipe"])
     except (OSError, ValueError, KeyError, RecipeError) as e:
         raise CheckpointError(f"{run / 'run.json'} (the run of {ckpt}) cannot be read: {e}") from None
-    start = record.get("cwd")  # the directory the run was started in (runs written since 2026-12-05)
-    for key in ("path", "teacher"):
-        v = getattr(recipe.model, key)
-        if v and start and not Path(v).is_absolute() and not Path(v).exists():
-            setattr(recipe.model, key, str(Path(start) / v))  # relative to where the run began, not to here
+    resolve_model_paths(recipe, record.get("cwd"))  # relative to where the run began, not to here
     return run, recipe
 
 

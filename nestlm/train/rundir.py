@@ -88,7 +88,17 @@ def check_out_dir(out: Path, recipe: Recipe, resume: bool, ckpt: Checkpointer, e
         )
     if latest is None:
         raise error(f"--resume: {out} has no complete checkpoint yet; start again without --resume")
+    resolve_model_paths(recipe, stored.get("cwd"))  # resumed from another directory
     return False
+
+
+def resolve_model_paths(recipe: Recipe, start: str | None) -> None:
+    """A relative model.path / model.teacher that does not resolve here, resolved against ``start``, the
+    directory the run began in (run.json's ``cwd``; runs written before it was recorded have none)."""
+    for key in ("path", "teacher"):
+        v = getattr(recipe.model, key)
+        if v and start and not Path(v).is_absolute() and not Path(v).exists():
+            setattr(recipe.model, key, str(Path(start) / v))
 
 
 def _read_run(run: Path, error: type[NestlmError]) -> dict[str, Any]:

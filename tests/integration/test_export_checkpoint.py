@@ -68,3 +68,9 @@ def test_a_run_with_a_relative_model_path_exports_from_anywhere(
     monkeypatch.chdir(tmp_path)  # elsewhere: "par" does not resolve from here
     assert main(["export-checkpoint", str(start / "R" / "checkpoints" / "step-00000004"), "--out", "ex"]) == 0
     assert (tmp_path / "ex" / "model.safetensors").is_file()
+    run = start / "R"
+    for p in sorted((run / "checkpoints").iterdir())[1:]:  # keep step 4 only: the resume has work to do
+        shutil.rmtree(p)
+    (run / "config.json").unlink()
+    assert main([*argv[:3], str(run), *argv[4:], *fast, "--resume"]) == 0  # resumed from elsewhere
+    assert (run / "config.json").is_file()
