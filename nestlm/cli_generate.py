@@ -177,7 +177,6 @@ def _check_sampling_args(args: argparse.Namespace) -> None:
         ("--temperature", args.temperature, 0 <= args.temperature < float("inf"), "0 (greedy) or a positive number"),
         ("--top-k", args.top_k, args.top_k is None or args.top_k >= 1, "an integer >= 1"),
         ("--top-p", args.top_p, args.top_p is None or 0 < args.top_p <= 1, "in (0, 1]"),
-        ("--seed", args.seed, 0 <= args.seed < 2**64, "an integer in [0, 2**64)"),
         ("--num-draft-tokens", k, k is None or 1 <= k <= MAX_DRAFT_TOKENS, f"an integer in [1, {MAX_DRAFT_TOKENS}]"),
     ]
     for name, value, ok, valid in checks:

@@ -130,18 +130,25 @@ def byte_level_tokenizer() -> Any:
     return tok
 
 
-def _chat_template(src: Path) -> str | None:
-    """The chat template of a model directory (chat_template.jinja, else tokenizer_config.json's), if any."""
+def chat_template_of(src: str | os.PathLike | None) -> str | None:
+    """The chat template of a model directory, as transformers reads it: chat_template.jinja first, else
+    tokenizer_config.json's ``chat_template`` (a string, or named templates: the "default" one); None if none."""
+    if src is None:
+        return None
+    src = Path(src)
     if (src / "chat_template.jinja").is_file():
         return (src / "chat_template.jinja").read_text()
     cfg = src / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            t = json.loads(cfg.read_text()).get("chat_template")
-        except (ValueError, AttributeError):
-            return None
-        return t if isinstance(t, str) else None
-    return None
+    if not cfg.is_file():
+        return None
+    try:
+        t = json.loads(cfg.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+        named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) and t else None
 
 
 def byte_tokenizer_config(chat_template: str | None = None, model_max_length: int | None = None) -> dict[str, Any]:
@@ -188,7 +195,7 @@ def write_hf_tokenizer(src: str | os.PathLike | None, dst: str | os.PathLike) ->
     if is_byte_level(src):
         byte_level_tokenizer().save(str(dst / "tokenizer.json"))
         (dst / "tokenizer_config.json").write_text(
-            json.dumps(byte_tokenizer_config(_chat_template(src)), indent=2) + "\n"
+            json.dumps(byte_tokenizer_config(chat_template_of(src)), indent=2) + "\n"
         )
         return True
     copied = False
@@ -205,7 +212,7 @@ def load_hf_tokenizer(model_dir: str | os.PathLike) -> Any:
 
     d = Path(model_dir)
     if is_byte_level(d):
-        cfg = byte_tokenizer_config(_chat_template(d))
+        cfg = byte_tokenizer_config(chat_template_of(d))
         cfg.pop("tokenizer_class")
         return PreTrainedTokenizerFast(tokenizer_object=byte_level_tokenizer(), **cfg)
     if not (d / "tokenizer.json").is_file() and not (d / "tokenizer_config.json").is_file():

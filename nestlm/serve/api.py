@@ -38,26 +38,10 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def load_chat_template(model_dir: str | Path | None) -> str | None:
-    """The chat template of a model directory: chat_template.jinja, else tokenizer_config.json's ``chat_template``
-    (transformers' order: the separate file takes priority)."""
-    if model_dir is None:
-        return None
-    d = Path(model_dir)
-    jinja = d / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text()
-    cfg = d / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            t = json.loads(cfg.read_text()).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            t = None
-        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
-            named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
-            t = named.get("default") or next(iter(named.values()), None)
-        if isinstance(t, str) and t:
-            return t
-    return None
+    """The chat template of a model directory (``tokenizer.chat_template_of``: transformers' order)."""
+    from ..tokenizer import chat_template_of
+
+    return chat_template_of(model_dir)
 
 
 def _special_tokens(model_dir: str | Path | None) -> dict[str, str]:

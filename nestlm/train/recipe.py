@@ -420,11 +420,6 @@ def validate(recipe: Recipe) -> None:
             raise RecipeError(f"stage {s.name!r}: seq_len {s.seq_len} is not divisible by train.context_parallel {cp}")
         if (s.steps is None) == (s.tokens is None):
             raise RecipeError(f"stage {s.name!r}: give exactly one of steps and tokens")
-        if s.seq_len < 2:
-            raise RecipeError(f"stage {s.name!r}: seq_len must be >= 2")
-        for key in ("global_batch", "micro_batch", "batch_size"):
-            if getattr(s, key) is not None and getattr(s, key) < 1:
-                raise RecipeError(f"stage {s.name!r}: {key} must be >= 1")
         if s.global_batch is not None and (s.batch_size is not None or recipe.train.grad_accum != 1):
             raise RecipeError(
                 f"stage {s.name!r}: give global_batch (+ micro_batch) or the old batch_size (+ train.grad_accum), "

@@ -105,7 +105,7 @@ def nestlm_argv(words: list[str]) -> list[str] | None:
 @dataclass
 class Parsed:
     parsed: list[str]  # "page:line: command" of each command parsed
-    skipped: list[str]  # placeholders (`...`) and `nestlm harness` lines, with the reason
+    skipped: list[str]  # lines left out, with why: a literal `...` in the command, or `nestlm harness`
     failures: list[str]
 
 
