@@ -10,6 +10,13 @@ ones (8-13 steps at difficulty 1, plus distractor variables, a few times longer)
 the long-context stage 2. ``difficulty`` (1..5) raises the number of steps and the
 operand range.
 
+Long solutions walk the question statement by statement: arithmetic restates each clause
+(distractors too) before computing it, ``h = g * 2 = 8 * 2 = 16.``; tracking writes an
+increment's sum, then the whole state in plain values, ``x -= 1: 6 - 1 = 5. u = 6, x = 5.``
+(changed 2026-12-05: a small model that had to find "the next step" by position among the
+distractors, or to apply the change inside the restated state of five variables, solved 6%
+of them). Prompts, answers and the test split are unchanged by it.
+
 A problem is a pure function of its integer seed (only ``random.Random`` seeded from
 it, never global state). Train and test seeds come from disjoint ranges, and on top
 of that every prompt text belongs to exactly one split by a hash of the text itself
@@ -89,13 +96,18 @@ def _arithmetic(rng: random.Random, variant: str, difficulty: int) -> tuple[str,
         val = x + k if op == "+" else x - k if op == "-" else x * k
         vals[v] = val
         q.append(f"{v} = {src} {op} {k}.")
-        a.append(f"{v} = {x} {op} {k} = {val}.")
+        # Long: the worked step restates the question's clause first, so the solution walks the
+        # question clause by clause (the next clause is the one after the last restated one, found
+        # by its text) instead of finding "the next step" by position among the distractors.
+        clause = f"{v} = {src} {op} {k} = " if variant == "long" else f"{v} = "
+        a.append(f"{clause}{x} {op} {k} = {val}.")
     target = names[n]
     for j in range(n_distract):  # distractors: unused constants between the steps
         d = names[n + 1 + j]
         pos = rng.randint(1, len(q) - 1)
         c = rng.randint(1, hi)
         q.insert(pos, f"{d} = {c}.")
+        a.insert(pos, f"{d} = {c}.")  # restated too: the solution follows the question in order
     return " ".join(q) + f" What is {target}?", " ".join(a), vals[target]
 
 
@@ -119,7 +131,10 @@ def _tracking(rng: random.Random, variant: str, difficulty: int) -> tuple[str, s
             vals[v] += k if kind == "inc" else -k
             sym = "+=" if kind == "inc" else "-="
             q.append(f"{v} {sym} {k}.")
-            a.append(f"{v} {sym} {k}: " + state({v: f"{old} {sym[0]} {k} = {vals[v]}"}))
+            if variant == "long":  # the sum first, then a state of plain values (5 variables: no sums inside)
+                a.append(f"{v} {sym} {k}: {old} {sym[0]} {k} = {vals[v]}. " + state({}))
+            else:
+                a.append(f"{v} {sym} {k}: " + state({v: f"{old} {sym[0]} {k} = {vals[v]}"}))
         elif kind == "swap":
             v, w = rng.sample(names, 2)
             vals[v], vals[w] = vals[w], vals[v]

@@ -36,6 +36,10 @@ def cot_is_consistent(p: reasoning.Problem) -> bool:
     body = p.cot.split("\n")[0][3:]
     for step in body.split(". "):
         parts = step.rstrip(".").split(" = ")
+        if len(parts) == 4:  # long: v = src op k = x op k = val (the clause restated first)
+            if parts[1].split(" ")[1:] != parts[2].split(" ")[1:]:
+                return False
+            parts = [parts[0], *parts[2:]]
         if len(parts) == 3:  # v = x op k = val
             x, op, k = parts[1].split(" ")
             val = {"+": int(x) + int(k), "-": int(x) - int(k), "*": int(x) * int(k)}[op]
@@ -56,6 +60,31 @@ def test_answers_are_correct(variant: str, difficulty: int) -> None:
         assert reasoning.extract_answer(p.cot) == p.answer
         assert p.family != "arithmetic" or cot_is_consistent(p), p.text
         assert (p.variant, p.difficulty) == (variant, difficulty)
+
+
+@pytest.mark.parametrize("difficulty", [1, 3])
+def test_long_solutions_walk_the_question_in_order(difficulty: int) -> None:
+    """Long arithmetic restates every clause of the question in order (distractors included); long
+    tracking restates, after every statement, the state an independent replay of the question has."""
+    for p in reasoning.test_problems(60, "long", difficulty):
+        stmts = [s.rstrip(".") for s in re.split(r"(?<=\.)\s", p.prompt[3:].rsplit(" What is ", 1)[0])]
+        body = p.cot.split("\n")[0][3:]
+        if p.family == "arithmetic":
+            restated = [" = ".join(c.rstrip(".").split(" = ")[:2]) for c in body.split(". ")]
+            assert restated == stmts, p.text
+            assert cot_is_consistent(p), p.text
+            continue
+        env: dict[str, int] = {}
+        states = re.findall(r"((?:\w+ = -?\d+, )+\w+ = -?\d+)\.", body)
+        assert len(states) == len(stmts), p.text  # the initial state, then one per statement
+        for stmt, state in zip(stmts, states, strict=True):
+            m = re.fullmatch(r"swap (\w+) and (\w+)", stmt)
+            if m:
+                env[m[1]], env[m[2]] = env[m[2]], env[m[1]]
+            else:
+                for part in stmt.split(", "):
+                    exec(part, {"__builtins__": {}}, env)  # noqa: S102 - the plain statements of solve()
+            assert state == ", ".join(f"{n} = {env[n]}" for n in re.findall(r"(\w+) = ", state)), p.text
 
 
 def test_cot_check_catches_a_wrong_step() -> None:
