@@ -38,6 +38,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -222,7 +223,9 @@ class Evaluator:
         if cache.is_file():  # scored in an earlier, --resume'd invocation (same problems: same arguments)
             return json.loads(cache.read_text())
         out = self._score(path, budget, variants)
-        cache.write_text(json.dumps(out))
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # whole or absent: seeds may score in parallel
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, cache)
         return out
 
     def _score(self, path: Path, budget: str | None, variants: tuple[str, ...]) -> dict[str, Any]:
@@ -478,6 +481,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-hard", type=int, default=100, help="held-out problems at difficulties 2 and 3 (claim 1)")
     ap.add_argument("--mix", default="1,1,2,3", help="difficulties the distillation data cycles through")
     ap.add_argument("--resume", action="store_true", help="reuse the finished runs and scores of --out")
+    ap.add_argument(
+        "--only-seed",
+        type=int,
+        default=None,
+        help="train and score this seed alone, into --out, and write no report: seeds in parallel, one process\n"
+        "a core, the second started once the first has printed 'scoring the parent'; then --resume --seeds N\n"
+        "writes the report from their runs and scores",
+    )
     ap.add_argument("--claims", default="1,2,3", help="the claims to measure (1: the family vs prune + KD per size)")
     ap.add_argument("--parent", default=str(PARENT), help="the parent model directory")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads for training and scoring")
@@ -487,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
     if not claims or not set(claims) <= {1, 2, 3} or 1 not in claims:
         raise SystemExit(f"paper_in_small: --claims {args.claims} must list claims among 1, 2, 3, claim 1 included")
     out = Path(args.out)
+    if args.only_seed is not None and not 0 <= args.only_seed < args.seeds:
+        raise SystemExit(f"paper_in_small: --only-seed {args.only_seed} must be within 0..{args.seeds - 1} (--seeds)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.resume:
         raise SystemExit(
             f"paper_in_small: --out {out} exists and is not an empty directory; give a new one, or --resume "
@@ -529,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     print("[study] scoring the parent", flush=True)
     every = tuple(ev.sets)  # short and long at difficulty 1 (claims 2, 3), and 2 and 3 (claim 1's cells)
     models["parent"] = ev(ranked, None, every)
-    for seed in range(args.seeds):
+    for seed in range(args.seeds) if args.only_seed is None else [args.only_seed]:
         runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix, claims)
         kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed)
         for name, r in runs.items():
@@ -547,6 +560,10 @@ def main(argv: list[str] | None = None) -> int:
         for b in SMALL:
             merge(f"kd/{b}", ev(kd[b]["dir"], None, every))
             merge(f"pruned/{b}", ev(kd[b]["pruned"], None, ("short",)))
+    if args.only_seed is not None:
+        done = f"[study] seed {args.only_seed} done in {(time.time() - t0) / 60:.1f} min"
+        print(f"{done}; the report: --resume --seeds N", flush=True)
+        return 0
     if args.seeds > 1:  # the parent and its outcomes repeat once per seed, so pairs line up
         for k in every:
             models["parent"][k] = models["parent"][k] * args.seeds

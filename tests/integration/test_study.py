@@ -111,3 +111,25 @@ def test_claim_1_alone_has_its_tables_and_no_others(tmp_path: Path) -> None:
     assert "## Claim 1" in text and "Claim 2" not in text and "Claim 3" not in text
     with pytest.raises(SystemExit, match="--claims 2 must list claims among 1, 2, 3, claim 1 included"):
         study.main(["--out", str(tmp_path / "x"), "--claims", "2"])
+
+
+@pytest.mark.slow
+def test_seeds_run_apart_give_the_tables_of_one_invocation(tmp_path: Path) -> None:
+    """`--only-seed K` (seeds in parallel, one process a core) trains and scores that seed alone and writes no
+    report; `--resume --seeds 2` then trains nothing and reports both seeds, pairs side by side."""
+    study = _study()
+    out = tmp_path / "apart"
+    args = ["--out", str(out), "--quick", "--claims", "1", "--seeds", "2"]
+    assert study.main([*args, "--only-seed", "0"]) == 0
+    assert not (out / "results.json").exists() and (out / "seed0" / "elastic" / "config.json").is_file()
+    assert not (out / "seed1").exists()
+    assert study.main([*args, "--resume", "--only-seed", "1"]) == 0
+    assert not (out / "results.json").exists() and (out / "seed1" / "elastic" / "config.json").is_file()
+    assert study.main([*args, "--resume"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["wall_s"] < 60  # every run and score reused
+    for r in res["tables"]["claim1"]["rows"]:
+        _check_cell(r["elastic"], 48)  # 24 problems x 2 seeds
+        _check_verdict(r["compare"])
+    with pytest.raises(SystemExit, match=r"--only-seed 2 must be within 0\.\.1"):
+        study.main([*args, "--resume", "--only-seed", "2"])
