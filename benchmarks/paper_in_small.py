@@ -76,10 +76,20 @@ def _tokens(recipe: dict[str, Any]) -> int:
     return sum(s["steps"] * s["batch_size"] * s["seq_len"] for s in recipe["stages"])
 
 
+def _diff_keys(a: Any, b: Any, at: str = "") -> list[str]:
+    """``key: a there, b now`` for every leaf where two recipe dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in {**a, **b} for d in _diff_keys(a.get(k), b.get(k), f"{at}.{k}" if at else str(k))]
+    return [] if a == b else [f"{at}: {a} there, {b} now"]
+
+
 def train_recipe(d: Path, rec: dict[str, Any], label: str) -> tuple[int, float]:
     """Write ``rec`` to D.yaml beside run directory ``d`` and train it into ``d`` (log D.log); (tokens, seconds)."""
     d.parent.mkdir(parents=True, exist_ok=True)
     path = d.parent / f"{d.name}.yaml"
+    if (d / "config.json").is_file() and path.is_file() and (was := yaml.safe_load(path.read_text())) != rec:
+        diff = ", ".join(_diff_keys(was, rec)[:3])
+        raise SystemExit(f"paper_in_small: {d} was trained from another recipe ({diff}); give another --out")
     path.write_text(yaml.safe_dump(rec, sort_keys=False))
     done = d.parent / f"{d.name}.done.json"  # (tokens, seconds) of a finished run: --resume reuses it
     if (d / "config.json").is_file():  # written last: the run finished (in an earlier, --resume'd invocation)
@@ -107,10 +117,13 @@ def prune_to(ranked: Path, n_params: int, out: Path, log: Path) -> None:
         _nestlm(["prune", "--model", str(ranked), "--budget", str(n_params), "--out", str(out)], log)
 
 
-def kd_recipe(base: dict[str, Any], pruned: Path, ranked: Path, name: str) -> dict[str, Any]:
-    """``base`` turned into distillation of the pruned model alone from the ranked parent."""
+def kd_recipe(base: dict[str, Any], pruned: Path, ranked: Path, name: str, lr: float | None = None) -> dict[str, Any]:
+    """``base`` turned into distillation of the pruned model alone from the ranked parent (at ``lr``; None: the
+    family's)."""
     rec = copy.deepcopy(base)
     rec["name"] = name
+    if lr is not None:
+        rec["train"]["lr"] = lr
     rec["model"] = {"path": str(pruned), "teacher": str(ranked)}
     rec["elastic"]["budgets"] = {"full": 1.0}
     for s in rec["stages"]:
@@ -175,7 +188,9 @@ def train_runs(
     return runs
 
 
-def prune_kd_runs(out: Path, ranked: Path, elastic_dir: Path, base: dict[str, Any], seed: int) -> dict[str, Any]:
+def prune_kd_runs(
+    out: Path, ranked: Path, elastic_dir: Path, base: dict[str, Any], seed: int, lr: float | None = None
+) -> dict[str, Any]:
     """Per size: one-shot prune to the elastic budget's parameter count, then KD from the parent with T tokens."""
     elastic = nestlm.load(elastic_dir)
     runs = {}
@@ -183,7 +198,7 @@ def prune_kd_runs(out: Path, ranked: Path, elastic_dir: Path, base: dict[str, An
         n = elastic.num_parameters(budget=b)
         pruned = out / f"seed{seed}" / f"pruned-{b}"
         prune_to(ranked, n, pruned, out / f"prune-{b}.log")
-        rec = kd_recipe(base, pruned, ranked, f"prune-kd-{b}")
+        rec = kd_recipe(base, pruned, ranked, f"prune-kd-{b}", lr)
         d = out / f"seed{seed}" / f"kd-{b}"
         tokens, seconds = train_recipe(d, rec, f"[study] seed {seed}: prune + KD at {b}")
         runs[b] = {"dir": d, "pruned": pruned, "tokens": tokens, "seconds": seconds}
@@ -406,7 +421,12 @@ def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
         "",
         f"Tokens: elastic family {tk['elastic family']:,}; prune+KD "
         + ", ".join(f"{b}: {n:,}" for b, n in tk["prune+KD, per size"].items())
-        + f" ({tk['prune+KD, the two sizes']:,} for the two sizes).",
+        + f" ({tk['prune+KD, the two sizes']:,} for the two sizes)."
+        + (
+            ""
+            if "lr" not in res
+            else f" Learning rates: family {res['lr']['elastic family']:g}, prune+KD {res['lr']['prune+KD']:g}."
+        ),
         "",
         _sentence1(tables["claim1"]),
     ]
@@ -482,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mix", default="1,1,2,3", help="difficulties the distillation data cycles through")
     ap.add_argument("--resume", action="store_true", help="reuse the finished runs and scores of --out")
     ap.add_argument(
+        "--kd-lr", type=float, default=None, help="the prune + KD baseline's learning rate (default: the family's)"
+    )
+    ap.add_argument(
         "--only-seed",
         type=int,
         default=None,
@@ -544,7 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     models["parent"] = ev(ranked, None, every)
     for seed in range(args.seeds) if args.only_seed is None else [args.only_seed]:
         runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix, claims)
-        kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed)
+        family_lr = runs["elastic"]["recipe"]["train"]["lr"]
+        kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed, args.kd_lr)
         for name, r in runs.items():
             tokens[name] = tokens.get(name, 0) + r["tokens"]
             seconds[name] = seconds.get(name, 0.0) + r["seconds"]
@@ -573,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_short": n,
         "n_long": n_long,
         "tokens": tokens,
+        "lr": {"elastic family": family_lr, "prune+KD": args.kd_lr or family_lr},
         "train_seconds": seconds,
         "models": models,
     }

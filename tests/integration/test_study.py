@@ -116,10 +116,11 @@ def test_claim_1_alone_has_its_tables_and_no_others(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_seeds_run_apart_give_the_tables_of_one_invocation(tmp_path: Path) -> None:
     """`--only-seed K` (seeds in parallel, one process a core) trains and scores that seed alone and writes no
-    report; `--resume --seeds 2` then trains nothing and reports both seeds, pairs side by side."""
+    report; `--resume --seeds 2` then trains nothing and reports both seeds, pairs side by side; `--kd-lr`
+    trains the baseline at its own learning rate and the report says so."""
     study = _study()
     out = tmp_path / "apart"
-    args = ["--out", str(out), "--quick", "--claims", "1", "--seeds", "2"]
+    args = ["--out", str(out), "--quick", "--claims", "1", "--seeds", "2", "--kd-lr", "1e-4"]
     assert study.main([*args, "--only-seed", "0"]) == 0
     assert not (out / "results.json").exists() and (out / "seed0" / "elastic" / "config.json").is_file()
     assert not (out / "seed1").exists()
@@ -128,8 +129,16 @@ def test_seeds_run_apart_give_the_tables_of_one_invocation(tmp_path: Path) -> No
     assert study.main([*args, "--resume"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["wall_s"] < 60  # every run and score reused
+    kd = __import__("yaml").safe_load((out / "seed1" / "kd-75.yaml").read_text())
+    family = __import__("yaml").safe_load((out / "seed1" / "elastic.yaml").read_text())
+    assert kd["train"]["lr"] == 1e-4 != family["train"]["lr"]
+    assert f"Learning rates: family {family['train']['lr']:g}, prune+KD 0.0001." in (out / "report.md").read_text()
     for r in res["tables"]["claim1"]["rows"]:
         _check_cell(r["elastic"], 48)  # 24 problems x 2 seeds
         _check_verdict(r["compare"])
+    with pytest.raises(
+        SystemExit, match=r"kd-75 was trained from another recipe \(train.lr: 0.0001 there, 0.001 now\)"
+    ):
+        study.main([*args[:-1], "1e-3", "--resume"])  # a finished run is never reused for another recipe
     with pytest.raises(SystemExit, match=r"--only-seed 2 must be within 0\.\.1"):
         study.main([*args, "--resume", "--only-seed", "2"])
