@@ -199,7 +199,7 @@ def prune_kd_runs(
         pruned = out / f"seed{seed}" / f"pruned-{b}"
         prune_to(ranked, n, pruned, out / f"prune-{b}.log")
         rec = kd_recipe(base, pruned, ranked, f"prune-kd-{b}", lr)
-        d = out / f"seed{seed}" / f"kd-{b}"
+        d = out / f"seed{seed}" / (f"kd-{b}" if lr is None else f"kd-{b}-lr{lr:g}")  # a sweep: beside the others
         tokens, seconds = train_recipe(d, rec, f"[study] seed {seed}: prune + KD at {b}")
         runs[b] = {"dir": d, "pruned": pruned, "tokens": tokens, "seconds": seconds}
     return runs

@@ -129,16 +129,17 @@ def test_seeds_run_apart_give_the_tables_of_one_invocation(tmp_path: Path) -> No
     assert study.main([*args, "--resume"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["wall_s"] < 60  # every run and score reused
-    kd = __import__("yaml").safe_load((out / "seed1" / "kd-75.yaml").read_text())
-    family = __import__("yaml").safe_load((out / "seed1" / "elastic.yaml").read_text())
+    yaml = __import__("yaml")
+    kd = yaml.safe_load((out / "seed1" / "kd-75-lr0.0001.yaml").read_text())
+    family = yaml.safe_load((out / "seed1" / "elastic.yaml").read_text())
     assert kd["train"]["lr"] == 1e-4 != family["train"]["lr"]
     assert f"Learning rates: family {family['train']['lr']:g}, prune+KD 0.0001." in (out / "report.md").read_text()
+    family["train"]["lr"] = 0.5  # as if an earlier invocation had trained it from another recipe
+    (out / "seed1" / "elastic.yaml").write_text(yaml.safe_dump(family, sort_keys=False))
     for r in res["tables"]["claim1"]["rows"]:
         _check_cell(r["elastic"], 48)  # 24 problems x 2 seeds
         _check_verdict(r["compare"])
-    with pytest.raises(
-        SystemExit, match=r"kd-75 was trained from another recipe \(train.lr: 0.0001 there, 0.001 now\)"
-    ):
-        study.main([*args[:-1], "1e-3", "--resume"])  # a finished run is never reused for another recipe
+    with pytest.raises(SystemExit, match=r"elastic was trained from another recipe \(train.lr: 0.5 there, "):
+        study.main([*args, "--resume"])  # a finished run is never reused for another recipe
     with pytest.raises(SystemExit, match=r"--only-seed 2 must be within 0\.\.1"):
         study.main([*args, "--resume", "--only-seed", "2"])
