@@ -41,3 +41,30 @@ def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
+
+
+# ----------------------------------------------------------------------------- serving (test_serve*.py)
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small elastic model directory (a module that needs another defines its own)."""
+    from tests.unit.test_scheduler import elastic_model, write_model_dir
+
+    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("serve") / "elastic")
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path):
+    import nestlm
+
+    return nestlm.load(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, one_thread):
+    """`model_dir` served on loopback (max_context 256), closed after the module."""
+    from nestlm.serve.server import build_api
+    from tests.integration.serving import Server
+
+    s = Server(build_api(model_dir, max_context=256))
+    yield s
+    s.close()

@@ -14,7 +14,7 @@ from nestlm.demo import PARENT_DIR
 from nestlm.serve.server import build_api
 from nestlm.tasks.reasoning import test_problems
 from nestlm.tokenizer import ByteTokenizer
-from tests.integration.test_serve import Server
+from tests.integration.serving import Server
 from tests.unit.test_scheduler import elastic_model, write_model_dir
 
 

@@ -254,7 +254,7 @@ def test_server_scored_by_local_completions_equals_nestlm_backend(slices: dict[s
     """A real client of our API: the harness's own ``local-completions`` backend scores the
     multiple-choice task through ``nestlm serve`` with the loglikelihoods of the in-process backend."""
     from nestlm.serve.server import build_api
-    from tests.integration.test_serve import Server
+    from tests.integration.serving import Server
 
     export = slices["50"]
     server = Server(build_api(export, max_context=512))

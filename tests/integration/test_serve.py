@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -16,65 +15,13 @@ import httpx
 import openai
 import pytest
 import torch
-import uvicorn
 
-import nestlm
-from nestlm.serve.app import create_app
 from nestlm.serve.server import build_api
 from nestlm.tokenizer import ByteTokenizer
+from tests.integration.serving import Server, free_port
 from tests.unit.test_scheduler import CHAT_TEMPLATE, FakeClock, elastic_model, solo, write_model_dir
 
 TOK = ByteTokenizer()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """uvicorn serving an Api in a thread of this process (so tests can read the scheduler's counters)."""
-
-    def __init__(self, api) -> None:
-        self.api = api
-        self.port = free_port()
-        cfg = uvicorn.Config(create_app(api), host="127.0.0.1", port=self.port, log_level="error")
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        t0 = time.time()
-        while not self.server.started:
-            assert time.time() - t0 < 30 and self.thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/health").json()
-
-    def close(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("serve") / "elastic")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> nestlm.HybridLM:
-    return nestlm.load(model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, one_thread):
-    s = Server(build_api(model_dir, max_context=256))
-    yield s
-    s.close()
 
 
 def text_of(model, prompt: str, budget: str, n: int) -> str:

@@ -15,11 +15,10 @@ import httpx
 import pytest
 import torch
 
-import nestlm
 from nestlm.serve.server import build_api
 from nestlm.tokenizer import ByteTokenizer
-from tests.integration.test_serve import Server
-from tests.unit.test_scheduler import elastic_model, solo, write_model_dir
+from tests.integration.serving import Server
+from tests.unit.test_scheduler import solo
 
 TOK = ByteTokenizer()
 TIMEOUT = 120  # seconds: a request that takes longer counts as hanging
@@ -76,23 +75,6 @@ BAD = [
     ("chat/completions", {**CHAT, "seed": 2**64, "temperature": 1.0}, 400, "seed"),
     ("chat/completions", {**CHAT, "logit_bias": {"-1": 5}}, 400, "logit_bias"),
 ]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("isolation") / "elastic")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> nestlm.HybridLM:
-    return nestlm.load(model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, one_thread):
-    s = Server(build_api(model_dir, max_context=256))
-    yield s
-    s.close()
 
 
 def in_process(model, prompt: str, n: int, **kw) -> list[int]:

@@ -13,7 +13,7 @@ import pytest
 import nestlm
 from nestlm.serve.server import build_api
 from nestlm.tokenizer import ByteTokenizer
-from tests.integration.test_serve import Server
+from tests.integration.serving import Server
 from tests.transformer_models import make_transformer
 from tests.unit.test_scheduler import solo
 

@@ -18,23 +18,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from nestlm.serve.server import build_api
-from tests.integration.test_serve import Server
-from tests.unit.test_scheduler import elastic_model, write_model_dir
+from tests.integration.serving import Server
 
 ACCESS = "nestlm.serve.access"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("ops") / "elastic")
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, one_thread):
-    s = Server(build_api(model_dir, max_context=256))
-    yield s
-    s.close()
 
 
 def scrape(url: str) -> dict[str, dict[tuple, float]]:

@@ -14,12 +14,10 @@ import openai
 import pytest
 import torch
 
-import nestlm
 from nestlm.serve.server import build_api
 from nestlm.tokenizer import ByteTokenizer
-from tests.integration.test_serve import Server
+from tests.integration.serving import Server
 from tests.integration.test_serve_several import admitted_together, text_of
-from tests.unit.test_scheduler import elastic_model, write_model_dir
 
 TOK = ByteTokenizer()
 A = TOK.encode("A")[0]
@@ -27,23 +25,6 @@ SCHED = [{"budget": "50", "stop": "e", "max_tokens": 6, "force": " so:"}, {"budg
 UNFORCED = [{"budget": "50", "max_tokens": 5}, {"budget": "full"}]  # every token generated, none forced
 SHAPING = ("top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 SPEC = {"draft_budget": "75", "num_draft_tokens": 3}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("sampling") / "elastic")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> nestlm.HybridLM:
-    return nestlm.load(model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, one_thread):
-    s = Server(build_api(model_dir, max_context=256))
-    yield s
-    s.close()
 
 
 @pytest.fixture

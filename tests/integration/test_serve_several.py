@@ -16,34 +16,15 @@ import httpx
 import pytest
 import torch
 
-import nestlm
 from nestlm.serve.scheduler import Request, Scheduler
 from nestlm.serve.server import build_api
 from nestlm.speculative import SpecStats
 from nestlm.tokenizer import ByteTokenizer
-from tests.integration.test_serve import Server
-from tests.unit.test_scheduler import elastic_model, write_model_dir
+from tests.integration.serving import Server
 
 TOK = ByteTokenizer()
 EOS = 2
 SCHED = [{"budget": "50", "stop": "e", "max_tokens": 6, "force": " so:"}, {"budget": "full"}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("several") / "elastic")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> nestlm.HybridLM:
-    return nestlm.load(model_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def server(model_dir: Path, one_thread):
-    s = Server(build_api(model_dir, max_context=256))
-    yield s
-    s.close()
 
 
 def in_process(model, prompt: str, n: int, **kw) -> tuple[list[int], SpecStats]:

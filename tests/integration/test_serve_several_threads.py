@@ -12,25 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import nestlm
 from nestlm.serve.scheduler import Request, Scheduler
 from nestlm.serve.server import build_api
 from nestlm.speculative import SpecStats
-from tests.integration.test_serve import Server
+from tests.integration.serving import Server
 from tests.integration.test_serve_several import SCHED, SPEC, TOK, admitted_together, in_process, text_of
-from tests.unit.test_scheduler import elastic_model, solo, write_model_dir
+from tests.unit.test_scheduler import solo
 
 TEMP, TOP_P = 0.9, 0.8
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model_dir(elastic_model(), tmp_path_factory.mktemp("several-threads") / "elastic")
-
-
-@pytest.fixture(scope="module")
-def model(model_dir: Path) -> nestlm.HybridLM:
-    return nestlm.load(model_dir).eval()
 
 
 @pytest.fixture

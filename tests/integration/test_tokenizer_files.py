@@ -119,7 +119,7 @@ def test_slice_output_carries_the_tokenizer(tmp_path: Path, capsys: pytest.Captu
 def _serve_one_completion(model_dir: Path) -> None:
     """nestlm serve on a sliced directory: its tokenizer and chat template answer a request."""
     from nestlm.serve.server import build_api
-    from tests.integration.test_serve import Server
+    from tests.integration.serving import Server
 
     server = Server(build_api(model_dir, max_context=128))
     try:
