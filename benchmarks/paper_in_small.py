@@ -332,7 +332,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
             row["weighted/long"] = acc_cell(m[f"elastic/{b}"]["long"])
             row["compare/long"] = compare(m[f"elastic/{b}"]["long"], m[f"uniform/{b}"]["long"])
         t3_rows.append(row)
-    tok = res["tokens"]
+    tok = {k: v // res["seeds"] for k, v in res["tokens"].items()}  # per seed (summed over seeds in res)
     return {
         "claim1": {
             "rows": t1_rows,
@@ -419,7 +419,7 @@ def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
     tk = tables["claim1"]["tokens"]
     L += [
         "",
-        f"Tokens: elastic family {tk['elastic family']:,}; prune+KD "
+        f"Tokens{' per seed' if res['seeds'] > 1 else ''}: elastic family {tk['elastic family']:,}; prune+KD "
         + ", ".join(f"{b}: {n:,}" for b, n in tk["prune+KD, per size"].items())
         + f" ({tk['prune+KD, the two sizes']:,} for the two sizes)."
         + (

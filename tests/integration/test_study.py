@@ -133,6 +133,8 @@ def test_seeds_run_apart_give_the_tables_of_one_invocation(tmp_path: Path) -> No
     kd = yaml.safe_load((out / "seed1" / "kd-75-lr0.0001.yaml").read_text())
     family = yaml.safe_load((out / "seed1" / "elastic.yaml").read_text())
     assert kd["train"]["lr"] == 1e-4 != family["train"]["lr"]
+    per_seed = sum(s["steps"] * s["batch_size"] * s["seq_len"] for s in family["stages"])
+    assert res["tables"]["claim1"]["tokens"]["elastic family"] == per_seed  # per seed, not summed over seeds
     assert f"Learning rates: family {family['train']['lr']:g}, prune+KD 0.0001." in (out / "report.md").read_text()
     family["train"]["lr"] = 0.5  # as if an earlier invocation had trained it from another recipe
     (out / "seed1" / "elastic.yaml").write_text(yaml.safe_dump(family, sort_keys=False))
