@@ -491,7 +491,11 @@ def plot(out: Path, tables: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", required=True, help="a new directory for results.json, report.md, accuracy.png")
+    ap.add_argument(
+        "--out",
+        required=True,
+        help="a new directory for results.json, outcomes.json (per-problem outcomes), report.md, accuracy.png",
+    )
     ap.add_argument("--quick", action="store_true", help="a smoke run of a few minutes (3 steps a stage, 24 problems)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every stage's steps (e.g. 8 on a GPU)")
@@ -611,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"model": key, "measure": "ppl", "value": m["ppl"], "params": m["params"]})
     for key, t in tokens.items():
         rows.append({"model": key, "measure": "tokens", "value": t, "seconds": seconds[key]})
+    (out / "outcomes.json").write_text(json.dumps({"every": list(every), "models": models}))  # per problem
     (out / "results.json").write_text(
         json.dumps({"rows": rows, "tables": tables, "wall_s": res["wall_s"], "argv": sys.argv[1:]}, indent=1)
     )

@@ -39,6 +39,8 @@ def test_quick_study_tables_verdicts_and_tokens(tmp_path: Path) -> None:
     res = json.loads((out / "results.json").read_text())
     report = (out / "report.md").read_text()
     assert (out / "accuracy.png").stat().st_size > 0
+    outcomes = json.loads((out / "outcomes.json").read_text())["models"]
+    assert len(outcomes["parent"]["short"]) == 24 and all(isinstance(x, bool) for x in outcomes["elastic/50"]["short"])
     t = res["tables"]
     # claim 1: every budget has elastic and its comparison; small budgets have every method
     rows = {r["budget"]: r for r in t["claim1"]["rows"]}
