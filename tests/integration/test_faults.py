@@ -6,7 +6,6 @@ Every run here is the tiny recipe on one thread (a few seconds of CPU each).
 from __future__ import annotations
 
 import errno
-import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import pytest
 from nestlm.cli import main
 from nestlm.train.preempt import PREEMPTED_EXIT, PreemptGuard
 from nestlm.train.recipe import load_recipe
+from tests.benchmarks import load_benchmark
 
 from .conftest import RUN_ARGS, torchrun
 
@@ -209,10 +209,7 @@ def test_every_metrics_reader_drops_a_torn_line(tmp_path: Path, capsys) -> None:
     assert [r for _, r in metric_lines(f)] == good
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "[1]" in err[0], err
-    bench = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_runs.py"  # a reader outside nestlm/
-    spec = importlib.util.spec_from_file_location("compare_runs", bench)
-    compare_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_runs)
+    compare_runs = load_benchmark("compare_runs")  # a reader outside nestlm/
     for d in ("a", "b"):
         (tmp_path / d / "elastic").mkdir(parents=True)
         (tmp_path / d / "eval.json").write_text(json.dumps({"rows": [{"name": "full", "ppl": 3.0}]}))

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("paper_in_small", ROOT / "benchmarks" / "paper_in_small.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("paper_in_small")
 
 
 def _check_verdict(c: dict) -> None:

@@ -3,12 +3,13 @@ every budget, token counts as the recipe says, verdicts that follow from their i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 ELASTIC = ["elastic", "elastic, fixed", "elastic, 3 T1", "elastic, lr 5e-4", "elastic, router lr 10x"]
@@ -18,10 +19,7 @@ ELASTIC += ["elastic, soft, search init"]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("study_claim1", ROOT / "benchmarks" / "study_claim1.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("study_claim1")
 
 
 @pytest.mark.slow

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from nestlm.tasks import reasoning
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks import load_benchmark
 
 
 def _mod():
-    spec = importlib.util.spec_from_file_location("long_errors", ROOT / "benchmarks" / "long_errors.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("long_errors")
 
 
 def test_a_wrong_name_a_wrong_value_and_a_right_answer_are_told_apart() -> None:
