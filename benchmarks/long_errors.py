@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     res = {}
     print("| problems | family | n | right | wrong at a name | at a value | elsewhere |\n|---|---|---|---|---|---|---|")
     for spec in args.spec:
-        variant, d, n = spec.split(":")
-        problems = reasoning.test_problems(int(n), variant, int(d))
+        variant, d, n = reasoning.parse_spec(spec)
+        problems = reasoning.test_problems(n, variant, d)
         correct, gens = reasoning_outcomes(model, tok, problems, 25, None, None, False)
         res[spec] = classify(problems, gens, correct)
         for fam, c in sorted(res[spec].items()):

@@ -18,6 +18,7 @@ import torch
 
 import nestlm
 from nestlm.eval.evaluate import reasoning_accuracy
+from nestlm.tasks import reasoning
 from nestlm.tokenizer import ByteTokenizer
 
 PARENT = Path(nestlm.__file__).resolve().parent / "assets" / "parent"
@@ -38,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     out = {}
     print("| problems | difficulty | n | accuracy | 95% interval |\n|---|---|---|---|---|")
     for spec in args.spec:
-        variant, d, n = spec.split(":")
+        variant, d, n = reasoning.parse_spec(spec)
         t = time.time()
-        r = reasoning_accuracy(model, tok, n=int(n), variant=variant, difficulty=int(d), budget=args.budget)
+        r = reasoning_accuracy(model, tok, n=n, variant=variant, difficulty=d, budget=args.budget)
         lo, hi = r["ci95"]
-        out[f"{variant}/{d}"] = {"accuracy": r["accuracy"], "ci95": [lo, hi], "n": int(n), "seconds": time.time() - t}
+        out[f"{variant}/{d}"] = {"accuracy": r["accuracy"], "ci95": [lo, hi], "n": n, "seconds": time.time() - t}
         print(f"| {variant} | {d} | {n} | {r['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

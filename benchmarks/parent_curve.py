@@ -20,6 +20,7 @@ import torch
 
 import nestlm
 from nestlm.eval.evaluate import reasoning_accuracy
+from nestlm.tasks import reasoning
 from nestlm.tokenizer import ByteTokenizer
 from nestlm.train.checkpointer import read_metrics
 
@@ -63,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         model = nestlm.load(model_dir).eval()
         row = {"step": step, "tokens": toks.get(step)}
         for spec in args.spec:
-            variant, d, n = spec.split(":")
-            r = reasoning_accuracy(model, ByteTokenizer(), n=int(n), variant=variant, difficulty=int(d))
-            row[spec] = {"accuracy": r["accuracy"], "ci95": list(r["ci95"]), "n": int(n)}
+            variant, d, n = reasoning.parse_spec(spec)
+            r = reasoning_accuracy(model, ByteTokenizer(), n=n, variant=variant, difficulty=d)
+            row[spec] = {"accuracy": r["accuracy"], "ci95": list(r["ci95"]), "n": n}
         rows.append(row)
         cells = " | ".join(
             f"{100 * row[s]['accuracy']:.1f}% [{100 * row[s]['ci95'][0]:.1f}, {100 * row[s]['ci95'][1]:.1f}]"

@@ -164,6 +164,16 @@ def check(variant: str, difficulty: int) -> None:
         )
 
 
+def parse_spec(spec: str) -> tuple[str, int, int]:
+    """``"long:1:100"`` -> ("long", 1, 100): a held-out set as the benchmarks name it (VARIANT:DIFFICULTY:N)."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+        raise ReasoningError(f"problem set {spec!r} must be VARIANT:DIFFICULTY:N, e.g. long:1:100")
+    variant, d, n = parts[0], int(parts[1]), int(parts[2])
+    check(variant, d)
+    return variant, d, n
+
+
 def make_problem(seed: int, variant: str = "short", difficulty: int = 1) -> Problem:
     """The problem of ``seed`` (deterministic: uses only ``random.Random`` seeded from its arguments).
 

@@ -161,3 +161,10 @@ def test_bad_arguments() -> None:
         reasoning.train_problems(3, "short", 9)
     with pytest.raises(NestlmError, match="outside the 1000000 seeds"):
         reasoning.test_problems(10, start=len(reasoning.TEST_SEEDS) - 5)
+
+
+def test_a_problem_set_spec_is_parsed_or_refused_in_one_line() -> None:
+    assert reasoning.parse_spec("long:3:200") == ("long", 3, 200)
+    for bad in ("long:1", "long:x:10", "medium:1:10", "short:9:10"):
+        with pytest.raises(NestlmError, match=r"VARIANT:DIFFICULTY:N|not one of|within"):
+            reasoning.parse_spec(bad)
