@@ -165,11 +165,14 @@ def train_runs(
     threads: int = 2,
     mix: str | None = None,
     claims: tuple[int, ...] = (1, 2, 3),
+    lr: float | None = None,
 ) -> dict[str, Any]:
     """The elastic runs of one seed: two-stage weighted (every claim), uniform stage 2 (claim 3), stage 1 only
-    (claim 2)."""
+    (claim 2); at ``lr`` (None: the demo's), in run directories named by it."""
     base = study_recipe(scale, quick, device, seed, mix)
     base["train"]["threads"] = threads
+    if lr is not None:
+        base["train"]["lr"] = lr
     base["model"]["path"] = str(ranked)
     variants = {"elastic": base}
     uni = copy.deepcopy(base)
@@ -182,7 +185,7 @@ def train_runs(
         variants["stage1"] = s1
     runs = {}
     for name, rec in variants.items():
-        d = out / f"seed{seed}" / name
+        d = out / f"seed{seed}" / (name if lr is None else f"{name}-lr{lr:g}")  # a sweep: beside the others
         tokens, seconds = train_recipe(d, rec, f"[study] seed {seed}: training {name}")
         runs[name] = {"dir": d, "tokens": tokens, "seconds": seconds, "recipe": rec}
     return runs
@@ -191,15 +194,25 @@ def train_runs(
 def prune_kd_runs(
     out: Path, ranked: Path, elastic_dir: Path, base: dict[str, Any], seed: int, lr: float | None = None
 ) -> dict[str, Any]:
-    """Per size: one-shot prune to the elastic budget's parameter count, then KD from the parent with T tokens."""
+    """Per size: one-shot prune to the elastic budget's parameter count, then KD from the parent with T tokens.
+
+    Another family (another --family-lr) may freeze a budget to another parameter count: its baseline is then
+    pruned and trained again, in directories named by that count; the same pruned model reuses the runs."""
     elastic = nestlm.load(elastic_dir)
     runs = {}
     for b in SMALL:
         n = elastic.num_parameters(budget=b)
         pruned = out / f"seed{seed}" / f"pruned-{b}"
-        prune_to(ranked, n, pruned, out / f"prune-{b}.log")
+        suffix = ""
+        if pruned.exists():  # pruned for an earlier family: the same model if pruning to n gives its config
+            again = out / f"seed{seed}" / f"pruned-{b}-{n}"
+            prune_to(ranked, n, again, out / f"prune-{b}.log")
+            if (again / "config.json").read_text() != (pruned / "config.json").read_text():
+                pruned, suffix = again, f"-{n}"
+        else:
+            prune_to(ranked, n, pruned, out / f"prune-{b}.log")
         rec = kd_recipe(base, pruned, ranked, f"prune-kd-{b}", lr)
-        d = out / f"seed{seed}" / (f"kd-{b}" if lr is None else f"kd-{b}-lr{lr:g}")  # a sweep: beside the others
+        d = out / f"seed{seed}" / (f"kd-{b}{suffix}" if lr is None else f"kd-{b}{suffix}-lr{lr:g}")
         tokens, seconds = train_recipe(d, rec, f"[study] seed {seed}: prune + KD at {b}")
         runs[b] = {"dir": d, "pruned": pruned, "tokens": tokens, "seconds": seconds}
     return runs
@@ -509,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
         "--kd-lr", type=float, default=None, help="the prune + KD baseline's learning rate (default: the family's)"
     )
     ap.add_argument(
+        "--family-lr", type=float, default=None, help="the elastic family's learning rate (default: the demo's)"
+    )
+    ap.add_argument(
         "--only-seed",
         type=int,
         default=None,
@@ -570,7 +586,9 @@ def main(argv: list[str] | None = None) -> int:
     every = tuple(ev.sets)  # short and long at difficulty 1 (claims 2, 3), and 2 and 3 (claim 1's cells)
     models["parent"] = ev(ranked, None, every)
     for seed in range(args.seeds) if args.only_seed is None else [args.only_seed]:
-        runs = train_runs(out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix, claims)
+        runs = train_runs(
+            out, ranked, args.scale, args.quick, args.device, seed, args.threads, args.mix, claims, args.family_lr
+        )
         family_lr = runs["elastic"]["recipe"]["train"]["lr"]
         kd = prune_kd_runs(out, ranked, runs["elastic"]["dir"], runs["elastic"]["recipe"], seed, args.kd_lr)
         for name, r in runs.items():

@@ -143,3 +143,15 @@ def test_seeds_run_apart_give_the_tables_of_one_invocation(tmp_path: Path) -> No
         study.main([*args, "--resume"])  # a finished run is never reused for another recipe
     with pytest.raises(SystemExit, match=r"--only-seed 2 must be within 0\.\.1"):
         study.main([*args, "--resume", "--only-seed", "2"])
+    # --family-lr: the family in its own directories beside the others; its baseline pruned to the new family's
+    # parameter counts, reusing the pruned model and runs where pruning gives the same model
+    assert study.main([*args, "--resume", "--only-seed", "0", "--family-lr", "2e-4"]) == 0
+    fam = yaml.safe_load((out / "seed0" / "elastic-lr0.0002.yaml").read_text())
+    assert fam["train"]["lr"] == 2e-4 and (out / "seed0" / "elastic-lr0.0002" / "config.json").is_file()
+    grown = __import__("nestlm").load(out / "seed0" / "elastic-lr0.0002")
+    for b in study.SMALL:
+        n = grown.num_parameters(budget=b)
+        same = (out / "seed0" / f"pruned-{b}-{n}" / "config.json").read_text() == (
+            out / "seed0" / f"pruned-{b}" / "config.json"
+        ).read_text()
+        assert (out / "seed0" / f"kd-{b}-{n}-lr0.0001").exists() != same
