@@ -401,7 +401,9 @@ def _sentence3(t: dict[str, Any]) -> str:
 def write_report(out: Path, res: dict[str, Any], tables: dict[str, Any]) -> str:
     L = ["# The paper's claims in small", ""]
     L.append(
-        f"Parent: {res['parent_params']:,} parameters; seeds: {res['seeds']}; wall time {res['wall_s'] / 60:.1f} min."
+        f"Parent: {res['parent_params']:,} parameters; seeds: {res['seeds']}; wall time {res['wall_s'] / 60:.1f} min "
+        f"(this invocation; training, every seed and run, reused ones by their own times: "
+        f"{sum(res.get('train_seconds', {}).values()) / 60:.1f} min; scoring not counted)."
     )
     L.append(
         f"Accuracy: greedy exact match, % [95% Wilson interval], on {res['n_short']} held-out short and "
