@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from nestlm.eval.stats import better, non_inferior, paired_difference
+from nestlm.eval.stats import paired_comparison
 
 
 def compare(a: dict[str, Any], b: dict[str, Any], model: str, model_b: str | None = None) -> list[dict[str, Any]]:
@@ -36,16 +36,8 @@ def compare(a: dict[str, Any], b: dict[str, Any], model: str, model_b: str | Non
                 f"compare_outcomes: {s}: {len(ma[s])} outcomes in A, {len(mb[s])} in B; pairs need the same "
                 "problems and seeds (the same --n, --n-long, --n-hard and --seeds)"
             )
-        d = paired_difference(ma[s], mb[s])
         rows.append(
-            {
-                "set": s,
-                "a": sum(ma[s]) / len(ma[s]),
-                "b": sum(mb[s]) / len(mb[s]),
-                **d,
-                "better": better(d["lo"], d["hi"]),
-                "non_inferior": non_inferior(d["lo"], d["hi"]),
-            }
+            {"set": s, "a": sum(ma[s]) / len(ma[s]), "b": sum(mb[s]) / len(mb[s])} | paired_comparison(ma[s], mb[s])
         )
     return rows
 

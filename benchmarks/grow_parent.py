@@ -24,7 +24,6 @@ import torch
 import nestlm
 from nestlm.config import LayerSpec
 from nestlm.model import HybridLM
-from nestlm.tokenizer import ByteTokenizer
 
 
 def grow(parent: HybridLM, after: list[int], seed: int = 0) -> HybridLM:
@@ -61,6 +60,7 @@ def grow(parent: HybridLM, after: list[int], seed: int = 0) -> HybridLM:
             if k.startswith(f"layers.{i}."):
                 new_sd[f"layers.{j}." + k[len(f"layers.{i}.") :]] = v.clone()
     grown.load_state_dict(new_sd)
+    grown.source_dir = parent.source_dir  # its tokenizer, chat template and generation config go with it
     return grown
 
 
@@ -78,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ids = torch.randint(1, parent.config.vocab_size, (2, 96), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (grown(ids).logits - parent(ids).logits).abs().max().item()
-    from nestlm.checkpoint import save_pretrained
-
-    save_pretrained(grown, args.out, tokenizer=ByteTokenizer())
+    grown.save_pretrained(args.out)
     n0, n1 = parent.num_parameters(), grown.num_parameters()
     print(f"grew {args.model} ({n0:,} parameters, {parent.config.pattern}) into {args.out}")
     print(f"  {n1:,} parameters ({grown.config.pattern}); logits differ from the parent's by {diff:.1e} at most")

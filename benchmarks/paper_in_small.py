@@ -52,7 +52,7 @@ import nestlm
 from nestlm.eval import reasoning
 from nestlm.eval.evaluate import reasoning_outcomes
 from nestlm.eval.perplexity import solution_perplexity
-from nestlm.eval.stats import MARGIN, better, non_inferior, paired_difference, verdict, wilson_interval
+from nestlm.eval.stats import MARGIN, paired_comparison, wilson_interval
 from nestlm.tokenizer import ByteTokenizer
 from nestlm.train.recipe import load_recipe
 
@@ -276,11 +276,7 @@ def acc_cell(correct: list[bool]) -> dict[str, Any]:
 
 
 def compare(a: list[bool], b: list[bool]) -> dict[str, Any]:
-    d = paired_difference(a, b)
-    d["verdict"] = verdict(d["lo"], d["hi"])
-    d["better"] = better(d["lo"], d["hi"])
-    d["non_inferior"] = non_inferior(d["lo"], d["hi"], MARGIN)
-    return d
+    return paired_comparison(a, b, MARGIN)
 
 
 # ----------------------------------------------------------------------------- report

@@ -93,3 +93,13 @@ def verdict(lo: float, hi: float) -> str:
     if hi < 0:
         return "not held"
     return "inconclusive"
+
+
+def paired_comparison(a: Sequence[bool], b: Sequence[bool], margin: float = MARGIN) -> dict[str, float | str]:
+    """``paired_difference(a, b)`` with the verdicts of both rules (``better``, ``non_inferior``) and the
+    older ``verdict``: what a study's table cell of A - B shows."""
+    d: dict[str, float | str] = dict(paired_difference(a, b))
+    d["verdict"] = verdict(d["lo"], d["hi"])
+    d["better"] = better(d["lo"], d["hi"])
+    d["non_inferior"] = non_inferior(d["lo"], d["hi"], margin)
+    return d
