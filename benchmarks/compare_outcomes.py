@@ -42,6 +42,17 @@ def compare(a: dict[str, Any], b: dict[str, Any], model: str, model_b: str | Non
     return rows
 
 
+def read(path: str) -> dict[str, Any]:
+    """An outcomes file, or one line saying why it cannot be read."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"compare_outcomes: cannot read {path}: {e}") from None
+    if not isinstance(d, dict) or "every" not in d or "models" not in d:
+        raise SystemExit(f"compare_outcomes: {path} is not an outcomes file (paper_in_small.py or parent_accuracy.py)")
+    return d
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("a", help="outcomes.json of run A")
@@ -49,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="the model of A (and of B unless --model-b), e.g. elastic/50")
     ap.add_argument("--model-b", default=None, help="the model of B, when it is another")
     args = ap.parse_args(argv)
-    a, b = (json.loads(Path(p).read_text()) for p in (args.a, args.b))
+    a, b = (read(p) for p in (args.a, args.b))
     rows = compare(a, b, args.model, args.model_b)
     print(f"A: {args.model} of {args.a}; B: {args.model_b or args.model} of {args.b}")
     print("| problems:difficulty | n | A | B | A - B [95% paired] | better | non-inferior (3 pts) |")

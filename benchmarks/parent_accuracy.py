@@ -2,6 +2,8 @@
 
     python benchmarks/parent_accuracy.py                      # the shipped parent, docs/study.md's table
     python benchmarks/parent_accuracy.py --model DIR --budget 50 --spec short:1:500 long:1:100
+    python benchmarks/parent_accuracy.py --model A --outcomes a.json   # then, paired on the same problems:
+    python benchmarks/compare_outcomes.py a.json b.json --model model
 
 Each SPEC is VARIANT:DIFFICULTY:N: greedy exact match of the final answer on the first N
 held-out problems (test seeds, disjoint from every training seed) of that variant and difficulty.
@@ -22,7 +24,7 @@ from nestlm.tasks import reasoning
 from nestlm.tokenizer import ByteTokenizer
 
 PARENT = Path(nestlm.__file__).resolve().parent / "assets" / "parent"
-DEFAULT = ["short:1:500", "short:2:200", "short:3:200", "long:1:100", "long:2:50", "long:3:50"]
+DEFAULT = ["short:1:500", "short:2:200", "short:3:200", "long:1:400", "long:2:200", "long:3:200"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,21 +34,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", nargs="+", default=DEFAULT, help="VARIANT:DIFFICULTY:N ...")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the figures to this file")
+    ap.add_argument(
+        "--outcomes", default=None, help="also write every problem's outcome (model 'model'), for compare_outcomes.py"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = nestlm.load(args.model).eval()
     tok = ByteTokenizer()
-    out = {}
+    out, outcomes = {}, {}
     print("| problems | difficulty | n | accuracy | 95% interval |\n|---|---|---|---|---|")
     for spec in args.spec:
         variant, d, n = reasoning.parse_spec(spec)
         t = time.time()
         r = reasoning_accuracy(model, tok, n=n, variant=variant, difficulty=d, budget=args.budget)
         lo, hi = r["ci95"]
+        outcomes[f"{variant}:{d}"] = [int(c) for c in r["correct"]]
         out[f"{variant}/{d}"] = {"accuracy": r["accuracy"], "ci95": [lo, hi], "n": n, "seconds": time.time() - t}
         print(f"| {variant} | {d} | {n} | {r['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    if args.outcomes:
+        Path(args.outcomes).write_text(json.dumps({"every": list(outcomes), "models": {"model": outcomes}}) + "\n")
     return 0
 
 

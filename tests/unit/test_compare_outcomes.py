@@ -35,3 +35,26 @@ def test_rows_pair_outcomes_and_give_both_verdicts(tmp_path: Path, capsys: pytes
         co.compare(a, b, "elastic/50", "kd/50")
     with pytest.raises(SystemExit, match="100 outcomes in A, 50 in B; pairs need the same problems and seeds"):
         co.compare(a, _outcomes([True] * 50, [False] * 10), "elastic/50")
+
+
+def test_an_unreadable_outcomes_file_is_one_line(tmp_path: Path) -> None:
+    co = load_benchmark("compare_outcomes")
+    good = tmp_path / "a.json"
+    good.write_text(json.dumps(_outcomes([True], [False])))
+    with pytest.raises(SystemExit, match="cannot read .*missing.json"):
+        co.main([str(tmp_path / "missing.json"), str(good), "--model", "elastic/50"])
+    (tmp_path / "other.json").write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="is not an outcomes file"):
+        co.main([str(good), str(tmp_path / "other.json"), "--model", "elastic/50"])
+
+
+def test_parent_accuracy_writes_outcomes_compare_outcomes_pairs(tmp_path: Path) -> None:
+    """parent_accuracy.py --outcomes (the shipped parent) pairs up with itself in compare_outcomes."""
+    pa, co = load_benchmark("parent_accuracy"), load_benchmark("compare_outcomes")
+    out = tmp_path / "o.json"
+    assert pa.main(["--spec", "short:1:3", "long:1:2", "--outcomes", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["every"] == ["short:1", "long:1"]
+    assert [len(got["models"]["model"][s]) for s in got["every"]] == [3, 2]
+    rows = co.compare(got, got, "model")
+    assert [(r["set"], r["n"], r["diff"]) for r in rows] == [("short:1", 3, 0), ("long:1", 2, 0)]
