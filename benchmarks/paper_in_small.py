@@ -275,10 +275,6 @@ def acc_cell(correct: list[bool]) -> dict[str, Any]:
     return {"acc": sum(correct) / len(correct), "lo": lo, "hi": hi, "n": len(correct)}
 
 
-def compare(a: list[bool], b: list[bool]) -> dict[str, Any]:
-    return paired_comparison(a, b, MARGIN)
-
-
 # ----------------------------------------------------------------------------- report
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
@@ -308,7 +304,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
                     "vs": "prune+KD" if b in SMALL else "parent",
                     "elastic": acc_cell(m[f"elastic/{b}"][v]),
                     "reference": acc_cell(m[ref_key][v]),
-                    "compare": compare(m[f"elastic/{b}"][v], m[ref_key][v]),
+                    "compare": paired_comparison(m[f"elastic/{b}"][v], m[ref_key][v]),
                 }
             )
     t1_rows = []
@@ -320,7 +316,7 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
         row["parent"] = acc_cell(m["parent"]["short"]) if b == "full" else None
         ref = m[f"kd/{b}"]["short"] if b in SMALL else m["parent"]["short"]
         row["vs"] = "prune+KD" if b in SMALL else "parent"
-        row["compare"] = compare(m[f"elastic/{b}"]["short"], ref)
+        row["compare"] = paired_comparison(m[f"elastic/{b}"]["short"], ref)
         t1_rows.append(row)
     t2_rows = []
     for b in BUDGETS if any(k.startswith("stage1/") for k in m) else ():
@@ -329,17 +325,17 @@ def build_tables(res: dict[str, Any]) -> dict[str, Any]:
             if v in m[f"elastic/{b}"]:
                 row[f"stage1/{v}"] = acc_cell(m[f"stage1/{b}"][v])
                 row[f"two-stage/{v}"] = acc_cell(m[f"elastic/{b}"][v])
-                row[f"compare/{v}"] = compare(m[f"elastic/{b}"][v], m[f"stage1/{b}"][v])
+                row[f"compare/{v}"] = paired_comparison(m[f"elastic/{b}"][v], m[f"stage1/{b}"][v])
         t2_rows.append(row)
     t3_rows = []
     for b in BUDGETS if any(k.startswith("uniform/") for k in m) else ():
         row = {"budget": b, "uniform": acc_cell(m[f"uniform/{b}"]["short"])}
         row["weighted"] = acc_cell(m[f"elastic/{b}"]["short"])
-        row["compare"] = compare(m[f"elastic/{b}"]["short"], m[f"uniform/{b}"]["short"])
+        row["compare"] = paired_comparison(m[f"elastic/{b}"]["short"], m[f"uniform/{b}"]["short"])
         if "long" in m[f"uniform/{b}"]:
             row["uniform/long"] = acc_cell(m[f"uniform/{b}"]["long"])
             row["weighted/long"] = acc_cell(m[f"elastic/{b}"]["long"])
-            row["compare/long"] = compare(m[f"elastic/{b}"]["long"], m[f"uniform/{b}"]["long"])
+            row["compare/long"] = paired_comparison(m[f"elastic/{b}"]["long"], m[f"uniform/{b}"]["long"])
         t3_rows.append(row)
     tok = {k: v // res["seeds"] for k, v in res["tokens"].items()}  # per seed (summed over seeds in res)
     return {

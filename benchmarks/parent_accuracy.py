@@ -12,13 +12,13 @@ held-out problems (test seeds, disjoint from every training seed) of that varian
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 import nestlm
+from nestlm.checkpoint import write_json
 from nestlm.eval.evaluate import reasoning_accuracy
 from nestlm.tasks import reasoning
 from nestlm.tokenizer import ByteTokenizer
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         out[f"{variant}/{d}"] = {"accuracy": r["accuracy"], "ci95": [lo, hi], "n": n, "seconds": time.time() - t}
         print(f"| {variant} | {d} | {n} | {r['accuracy']:.1%} | [{lo:.1%}, {hi:.1%}] |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(Path(args.json), out)
     if args.outcomes:
-        Path(args.outcomes).write_text(json.dumps({"every": list(outcomes), "models": {"model": outcomes}}) + "\n")
+        write_json(Path(args.outcomes), {"every": list(outcomes), "models": {"model": outcomes}})
     return 0
 
 
